@@ -1,0 +1,65 @@
+"""Engine setup for the worker's database (PostgreSQL via psycopg 3, or SQLite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+from sync_worker.config import DatabaseSettings
+
+
+def make_engine(settings: DatabaseSettings) -> Engine:
+    """Create the engine; on PostgreSQL every connection works inside the configured schema."""
+    url = make_url(settings.url)
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(settings)
+    engine = create_engine(
+        url,
+        pool_size=settings.pool_size,
+        pool_pre_ping=True,
+        echo=settings.echo,
+    )
+    _use_schema(engine, settings.schema_)
+    return engine
+
+
+def ensure_schema(engine: Engine, schema: str) -> None:
+    """Create the PostgreSQL schema if needed (no-op on SQLite)."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+
+
+def _use_schema(engine: Engine, schema: str) -> None:
+    @event.listens_for(engine, "connect")
+    def _set_search_path(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f'SET search_path TO "{schema}"')
+        dbapi_conn.commit()
+
+
+def _sqlite_engine(settings: DatabaseSettings) -> Engine:
+    url = make_url(settings.url)
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, echo=settings.echo, connect_args={"timeout": 30})
+
+    # pysqlite's own transaction handling breaks SAVEPOINT; take it over (SQLAlchemy recipe).
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

@@ -1,0 +1,172 @@
+"""The worker's tables, as SQLAlchemy Core. Names and columns follow DESIGN.md.
+
+Tables are defined without a schema; on PostgreSQL every connection's ``search_path`` is the
+configured schema (``identity`` by default), so they never collide with an app's own
+``users`` or Auth.js's ``sessions`` in the same database.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    func,
+    text,
+)
+
+from db.types import BigIntPK, JSONType, UTCDateTime
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+EMAIL_MAX = 320
+TEXT_MAX = 2048
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("email", String(EMAIL_MAX)),
+    Column("email_verified", Boolean, nullable=False, server_default=text("false")),
+    Column("name", String(TEXT_MAX)),
+    Column("given_name", String(TEXT_MAX)),
+    Column("family_name", String(TEXT_MAX)),
+    Column("phone", String(64)),
+    Column("avatar_url", Text),
+    Column("role", String(64), nullable=False, server_default=text("'member'")),
+    Column("tenant_id", String(255)),
+    Column("blocked", Boolean, nullable=False, server_default=text("false")),
+    Column("last_login_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime),
+    CheckConstraint("email IS NULL OR email LIKE '%_@_%'", name="email_shape"),
+)
+Index("ix_users_lower_email", func.lower(users.c.email))
+Index("ix_users_tenant_id", users.c.tenant_id)
+
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("display_name", String(TEXT_MAX)),
+    Column("avatar_url", Text),
+    Column("timezone", String(64), nullable=False, server_default=text("'UTC'")),
+    Column("currency", String(3), nullable=False, server_default=text("'USD'")),
+    Column("locale", String(35), nullable=False, server_default=text("'en'")),
+    Column("settings", JSONType, nullable=False, server_default=text("'{}'")),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("user_id"),
+)
+
+user_identities = Table(
+    "user_identities",
+    metadata,
+    Column("provider", String(64), primary_key=True),
+    Column("external_id", String(255), primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("email", String(EMAIL_MAX)),
+    Column("upstream_updated_at", UTCDateTime),
+    Column("content_hash", String(64)),
+    Column("raw", JSONType),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_synced_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime),
+)
+Index("ix_user_identities_user_id", user_identities.c.user_id)
+
+user_sessions = Table(
+    "user_sessions",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("external_session_id", String(255), nullable=False),
+    Column("ip", String(64)),
+    Column("user_agent", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime),
+    Column("expires_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
+    UniqueConstraint("provider", "external_session_id"),
+)
+Index("ix_user_sessions_user_id", user_sessions.c.user_id)
+Index("ix_user_sessions_expires_at", user_sessions.c.expires_at)
+
+sync_audit = Table(
+    "sync_audit",
+    metadata,
+    Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("run_id", Uuid),
+    Column("source", String(16), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("external_id", String(255)),
+    Column("user_id", Uuid),
+    Column("action", String(32), nullable=False),
+    Column("changes", JSONType),
+    Column("event_id", String(255)),
+    Column("error", Text),
+)
+Index("ix_sync_audit_user_id_occurred_at", sync_audit.c.user_id, sync_audit.c.occurred_at)
+Index("ix_sync_audit_provider_external_id", sync_audit.c.provider, sync_audit.c.external_id)
+Index("ix_sync_audit_run_id", sync_audit.c.run_id)
+
+sync_inbox = Table(
+    "sync_inbox",
+    metadata,
+    Column("id", BigIntPK, primary_key=True, autoincrement=True),
+    Column("provider", String(64), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("payload", JSONType, nullable=False),
+    Column("status", String(16), nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", UTCDateTime),
+    Column("last_error", Text),
+    Column("processed_at", UTCDateTime),
+    UniqueConstraint("provider", "event_id"),
+    CheckConstraint("status IN ('pending', 'done', 'failed', 'dead')", name="status"),
+)
+Index("ix_sync_inbox_status_next_attempt_at", sync_inbox.c.status, sync_inbox.c.next_attempt_at)
+
+sync_cursors = Table(
+    "sync_cursors",
+    metadata,
+    Column("provider", String(64), primary_key=True),
+    Column("cursor", JSONType, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("provider", String(64)),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("status", String(16), nullable=False),
+    Column("counts", JSONType, nullable=False, server_default=text("'{}'")),
+    Column("error", Text),
+)
+Index("ix_sync_runs_started_at", sync_runs.c.started_at)

@@ -1,0 +1,3 @@
+from sync_worker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Normalized user changes: the one shape every provider and webhook produces.
+
+Providers map raw upstream records to these value objects with pure functions; the engine
+applies them. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class ChangeKind(StrEnum):
+    UPSERT = "upsert"
+    DELETE = "delete"
+    LOGIN = "login"
+
+
+class Source(StrEnum):
+    WEBHOOK = "webhook"
+    PULL = "pull"
+    BACKFILL = "backfill"
+    CLI = "cli"
+
+
+class AuditAction(StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+    RESTORED = "restored"
+    LINKED = "linked"
+    LOGIN = "login"
+    STALE_SKIPPED = "stale_skipped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserAttributes:
+    """IdP-owned fields of a user, as the provider states them.
+
+    ``role`` and ``tenant_id`` are None when the provider says nothing about them (the stored
+    value is then kept). ``profile`` holds app-owned profile fields (timezone, locale, ...)
+    that a mapping derived from upstream data; they are used on create only unless config
+    lists them in ``profile.overwrite``.
+    """
+
+    email: str | None = None
+    email_verified: bool = False
+    name: str | None = None
+    given_name: str | None = None
+    family_name: str | None = None
+    phone: str | None = None
+    avatar_url: str | None = None
+    role: str | None = None
+    tenant_id: str | None = None
+    blocked: bool = False
+    last_login_at: datetime | None = None
+    created_at: datetime | None = None
+    profile: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkedIdentity:
+    """A secondary account the upstream user holds (an OAuth account under Auth.js, say)."""
+
+    provider: str
+    external_id: str
+    email: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionInfo:
+    """One upstream session or login."""
+
+    external_session_id: str
+    created_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserChange:
+    """One change to one upstream identity.
+
+    ``version`` is the upstream ``updated_at`` (or, for providers without one, the time the
+    record was observed); an older version never overwrites a newer one. ``raw`` is the
+    upstream record as received, kept for operators; keys in ``hash_exclude`` are left out of
+    the content hash because they change without the user changing (Stack's
+    ``last_active_at_millis``).
+    """
+
+    provider: str
+    external_id: str
+    kind: ChangeKind
+    version: datetime | None = None
+    attributes: UserAttributes | None = None
+    linked: tuple[LinkedIdentity, ...] = ()
+    session: SessionInfo | None = None
+    raw: Mapping[str, Any] | None = None
+    hash_exclude: frozenset[str] = frozenset()
+    event_id: str | None = None
+
+    def content_hash(self) -> str:
+        """A stable digest of everything this change would write for the user."""
+        raw = {k: v for k, v in (self.raw or {}).items() if k not in self.hash_exclude}
+        body = {
+            "attributes": asdict(self.attributes) if self.attributes else None,
+            "linked": sorted((i.provider, i.external_id, i.email or "") for i in self.linked),
+            "raw": raw,
+        }
+        encoded = json.dumps(body, sort_keys=True, default=_json_default, separators=(",", ":"))
+        return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, frozenset | set):
+        return json.dumps(sorted(map(str, value)))
+    return str(value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Normalize a datetime to aware UTC (naive values are taken to be UTC)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """Parse an ISO 8601 string, epoch milliseconds or a datetime into aware UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return as_utc(value)
+    if isinstance(value, bool):
+        raise ValueError(f"not a timestamp: {value!r}")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value / 1000, UTC)
+    if isinstance(value, str):
+        return as_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    raise ValueError(f"not a timestamp: {value!r}")

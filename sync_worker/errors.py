@@ -1,0 +1,62 @@
+"""The one error root of sync-worker, split by who must act.
+
+    SyncWorkerError
+    ├── ConfigError                 the operator: fix config.yaml or the environment (exit 2)
+    ├── ProviderError               talking to an identity provider failed
+    │   ├── ProviderAuthError       the operator: credentials rejected (401/403 after a refresh)
+    │   ├── RateLimitedError        nobody: transient, retried with the provider's Retry-After
+    │   ├── UpstreamUnavailable     nobody, then the operator: 5xx, timeouts, connection errors
+    │   └── UpstreamDataError       the provider: a page or record we cannot parse
+    ├── WebhookVerificationError    the sender: bad signature, stale timestamp, missing headers
+    └── StoreError                  the database: driver errors translated at the db/ boundary
+        └── GuardRefused            the operator: a safety guard (e.g. reconcile) refused to act
+
+Driver and HTTP exceptions are translated once at each boundary (`raise ... from exc`);
+code above the boundary only ever sees these.
+"""
+
+from __future__ import annotations
+
+
+class SyncWorkerError(Exception):
+    """Root of every error sync-worker raises on purpose."""
+
+
+class ConfigError(SyncWorkerError):
+    """Configuration is invalid; the message is one line naming the key."""
+
+
+class ProviderError(SyncWorkerError):
+    """Talking to an identity provider failed."""
+
+
+class ProviderAuthError(ProviderError):
+    """The provider rejected our credentials."""
+
+
+class RateLimitedError(ProviderError):
+    """The provider asked us to slow down (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(ProviderError):
+    """The provider is unreachable or failing (5xx, timeouts, connection errors)."""
+
+
+class UpstreamDataError(ProviderError):
+    """The provider sent a page or record we cannot understand."""
+
+
+class WebhookVerificationError(SyncWorkerError):
+    """A webhook failed signature or timestamp verification."""
+
+
+class StoreError(SyncWorkerError):
+    """The worker's database failed."""
+
+
+class GuardRefused(StoreError):
+    """A safety guard refused an operation (e.g. reconcile would delete too much)."""

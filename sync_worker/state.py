@@ -1,0 +1,73 @@
+"""Bookkeeping rows: pull cursors and sync runs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from db.tables import sync_cursors, sync_runs
+from db.upsert import upsert_rows
+from sync_worker.changes import utcnow
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DRY_RUN = "dry_run"
+
+
+def save_cursor(conn: Connection, provider: str, cursor: Mapping[str, Any], now: datetime) -> None:
+    upsert_rows(
+        conn,
+        sync_cursors,
+        [{"provider": provider, "cursor": dict(cursor), "updated_at": now}],
+        conflict=["provider"],
+        update=["cursor", "updated_at"],
+    )
+
+
+def load_cursor(db: Engine | Connection, provider: str) -> dict[str, Any] | None:
+    stmt = select(sync_cursors.c.cursor).where(sync_cursors.c.provider == provider)
+    if isinstance(db, Connection):
+        value = db.execute(stmt).scalar()
+    else:
+        with db.connect() as conn:
+            value = conn.execute(stmt).scalar()
+    return dict(value) if value is not None else None
+
+
+def start_run(db: Engine, kind: str, provider: str | None) -> uuid.UUID:
+    run_id = uuid.uuid4()
+    with db.begin() as conn:
+        conn.execute(
+            insert(sync_runs).values(
+                id=run_id,
+                kind=kind,
+                provider=provider,
+                started_at=utcnow(),
+                status=str(RunStatus.RUNNING),
+                counts={},
+            )
+        )
+    return run_id
+
+
+def finish_run(
+    db: Engine,
+    run_id: uuid.UUID,
+    status: RunStatus,
+    counts: Mapping[str, int],
+    error: str | None = None,
+) -> None:
+    with db.begin() as conn:
+        conn.execute(
+            update(sync_runs)
+            .where(sync_runs.c.id == run_id)
+            .values(finished_at=utcnow(), status=str(status), counts=dict(counts), error=error)
+        )

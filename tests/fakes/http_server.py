@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import threading
 import time
@@ -27,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["FakeServer", "Fault", "Handler", "Request", "Response"]
+__all__ = ["FakeServer", "Fault", "Handler", "Request", "Response", "TokenBucket"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +105,46 @@ class Fault:
 
 
 Handler = Callable[[Request], Response]
+
+
+class TokenBucket:
+    """A rate limit like Auth0's: burst ``capacity``, refilled at ``per_second``.
+
+    ``take()`` answers whether a request may pass and the ``x-ratelimit-*`` headers to send:
+    limit, remaining after this request, and reset = UNIX time of the next refill. Real APIs
+    send whole seconds; fractional resets (the default) keep tests fast, and clients parse both.
+    """
+
+    def __init__(self, capacity: int, per_second: float, *, whole_seconds: bool = False) -> None:
+        self.capacity = capacity
+        self.per_second = per_second
+        self.whole_seconds = whole_seconds
+        self._tokens = float(capacity)
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[bool, dict[str, str]]:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.per_second)
+            self._at = now
+            allowed = self._tokens >= 1
+            if allowed:
+                self._tokens -= 1
+            return allowed, self._headers()
+
+    def _headers(self) -> dict[str, str]:
+        missing = 0.0 if self._tokens >= self.capacity else 1 - (self._tokens % 1)
+        reset = time.time() + missing / self.per_second
+        # Round up, never down: a reset shown early would invite a 429.
+        shown = (
+            f"{math.ceil(reset)}" if self.whole_seconds else f"{math.ceil(reset * 1000) / 1000:.3f}"
+        )
+        return {
+            "x-ratelimit-limit": str(self.capacity),
+            "x-ratelimit-remaining": str(int(self._tokens)),
+            "x-ratelimit-reset": shown,
+        }
 
 
 class FakeServer:
@@ -215,6 +256,9 @@ def _handler_class(fake: FakeServer) -> type[BaseHTTPRequestHandler]:
     class _Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         timeout = 10  # an idle keep-alive connection must not pin a thread forever
+        # Headers and body go out in separate writes; with Nagle on, each keep-alive
+        # request would stall ~40 ms on the client's delayed ACK.
+        disable_nagle_algorithm = True
 
         def _serve(self) -> None:
             split = urlsplit(self.path)

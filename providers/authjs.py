@@ -1,0 +1,553 @@
+"""Auth.js adapter: reads users, linked accounts and sessions from the app's own database.
+
+Auth.js is a library, not a service (reference/authjs.md): its users live in tables the app
+created for one of the adapters (``providers.authjs_schema`` describes the flavours). This
+module reads them over SQL through its own engine, separate from the worker's, which may
+point at the same database (the worker's tables live in schema ``identity``, Auth.js's in
+``public``).
+
+No default schema has a dependable ``updated_at`` (§1d), so every pull is a full keyset scan
+in user-id order (integer SERIAL ids and text cuid/uuid ids alike), and the engine finds
+changes by content hash; ``version`` is the UTC time the page was read. Per page of users,
+linked accounts and live sessions are fetched with one ``IN`` query each, never per user.
+Each page carries ``{"after_id": "42", "id_type": "int"}`` so a killed pass resumes after
+it; the last page is ``complete`` with ``{"completed_at": iso}``, and a pass that resumed
+(so saw only part of the users) says ``extra={"partial_pass": True}`` there, so nobody
+reconciles deletions from it.
+
+Secrets stay in the database: the OAuth token columns of accounts are never selected, and a
+session is known downstream only by the SHA-256 of its token.
+
+Auth.js never cleans up expired sessions (§4); ``expired_sessions`` and
+``delete_expired_sessions`` do that for the scheduler, in small batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, Engine, Select, Table, create_engine, delete, func, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+
+from providers.authjs_schema import AuthjsTables, build_tables
+from providers.base import Cursor, Page, RecordError
+from sync_worker.changes import (
+    ChangeKind,
+    LinkedIdentity,
+    SessionInfo,
+    UserAttributes,
+    UserChange,
+    as_utc,
+    parse_timestamp,
+    utcnow,
+)
+from sync_worker.config import AuthjsSettings, normalize_database_url
+from sync_worker.errors import (
+    ConfigError,
+    ProviderAuthError,
+    ProviderError,
+    UpstreamDataError,
+    UpstreamUnavailable,
+)
+
+__all__ = [
+    "DEFAULT_SESSION_MAX_AGE",
+    "PROVIDER",
+    "AuthjsProvider",
+    "connection_url",
+    "external_id",
+    "session_change",
+    "session_id",
+    "to_change",
+]
+
+PROVIDER = "authjs"
+#: Auth.js's default ``session.maxAge`` (reference §4): a row's ``expires`` minus this is
+#: when Auth.js last wrote it (at sign-in, or when it extended the session).
+DEFAULT_SESSION_MAX_AGE = timedelta(days=30)
+# Query parameters of a Prisma DATABASE_URL that libpq would reject; ``schema`` is honoured.
+_PRISMA_PARAMS = frozenset(
+    {"schema", "connection_limit", "pool_timeout", "pgbouncer", "statement_cache_size",
+     "socket_timeout", "sslaccept"}
+)  # fmt: skip
+_MISSING_OBJECT = frozenset({"42P01", "42703", "3F000"})  # undefined table / column / schema
+_DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privilege
+
+log = structlog.get_logger(__name__)
+
+
+# -- pure mapping ----------------------------------------------------------------------
+
+
+def to_change(
+    row: Mapping[str, Any],
+    accounts: Iterable[Mapping[str, Any]] = (),
+    *,
+    observed_at: datetime,
+) -> UserChange:
+    """Map one Auth.js user (AdapterUser field names) and its accounts to an upsert.
+
+    ``row`` has ``id``, ``name``, ``email``, ``emailVerified`` and ``image`` (optionally
+    ``createdAt``); ``accounts`` items have ``provider`` and ``providerAccountId``.
+    ``emailVerified`` may be a datetime, an ISO string, epoch milliseconds (SQLite) or a
+    boolean (custom schemas). Raises ValueError for a record that cannot be mapped; messages
+    name the field and type, never the value, which may be personal data.
+    """
+    user_id = external_id(row.get("id"))
+    verified, verified_raw = _verified(row.get("emailVerified"))
+    created_at = parse_timestamp(row.get("createdAt"))
+    pairs = sorted({_account(a) for a in accounts})
+    attributes = UserAttributes(
+        email=_text(row, "email"),
+        email_verified=verified,
+        name=_text(row, "name"),
+        avatar_url=_text(row, "image"),
+        created_at=created_at,
+    )
+    raw: dict[str, Any] = {
+        "id": user_id,
+        "name": attributes.name,
+        "email": attributes.email,
+        "emailVerified": verified_raw,
+        "image": attributes.avatar_url,
+        "accounts": [{"provider": p, "providerAccountId": a} for p, a in pairs],
+    }
+    if created_at is not None:
+        raw["createdAt"] = created_at.isoformat()
+    return UserChange(
+        provider=PROVIDER,
+        external_id=user_id,
+        kind=ChangeKind.UPSERT,
+        version=as_utc(observed_at),
+        attributes=attributes,
+        linked=tuple(LinkedIdentity(provider=f"{PROVIDER}:{p}", external_id=a) for p, a in pairs),
+        raw=raw,
+    )
+
+
+def session_change(
+    session: Mapping[str, Any],
+    *,
+    observed_at: datetime,
+    max_age: timedelta = DEFAULT_SESSION_MAX_AGE,
+) -> UserChange:
+    """Map one sessions row (``userId``, ``sessionToken``, ``expires``) to a LOGIN change.
+
+    The token is a bearer credential: only its SHA-256 leaves this function. Auth.js keeps
+    no sign-in time (unless a schema adds ``createdAt``), so the last time Auth.js wrote the
+    row, ``expires - max_age``, stands in for it; it stays put from pass to pass and moves
+    only when Auth.js extends the session, i.e. when the user was active.
+    """
+    user_id = external_id(session.get("userId"))
+    token = session.get("sessionToken")
+    if not isinstance(token, str) or not token:
+        raise ValueError(f"sessionToken: expected a non-empty string, got {type(token).__name__}")
+    expires = parse_timestamp(session.get("expires"))
+    if expires is None:
+        raise ValueError("expires: missing")
+    observed = as_utc(observed_at)
+    assert observed is not None
+    written = min(expires - max_age, observed)
+    sid = session_id(token)
+    return UserChange(
+        provider=PROVIDER,
+        external_id=user_id,
+        kind=ChangeKind.LOGIN,
+        version=observed,
+        session=SessionInfo(
+            external_session_id=sid,
+            created_at=parse_timestamp(session.get("createdAt")) or written,
+            last_seen_at=written,
+            expires_at=expires,
+        ),
+        raw={"userId": user_id, "sessionId": sid, "expires": expires.isoformat()},
+    )
+
+
+def session_id(token: str) -> str:
+    """The stable, non-secret id of a session: the SHA-256 hex of its token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def external_id(value: object) -> str:
+    """A user id as the worker stores it: SERIAL integers and text ids both become text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError(f"id: expected an integer or a non-empty string, got {type(value).__name__}")
+
+
+def _text(row: Mapping[str, Any], key: str) -> str | None:
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _verified(value: object) -> tuple[bool, bool | str | None]:
+    """(verified flag, its canonical form for ``raw``): a timestamp means verified then."""
+    if isinstance(value, bool):
+        return value, value
+    try:
+        when = parse_timestamp(value)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise ValueError(f"emailVerified: not a timestamp ({type(value).__name__})") from exc
+    return when is not None, when.isoformat() if when else None
+
+
+def _account(account: Mapping[str, Any]) -> tuple[str, str]:
+    provider = account.get("provider")
+    if not isinstance(provider, str) or not provider:
+        raise ValueError(f"account provider: expected a string, got {type(provider).__name__}")
+    account_id = account.get("providerAccountId")
+    if isinstance(account_id, int) and not isinstance(account_id, bool):
+        account_id = str(account_id)  # numeric ids (GitHub's) in a custom integer column
+    if not isinstance(account_id, str) or not account_id:
+        raise ValueError(f"account {provider}: providerAccountId missing")
+    return provider, account_id
+
+
+# -- connection ------------------------------------------------------------------------
+
+
+def connection_url(database_url: str) -> tuple[URL, str | None]:
+    """The SQLAlchemy URL (PostgreSQL via psycopg 3) and the schema a Prisma URL names.
+
+    Apps keep Prisma's ``DATABASE_URL`` (``...?schema=public&connection_limit=5``); libpq
+    rejects those parameters, so they are dropped, and ``schema`` is returned instead.
+    """
+    url = make_url(normalize_database_url(database_url))
+    if url.get_backend_name() != "postgresql":
+        return url, None
+    schema = url.query.get("schema")
+    query = {k: v for k, v in url.query.items() if k not in _PRISMA_PARAMS}
+    return url.set(query=query), schema if isinstance(schema, str) and schema else None
+
+
+def _make_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "sqlite":
+        return create_engine(url)
+    return create_engine(url, pool_size=2, max_overflow=2, pool_pre_ping=True)
+
+
+def _translate(err: sa_exc.SQLAlchemyError) -> ProviderError | ConfigError:
+    """One SQLAlchemy/driver error as this project's error, with a one-line message."""
+    orig = getattr(err, "orig", None)
+    state = getattr(orig, "sqlstate", None)
+    message = (str(orig) if orig is not None else str(err)).strip().splitlines()[0]
+    if state in _MISSING_OBJECT or "no such table" in message or "no such column" in message:
+        # Wrong flavour, schema or override names: the operator must fix the configuration.
+        return ConfigError(f"providers.authjs: {message}")
+    if state in _DENIED:
+        return ProviderAuthError(f"authjs: database refused access: {message}")
+    if isinstance(err, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return UpstreamUnavailable(f"authjs: database unavailable: {message}")
+    return UpstreamDataError(f"authjs: database error: {message}")
+
+
+@contextmanager
+def _db_errors() -> Iterator[None]:
+    try:
+        yield
+    except sa_exc.SQLAlchemyError as err:
+        raise _translate(err) from err
+
+
+# -- the adapter -----------------------------------------------------------------------
+
+
+class AuthjsProvider:
+    """Pulls Auth.js users over SQL (see the module docstring)."""
+
+    name = PROVIDER
+
+    def __init__(
+        self,
+        settings: AuthjsSettings,
+        *,
+        engine: Engine | None = None,
+        batch_size: int | None = None,
+        now: Callable[[], datetime] = utcnow,
+        session_max_age: timedelta = DEFAULT_SESSION_MAX_AGE,
+        include_expired_sessions: bool = False,
+    ) -> None:
+        """``engine`` (else one is opened from ``settings.database_url`` and owned here).
+
+        ``batch_size`` users per page (default ``settings.page_size``). Sessions already
+        expired are left out of the changes unless ``include_expired_sessions``: Auth.js
+        leaves them behind by the thousand and they say nothing about current logins.
+        """
+        url, url_schema = (
+            connection_url(settings.database_url) if settings.database_url else (None, None)
+        )
+        self._owns_engine = engine is None
+        if engine is None:
+            if url is None:
+                raise ConfigError("providers.authjs.database_url is required to pull from Auth.js")
+            engine = _make_engine(url)
+        self._engine = engine
+        default_schema = "public" if self._engine.dialect.name == "postgresql" else None
+        schema = settings.db_schema or url_schema or default_schema
+        self._tables: AuthjsTables = build_tables(settings, schema=schema)
+        self._batch_size = max(1, batch_size or settings.page_size)
+        self._now = now
+        self._max_age = session_max_age
+        self._expired_too = include_expired_sessions
+
+    # -- Provider protocol -------------------------------------------------------------
+
+    def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
+        """A full keyset pass over the users, resuming after ``cursor["after_id"]``.
+
+        A ``completed_at`` cursor (the previous pass finished) starts a new pass: there is
+        no change feed to follow. ``full`` only means "ignore a resume position".
+        """
+        after = None if full or cursor is None else self._resume_point(cursor)
+        partial = after is not None
+        while True:
+            page, after = self._page(after, partial=partial)
+            yield page
+            if page.complete:
+                return
+
+    def to_change(self, raw: Mapping[str, Any]) -> UserChange:
+        """Map an AdapterUser-shaped record; its ``accounts`` list, if any, gives links."""
+        accounts = raw.get("accounts") or ()
+        if not isinstance(accounts, list | tuple):
+            raise ValueError("accounts: expected a list")
+        return to_change(raw, accounts, observed_at=self._now())
+
+    def fetch_user(self, external_id: str) -> UserChange | None:
+        """The user by primary key, with linked accounts; None if there is no such row."""
+        key = self._key(external_id)
+        if key is None:
+            return None
+        with self._reading() as conn:
+            observed = self._now()
+            rows = _fetch(conn, self._user_query().where(self._user.c.id == key))
+            if not rows:
+                return None
+            accounts = self._accounts(conn, [key])
+        try:
+            return to_change(rows[0], accounts.get(str(key), ()), observed_at=observed)
+        except (ValueError, TypeError) as exc:
+            raise UpstreamDataError(f"authjs: user {external_id}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self._engine.dispose()
+
+    # -- session cleanup ---------------------------------------------------------------
+
+    def expired_sessions(self, now: datetime) -> int:
+        """How many session rows expired before ``now``."""
+        session = self._tables.session
+        query = select(func.count()).select_from(session).where(session.c.expires < now)
+        with self._reading() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def delete_expired_sessions(self, now: datetime, limit: int | None = None) -> int:
+        """Delete up to ``limit`` (default: all) expired rows, a batch per transaction.
+
+        Small batches keep locks short on a table Auth.js writes at every sign-in.
+        """
+        deleted = 0
+        while limit is None or deleted < limit:
+            size = self._batch_size if limit is None else min(self._batch_size, limit - deleted)
+            count = self._delete_batch(now, size)
+            deleted += count
+            if count < size:
+                break
+        return deleted
+
+    # -- reading -----------------------------------------------------------------------
+
+    @property
+    def _user(self) -> Table:
+        return self._tables.user
+
+    def _page(self, after: int | str | None, *, partial: bool) -> tuple[Page, int | str | None]:
+        with self._reading() as conn:
+            observed = self._now()
+            rows = self._users(conn, after)
+            more = len(rows) > self._batch_size
+            rows = rows[: self._batch_size]
+            ids = [row["id"] for row in rows]
+            accounts = self._accounts(conn, ids) if ids else {}
+            sessions = self._sessions(conn, ids, observed) if ids else {}
+        changes, errors = self._map(rows, accounts, sessions, observed)
+        seen = tuple(str(i) for i in ids)
+        if more:
+            cursor = _cursor_after(ids[-1])
+            return Page(changes=changes, cursor=cursor, errors=errors, seen_ids=seen), ids[-1]
+        log.info("authjs_pass_complete", provider=PROVIDER, partial=partial)
+        page = Page(
+            changes=changes,
+            cursor={"completed_at": observed.isoformat()},
+            errors=errors,
+            seen_ids=seen,
+            complete=True,
+            extra={"partial_pass": True} if partial else {},
+        )
+        return page, None
+
+    def _user_query(self) -> Select[Any]:
+        user = self._user
+        columns = [
+            user.c.id.label("id"),
+            user.c.name.label("name"),
+            user.c.email.label("email"),
+            user.c.email_verified.label("emailVerified"),
+            user.c.image.label("image"),
+        ]
+        if self._tables.has("user", "created_at"):
+            columns.append(user.c.created_at.label("createdAt"))
+        return select(*columns)
+
+    def _users(self, conn: Connection, after: int | str | None) -> list[dict[str, Any]]:
+        # One row more than a page tells whether this page is the last.
+        query = self._user_query().order_by(self._user.c.id).limit(self._batch_size + 1)
+        if after is not None:
+            query = query.where(self._user.c.id > after)
+        return _fetch(conn, query)
+
+    def _accounts(self, conn: Connection, ids: Sequence[Any]) -> dict[str, list[dict[str, Any]]]:
+        """Accounts of these users; the token columns are never selected."""
+        account = self._tables.account
+        query = (
+            select(
+                account.c.user_id.label("userId"),
+                account.c.provider.label("provider"),
+                account.c.provider_account_id.label("providerAccountId"),
+            )
+            .where(account.c.user_id.in_(ids))
+            .order_by(account.c.user_id, account.c.provider, account.c.provider_account_id)
+        )
+        return _group(_fetch(conn, query))
+
+    def _sessions(
+        self, conn: Connection, ids: Sequence[Any], now: datetime
+    ) -> dict[str, list[dict[str, Any]]]:
+        session = self._tables.session
+        columns = [
+            session.c.user_id.label("userId"),
+            session.c.session_token.label("sessionToken"),
+            session.c.expires.label("expires"),
+        ]
+        if self._tables.has("session", "created_at"):
+            columns.append(session.c.created_at.label("createdAt"))
+        query = select(*columns).where(session.c.user_id.in_(ids))
+        if not self._expired_too:
+            query = query.where(session.c.expires >= now)
+        query = query.order_by(session.c.user_id, session.c.expires)
+        return _group(_fetch(conn, query))
+
+    def _map(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        accounts: Mapping[str, Sequence[Mapping[str, Any]]],
+        sessions: Mapping[str, Sequence[Mapping[str, Any]]],
+        observed: datetime,
+    ) -> tuple[tuple[UserChange, ...], tuple[RecordError, ...]]:
+        """Each user's upsert, then its logins; a bad row is isolated, the rest proceeds."""
+        changes: list[UserChange] = []
+        errors: list[RecordError] = []
+        for row in rows:
+            key = str(row["id"])
+            try:
+                changes.append(to_change(row, accounts.get(key, ()), observed_at=observed))
+            except (ValueError, TypeError) as exc:
+                errors.append(_record_error(key, str(exc), _jsonable(row)))
+                continue
+            for session in sessions.get(key, ()):
+                try:
+                    changes.append(self._login(session, observed))
+                except (ValueError, TypeError) as exc:
+                    errors.append(_record_error(key, f"session: {exc}", None))
+        return tuple(changes), tuple(errors)
+
+    def _login(self, session: Mapping[str, Any], observed: datetime) -> UserChange:
+        return session_change(session, observed_at=observed, max_age=self._max_age)
+
+    def _delete_batch(self, now: datetime, size: int) -> int:
+        session = self._tables.session
+        expired = session.c.expires < now
+        batch = select(session.c.session_token).where(expired).limit(size)
+        # ``expired`` again: pg-adapter tokens are not UNIQUE, so a live twin must survive.
+        statement = delete(session).where(session.c.session_token.in_(batch), expired)
+        with _db_errors(), self._engine.begin() as conn:
+            return int(conn.execute(statement).rowcount)
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """A connection whose reads see one snapshot (PostgreSQL), so a page is consistent."""
+        options: dict[str, Any] = {}
+        if self._engine.dialect.name == "postgresql":
+            options = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        with _db_errors(), self._engine.connect() as conn:
+            yield conn.execution_options(**options) if options else conn
+
+    # -- ids and cursors ---------------------------------------------------------------
+
+    def _key(self, external_id: str) -> int | str | None:
+        if not self._tables.flavour.integer_ids:
+            return external_id or None
+        if external_id.isascii() and external_id.isdigit():
+            return int(external_id)
+        return None
+
+    def _resume_point(self, cursor: Cursor) -> int | str | None:
+        after, id_type = cursor.get("after_id"), cursor.get("id_type")
+        if after is None:
+            return None  # the previous pass completed: start the next one from the top
+        want = "int" if self._tables.flavour.integer_ids else "str"
+        if id_type == want and isinstance(after, str):
+            key = self._key(after)
+            if key is not None:
+                return key
+        log.warning("authjs_cursor_ignored", provider=PROVIDER, id_type=id_type, expected=want)
+        return None
+
+
+def _cursor_after(last: object) -> dict[str, str]:
+    # The type tag keeps integer ids comparing as integers: "10" < "9" as text.
+    id_type = "int" if isinstance(last, int) and not isinstance(last, bool) else "str"
+    return {"after_id": str(last), "id_type": id_type}
+
+
+def _fetch(conn: Connection, query: Select[Any]) -> list[dict[str, Any]]:
+    return [{str(k): v for k, v in row.items()} for row in conn.execute(query).mappings()]
+
+
+def _group(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault(str(row["userId"]), []).append(row)
+    return grouped
+
+
+def _record_error(key: str, reason: str, raw: Mapping[str, Any] | None) -> RecordError:
+    log.warning("authjs_record_skipped", provider=PROVIDER, external_id=key, reason=reason)
+    return RecordError(external_id=key, reason=reason, raw=raw)
+
+
+def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row as JSON-safe values, for the operator who inspects a skipped record."""
+    safe: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, datetime):
+            safe[key] = value.isoformat()
+        elif value is None or isinstance(value, str | int | float | bool):
+            safe[key] = value
+        else:
+            safe[key] = repr(value)
+    return safe

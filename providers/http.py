@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["HttpClient", "HttpPolicy", "HttpStats", "HttpStatusError", "UpstreamStatusError"]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Spread the budget once fewer than this share of the bucket is left.
 _LOW_WATER = 0.5
@@ -190,6 +191,20 @@ class HttpClient:
             raise UpstreamDataError(
                 f"{self.provider}: GET {_path(response.url)}: invalid JSON"
             ) from exc
+
+    def call(self, fn: Callable[[], T], *, method: str, path_or_url: str) -> T:
+        """Run a request this client does not send itself (e.g. an OAuth token fetch by
+        authlib) under the same retry policy; ``fn`` reports a 429/5xx answer through
+        ``check_transient`` and network failures as UpstreamUnavailable."""
+        send = _Send(method=method.upper(), url=self._url(path_or_url))
+        return _retrying(self.policy, self._sleep, self._clock, self._before_sleep(send))(fn)
+
+    def check_transient(self, response: requests.Response) -> requests.Response:
+        """Raise for a 429 or 5xx answer exactly as ``request`` would; else return it."""
+        send = _Send(method=str(response.request.method), url=str(response.request.url))
+        self._count(requests=1)
+        self._remember_limits(send, response)
+        return self._classify(send, response, ())
 
     @property
     def stats(self) -> HttpStats:
@@ -338,10 +353,10 @@ class HttpClient:
 class _Send:
     method: str
     url: str
-    params: Mapping[str, Any] | None
-    json: Any
-    data: Any
-    stream: bool
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    data: Any = None
+    stream: bool = False
 
 
 class _Backoff:

@@ -85,10 +85,12 @@ class FakeAuth0(FakeServer):
         token_ttl: int = 86400,
         job_polls: int = 2,
         retry_after: bool = False,
+        audience: str | None = None,
         seed: int = 7,
     ) -> None:
         super().__init__()
         self.domain, self.client_id, self.client_secret = domain, client_id, client_secret
+        self.audience = audience or f"https://{domain}/api/v2/"
         self.token_ttl = token_ttl
         self.job_polls = job_polls
         self.retry_after = retry_after
@@ -119,10 +121,6 @@ class FakeAuth0(FakeServer):
 
     def __enter__(self) -> FakeAuth0:
         return self.start()
-
-    @property
-    def audience(self) -> str:
-        return f"https://{self.domain}/api/v2/"
 
     # -- knobs for tests ----------------------------------------------------------------
 

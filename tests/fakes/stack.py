@@ -430,9 +430,13 @@ class StackFake(FakeServer):
             "user": user,
         }
 
-    def listed_ids(self, **flags: bool) -> Iterator[str]:
+    def listed_ids(
+        self, *, include_anonymous: bool = False, include_restricted: bool = False
+    ) -> Iterator[str]:
         """Ids ``GET /users`` returns with these flags, in order (a test oracle)."""
-        query = _UserQuery(**flags)
+        query = _UserQuery(
+            include_anonymous=include_anonymous, include_restricted=include_restricted
+        )
         return (u["id"] for u in self._sorted_users(query.desc) if self._visible(u, query))
 
 

@@ -216,10 +216,15 @@ class HttpClient:
     # -- retries -----------------------------------------------------------------------
 
     def _send_with_retries(self, send: _Send, ok: Collection[int]) -> requests.Response:
+        # Credentials are resolved once, outside the loop: a token fetch has its own retries,
+        # and nesting them inside these would multiply the attempts.
+        headers = self._auth_headers(send.url)
         retrying = _retrying(self.policy, self._sleep, self._clock, self._before_sleep(send))
-        return retrying(self._attempt, send, ok)
+        return retrying(self._attempt, send, headers, ok)
 
-    def _attempt(self, send: _Send, ok: Collection[int]) -> requests.Response:
+    def _attempt(
+        self, send: _Send, headers: Mapping[str, str] | None, ok: Collection[int]
+    ) -> requests.Response:
         self._pace(send)
         try:
             response = self._session.request(
@@ -229,7 +234,7 @@ class HttpClient:
                 json=send.json,
                 data=send.data,
                 stream=send.stream,
-                headers=self._auth_headers(send.url),
+                headers=headers,
                 timeout=(self.policy.connect_timeout, self.policy.read_timeout),
                 allow_redirects=False,
             )

@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 import requests
@@ -33,7 +33,7 @@ import urllib3
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 
-from providers.base import Cursor, Page, RecordError
+from providers.base import Cursor, Page, Provider, RecordError
 from providers.http import HttpClient, HttpPolicy, HttpStatusError
 from sync_worker.changes import (
     ChangeKind,
@@ -501,7 +501,7 @@ class Auth0Provider:
             # After the first request Auth0 wants its Link next URL followed, not rebuilt.
             next_url = response.links.get("next", {}).get("url")
             if next_url:
-                url, params = next_url, None
+                url, params = _same_origin(next_url), None
             else:
                 params = {"from": logs[-1]["log_id"], "take": take}
 
@@ -558,6 +558,10 @@ class Auth0Provider:
         return raw
 
 
+if TYPE_CHECKING:
+    _conforms: type[Provider] = Auth0Provider
+
+
 def _endpoints(settings: Auth0Settings) -> tuple[str, str]:
     """Base URL and token audience; the audience names the tenant domain when there is one."""
     missing = settings.missing_for_pull()
@@ -569,6 +573,13 @@ def _endpoints(settings: Auth0Settings) -> tuple[str, str]:
         f"https://{domain}/api/v2/" if domain else f"{base_url}/api/v2/"
     )
     return base_url, audience
+
+
+def _same_origin(link: str) -> str:
+    """A Link URL's path and query, so it is sent to our base URL (with its credentials)
+    even when the tenant names its public domain and we reach it through ``base_url``."""
+    split = urlsplit(link)
+    return f"{split.path}?{split.query}" if split.query else split.path
 
 
 def _export_records(response: requests.Response) -> Iterator[Mapping[str, Any] | RecordError]:

@@ -449,6 +449,25 @@ def test_each_page_cursor_is_its_last_log_id(fake: FakeAuth0) -> None:
     assert [r.arg("from") for r in log_requests] == expected_from
 
 
+def test_link_to_the_public_domain_is_followed_through_the_base_url(fake: FakeAuth0) -> None:
+    ids = [u["user_id"] for u in fake.seed_users(2)]
+    fake.link_base = "https://tenant.invalid"  # never resolves: the client must not go there
+    with closing(make_provider(fake, settings=settings_for(fake, page_size=2))) as adapter:
+        cursor = cursor_after_full(adapter)
+        for i in range(5):
+            fake.login(ids[i % 2])
+        pages = list(adapter.iter_changes(cursor))
+    assert [len(p.changes) for p in pages] == [2, 2, 1]
+
+
+def test_token_endpoint_outage_is_bounded(fake: FakeAuth0, provider: Auth0Provider) -> None:
+    fake.fail_next("/oauth/token", status=503, times=100)
+    with pytest.raises(UpstreamUnavailable):
+        provider.fetch_user("auth0|x")
+    assert token_requests(fake) == FAST.max_attempts
+    assert not fake.requests_to(USER_PATH)
+
+
 def test_no_new_logs_yields_nothing(fake: FakeAuth0, provider: Auth0Provider) -> None:
     fake.seed_users(2)
     cursor = cursor_after_full(provider)

@@ -91,6 +91,8 @@ class FakeAuth0(FakeServer):
         super().__init__()
         self.domain, self.client_id, self.client_secret = domain, client_id, client_secret
         self.audience = audience or f"https://{domain}/api/v2/"
+        # Where Link headers point; None means this server. A real tenant names its domain.
+        self.link_base: str | None = None
         self.token_ttl = token_ttl
         self.job_polls = job_polls
         self.retry_after = retry_after
@@ -330,7 +332,8 @@ class FakeAuth0(FakeServer):
             return Response.json(self._search_logs(request))
         page = [log for log in self.logs if log["log_id"] > checkpoint][:take]
         last = page[-1]["log_id"] if page else checkpoint
-        link = f'<{self.url}/api/v2/logs?{urlencode({"from": last, "take": take})}>; rel="next"'
+        query = urlencode({"from": last, "take": take})
+        link = f'<{self.link_base or self.url}/api/v2/logs?{query}>; rel="next"'
         return Response.json(page, headers={"Link": link})
 
     def _search_logs(self, request: Request) -> list[dict[str, Any]]:

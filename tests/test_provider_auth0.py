@@ -343,6 +343,18 @@ def test_download_cut_by_the_network_raises(fake: FakeAuth0, provider: Auth0Prov
     assert not any(p.complete for p in seen)
 
 
+def test_export_is_streamed_not_downloaded_whole(fake: FakeAuth0, provider: Auth0Provider) -> None:
+    """Pages come out while the download is still arriving: a cut half way through the
+    file is noticed only after the pages read before it."""
+    fake.seed_users(400, signup_logs=False)
+    fake.cdn.fail_next(r"/exports/.*", status=None, truncate=20_000)
+    seen: list[Page] = []
+    with pytest.raises(UpstreamDataError):
+        seen.extend(provider.iter_changes(None))
+    assert len(seen) >= 10
+    assert not any(p.complete or p.cursor for p in seen)
+
+
 def test_export_poll_is_bounded(fake: FakeAuth0) -> None:
     fake.job_polls = 10_000
     settings = settings_for(fake, export_poll_max_seconds=0.05)

@@ -388,7 +388,7 @@ class _Planner:
         key = (change.provider, change.external_id)
         held = self.identities.get(key)
         if held is None:
-            self._outcome(change, "unknown")
+            self._tombstone(change)
             return
         if self._stale(change, held):
             return
@@ -407,6 +407,22 @@ class _Planner:
             diff = {"deleted_at": [None, _json(self.now)]}
         self.plan.revoke_sessions_of.append((change.provider, user_id))
         self._audit(change, AuditAction.DELETED, user_id, diff)
+
+    def _tombstone(self, change: UserChange) -> None:
+        """Remember a versioned deletion of an identity never seen, so that an older create
+        arriving after it (webhooks are unordered) cannot bring the user to life."""
+        if change.version is None:
+            self._outcome(change, "unknown")
+            return
+        user_id = self._new_user(UserAttributes())
+        self.users[user_id]["deleted_at"] = self.now
+        key = (change.provider, change.external_id)
+        self._add_identity(
+            self._identity_row(
+                key, user_id, upstream_updated_at=change.version, deleted_at=self.now
+            )
+        )
+        self._audit(change, AuditAction.DELETED, user_id, {"deleted_at": [None, _json(self.now)]})
 
     def _live_identities(self, user_id: uuid.UUID) -> list[Key]:
         return [

@@ -46,7 +46,10 @@ def upsert(
         version=at(version) if version is not None else None,
         attributes=UserAttributes(**values),
         linked=linked,
-        raw=raw if raw is not None else {"id": external_id, **_jsonable(values)},
+        # Like Auth0's records, the raw record carries its own updated_at.
+        raw=raw
+        if raw is not None
+        else {"id": external_id, "updated_at": _iso(version), **_jsonable(values)},
         event_id=event_id,
     )
 
@@ -84,6 +87,10 @@ def login(
             ip="203.0.113.7",
         ),
     )
+
+
+def _iso(version: float | None) -> str | None:
+    return at(version).isoformat() if version is not None else None
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

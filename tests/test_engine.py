@@ -83,10 +83,10 @@ class TestIdempotence:
         assert len(audit_before) == 20
 
     def test_unchanged_record_touches_no_row(self, sync: SyncEngine) -> None:
-        apply(sync, upsert("auth0|1"))
+        apply(sync, upsert("s-1", 0, provider="stack", raw={"id": "s-1"}))
         identity = only(rows(sync.db, "user_identities"))
-        # A newer version with the same content is still the same content.
-        apply(sync, upsert("auth0|1", 5))
+        # Re-observed later with the same content (Stack has no updated_at): nothing is written.
+        apply(sync, upsert("s-1", 5, provider="stack", raw={"id": "s-1"}))
         assert only(rows(sync.db, "user_identities")) == identity
 
     def test_each_real_change_gets_one_audit_row(self, sync: SyncEngine) -> None:
@@ -219,8 +219,18 @@ class TestSoftDelete:
         apply(sync, delete("auth0|1", 1))
         assert only(rows(sync.db, "users"))["deleted_at"] is None
 
-    def test_delete_of_unknown_identity_writes_nothing(self, sync: SyncEngine) -> None:
-        assert apply(sync, delete("auth0|404", 1)).counts == {"unknown": 1}
+    def test_delete_before_create_leaves_a_tombstone(self, sync: SyncEngine) -> None:
+        assert apply(sync, delete("stack-1", 5, provider="stack")).counts == {"deleted": 1}
+        assert apply(sync, upsert("stack-1", 4, provider="stack")).counts == {"stale_skipped": 1}
+        assert only(rows(sync.db, "users"))["deleted_at"] is not None
+        assert apply(sync, upsert("stack-1", 6, provider="stack")).counts == {"restored": 1}
+        user = only(rows(sync.db, "users"))
+        assert (user["deleted_at"], user["email"]) == (None, "stack-1@example.org")
+
+    def test_unversioned_delete_of_unknown_identity_writes_nothing(self, sync: SyncEngine) -> None:
+        change = delete("auth0|404", 1)
+        unversioned = type(change)(provider="auth0", external_id="auth0|404", kind=change.kind)
+        assert apply(sync, unversioned).counts == {"unknown": 1}
         assert audit(sync.db) == []
 
 

@@ -101,7 +101,7 @@ def to_change(
     """
     user_id = external_id(row.get("id"))
     verified, verified_raw = _verified(row.get("emailVerified"))
-    created_at = parse_timestamp(row.get("createdAt"))
+    created_at = _timestamp("createdAt", row.get("createdAt"))
     pairs = sorted({_account(a) for a in accounts})
     attributes = UserAttributes(
         email=_text(row, "email"),
@@ -148,7 +148,7 @@ def session_change(
     token = session.get("sessionToken")
     if not isinstance(token, str) or not token:
         raise ValueError(f"sessionToken: expected a non-empty string, got {type(token).__name__}")
-    expires = parse_timestamp(session.get("expires"))
+    expires = _timestamp("expires", session.get("expires"))
     if expires is None:
         raise ValueError("expires: missing")
     observed = as_utc(observed_at)
@@ -162,7 +162,7 @@ def session_change(
         version=observed,
         session=SessionInfo(
             external_session_id=sid,
-            created_at=parse_timestamp(session.get("createdAt")) or written,
+            created_at=_timestamp("createdAt", session.get("createdAt")) or written,
             last_seen_at=written,
             expires_at=expires,
         ),
@@ -193,14 +193,18 @@ def _text(row: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _timestamp(key: str, value: object) -> datetime | None:
+    try:
+        return parse_timestamp(value)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise ValueError(f"{key}: not a timestamp ({type(value).__name__})") from exc
+
+
 def _verified(value: object) -> tuple[bool, bool | str | None]:
     """(verified flag, its canonical form for ``raw``): a timestamp means verified then."""
     if isinstance(value, bool):
         return value, value
-    try:
-        when = parse_timestamp(value)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise ValueError(f"emailVerified: not a timestamp ({type(value).__name__})") from exc
+    when = _timestamp("emailVerified", value)
     return when is not None, when.isoformat() if when else None
 
 

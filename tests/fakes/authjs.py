@@ -21,6 +21,7 @@ bulk-inserts it with COPY (PostgreSQL) or executemany (SQLite), fast enough for 
 
 from __future__ import annotations
 
+import base64
 import random
 import sqlite3
 import uuid
@@ -483,8 +484,7 @@ def _avatar(rng: random.Random, provider: str, account_id: str) -> str | None:
 
 
 def _token(rng: random.Random, length: int) -> str:
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    return "".join(rng.choice(alphabet) for _ in range(length))
+    return base64.urlsafe_b64encode(rng.randbytes(length)).decode()[:length]
 
 
 def _uuid(rng: random.Random) -> str:

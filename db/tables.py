@@ -170,3 +170,12 @@ sync_runs = Table(
     Column("error", Text),
 )
 Index("ix_sync_runs_started_at", sync_runs.c.started_at)
+
+# Upstream ids seen by a full pass still in progress, so reconcile can find users missing
+# upstream without holding every id in memory.
+sync_seen = Table(
+    "sync_seen",
+    metadata,
+    Column("run_id", Uuid, primary_key=True),
+    Column("external_id", String(255), primary_key=True),
+)

@@ -24,9 +24,9 @@ from db.tables import profiles, sync_audit, user_identities, user_sessions, user
 from db.upsert import insert_rows, upsert_rows
 from sync_worker import plan as planning
 from sync_worker import snapshot as snapshots
-from sync_worker.changes import Source, UserChange, utcnow
+from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.config import Settings
-from sync_worker.state import save_cursor
+from sync_worker.state import mark_seen, save_cursor
 from sync_worker.validate import problem
 
 log = structlog.get_logger(__name__)
@@ -56,6 +56,24 @@ class BatchResult:
 class CursorUpdate:
     provider: str
     cursor: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejected:
+    """An upstream record that could not be mapped to a change."""
+
+    provider: str
+    external_id: str | None
+    reason: str
+    event_id: str | None = None
+
+    def as_change(self) -> UserChange:
+        return UserChange(
+            provider=self.provider,
+            external_id=self.external_id or "",
+            kind=ChangeKind.UPSERT,
+            event_id=self.event_id,
+        )
 
 
 @dataclass(slots=True)
@@ -89,13 +107,23 @@ class SyncEngine:
         source: Source,
         run_id: uuid.UUID | None = None,
         cursor: CursorUpdate | None = None,
+        rejected: Sequence[Rejected] = (),
+        seen: Sequence[str] = (),
         dry_run: bool = False,
     ) -> BatchResult:
-        """Apply a batch in one transaction (rolled back instead when ``dry_run``)."""
+        """Apply a batch in one transaction (rolled back instead when ``dry_run``).
+
+        ``rejected`` are upstream records the adapter could not map: recorded as failed in
+        the same transaction. ``seen`` are upstream ids a full pass observed (for reconcile).
+        """
         with self.db.connect() as conn:
             transaction = conn.begin()
             try:
-                result = self.apply_in(conn, changes, source=source, run_id=run_id)
+                result = self.apply_in(
+                    conn, changes, source=source, run_id=run_id, rejected=rejected
+                )
+                if seen and run_id is not None:
+                    mark_seen(conn, run_id, seen)
                 if cursor is not None:
                     save_cursor(conn, cursor.provider, cursor.cursor, self.clock())
             except BaseException:
@@ -115,10 +143,13 @@ class SyncEngine:
         *,
         source: Source,
         run_id: uuid.UUID | None = None,
+        rejected: Sequence[Rejected] = (),
     ) -> BatchResult:
         """Apply a batch inside the caller's open transaction."""
         ctx = _Context(source, run_id, self.clock())
         outcomes: list[planning.Outcome] = []
+        for reject in rejected:
+            self._record_failure(ctx, outcomes, reject.as_change(), reject.reason)
         valid: list[UserChange] = []
         for change in changes:
             reason = problem(change)
@@ -152,7 +183,7 @@ class SyncEngine:
     def _apply_once(
         self, conn: Connection, changes: list[UserChange], ctx: _Context
     ) -> list[planning.Outcome]:
-        snapshots.lock_keys(conn, changes)
+        snapshots.lock_writers(conn)
         identities = snapshots.load_identities(conn, changes)
         triaged = snapshots.triage(changes, identities)
         if not triaged.todo:

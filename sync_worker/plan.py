@@ -59,6 +59,7 @@ class Outcome:
     action: str  # an AuditAction value, or "unchanged" / "unknown"
     user_id: uuid.UUID | None = None
     error: str | None = None
+    changes: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +486,9 @@ class _Planner:
     def _audit(
         self, change: UserChange, action: AuditAction, user_id: uuid.UUID, diff: Mapping[str, Any]
     ) -> None:
-        self._outcome(change, action, user_id)
+        self.plan.outcomes.append(
+            Outcome(change.provider, change.external_id, str(action), user_id, None, dict(diff))
+        )
         self._audit_row(change, action, user_id, dict(diff))
 
     def _audit_row(

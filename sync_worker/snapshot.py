@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -15,6 +14,7 @@ from sync_worker.changes import AuditAction, ChangeKind, UserChange
 from sync_worker.plan import Key, Outcome, Row, Snapshot
 
 IN_CHUNK = 5000
+WRITER_LOCK = 0x5F1C_0001  # arbitrary, fixed: the engine's writer lock
 
 
 @dataclass(slots=True, kw_only=True)
@@ -25,32 +25,16 @@ class Triage:
     todo: list[UserChange] = field(default_factory=list)
 
 
-def lock_keys(conn: Connection, changes: Sequence[UserChange]) -> None:
-    """Serialize concurrent writers per identity and per email (PostgreSQL advisory locks).
+def lock_writers(conn: Connection) -> None:
+    """Serialize engine writers on PostgreSQL with one transaction-scoped advisory lock.
 
     Two applies of the same new identity (a webhook and a backfill, say) would otherwise both
-    create a user. SQLite needs nothing: its write transactions are already serialized.
+    create a user. One lock per batch rather than per identity: a 5,000-change batch would
+    exhaust the lock table (max_locks_per_transaction), and batches are short. SQLite needs
+    nothing: its write transactions are already serialized.
     """
-    if conn.dialect.name != "postgresql":
-        return
-    names = {f"i:{c.provider}:{c.external_id}" for c in changes}
-    names |= {
-        f"e:{c.attributes.email.lower()}" for c in changes if c.attributes and c.attributes.email
-    }
-    keys = sorted({_lock_key(n) for n in names})
-    conn.execute(
-        text(
-            "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[]))"
-            " WITH ORDINALITY AS t(k, n) ORDER BY n"
-        ),
-        {"keys": keys},
-    )
-
-
-def _lock_key(name: str) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
-    )
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITER_LOCK})
 
 
 def load_identities(conn: Connection, changes: Iterable[UserChange]) -> dict[Key, Row]:

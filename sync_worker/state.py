@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 
-from db.tables import sync_cursors, sync_runs
+from db.tables import sync_cursors, sync_runs, sync_seen
+from db.upsert import insert_rows
 from db.upsert import upsert_rows
 from sync_worker.changes import utcnow
 
@@ -71,3 +72,14 @@ def finish_run(
             .where(sync_runs.c.id == run_id)
             .values(finished_at=utcnow(), status=str(status), counts=dict(counts), error=error)
         )
+
+
+def mark_seen(conn: Connection, run_id: uuid.UUID, external_ids: Sequence[str]) -> None:
+    """Record ids a full pass observed upstream (duplicates across pages are harmless)."""
+    rows = [{"run_id": run_id, "external_id": e} for e in dict.fromkeys(external_ids)]
+    upsert_rows(conn, sync_seen, rows, conflict=["run_id", "external_id"], update=[])
+
+
+def forget_seen(db: Engine, run_id: uuid.UUID) -> None:
+    with db.begin() as conn:
+        conn.execute(delete(sync_seen).where(sync_seen.c.run_id == run_id))

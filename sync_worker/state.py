@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from db.tables import sync_cursors, sync_runs, sync_seen
-from db.upsert import insert_rows
 from db.upsert import upsert_rows
 from sync_worker.changes import utcnow
 

@@ -1,0 +1,274 @@
+"""Running a pull: provider pages into engine batches, a cursor committed with each page.
+
+A killed run resumes from the last committed cursor; a page that fails is never applied and
+its cursor is never saved. A complete full pass ends with a reconcile that soft-deletes users
+missing upstream, unless that would remove more than ``max_delete_fraction`` of them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from sqlalchemy import Engine, Subquery, exists, func, select
+
+from db.tables import sync_seen, user_identities
+from providers.base import Cursor, Page, Provider
+from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
+from sync_worker.engine import BatchResult, CursorUpdate, Rejected, SyncEngine
+from sync_worker.errors import GuardRefused
+from sync_worker.plan import Outcome
+from sync_worker.state import RunStatus, finish_run, forget_seen, load_cursor, start_run
+
+log = structlog.get_logger(__name__)
+
+SAMPLE_SIZE = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconcileReport:
+    live: int
+    missing: int
+    deleted: int
+    refused: bool
+
+
+@dataclass(slots=True, kw_only=True)
+class PullReport:
+    run_id: uuid.UUID
+    provider: str
+    kind: str
+    counts: Counter[str] = field(default_factory=Counter)
+    pages: int = 0
+    status: RunStatus = RunStatus.RUNNING
+    error: str | None = None
+    reconcile: ReconcileReport | None = None
+    samples: list[Outcome] = field(default_factory=list)
+
+    def add(self, result: BatchResult) -> None:
+        self.counts.update(result.counts)
+        for outcome in result.outcomes:
+            if outcome.changes and len(self.samples) < SAMPLE_SIZE:
+                self.samples.append(outcome)
+
+
+Progress = Callable[[int], None]
+
+
+class PullRunner:
+    def __init__(
+        self,
+        db: Engine,
+        engine: SyncEngine,
+        provider: Provider,
+        *,
+        max_delete_fraction: float = 0.2,
+        source: Source = Source.BACKFILL,
+        progress: Progress | None = None,
+    ) -> None:
+        self.db = db
+        self.engine = engine
+        self.provider = provider
+        self.max_delete_fraction = max_delete_fraction
+        self.source = source
+        self.progress = progress or (lambda _n: None)
+
+    def run(
+        self, *, full: bool = False, dry_run: bool = False, cursor: Cursor | None = None
+    ) -> PullReport:
+        """Pull from the stored cursor (or ``cursor``, or from scratch when ``full``)."""
+        start = None if full else (cursor or load_cursor(self.db, self.provider.name))
+        kind = "full" if start is None else "incremental"
+        report = PullReport(
+            run_id=start_run(self.db, kind, self.provider.name),
+            provider=self.provider.name,
+            kind=kind,
+        )
+        bound = log.bind(provider=self.provider.name, run_id=str(report.run_id), kind=kind)
+        bound.info("pull_started", dry_run=dry_run)
+        seen: _Seen = _MemorySeen() if dry_run else _DbSeen(self.db, report.run_id)
+        try:
+            self._pages(start, full=full, dry_run=dry_run, report=report, seen=seen)
+        except BaseException as exc:
+            report.status, report.error = RunStatus.FAILED, _describe(exc)
+            bound.error("pull_failed", error=report.error, pages=report.pages)
+            raise
+        else:
+            if report.status is RunStatus.RUNNING:
+                report.status = RunStatus.DRY_RUN if dry_run else RunStatus.SUCCEEDED
+        finally:
+            seen.close()
+            counts = {**report.counts, "pages": report.pages}
+            finish_run(self.db, report.run_id, report.status, counts, report.error)
+        bound.info("pull_finished", status=str(report.status), pages=report.pages, **report.counts)
+        return report
+
+    def _pages(
+        self,
+        start: Cursor | None,
+        *,
+        full: bool,
+        dry_run: bool,
+        report: PullReport,
+        seen: _Seen,
+    ) -> None:
+        for page in self.provider.iter_changes(start, full=full or start is None):
+            result = self._apply(page, report.run_id, seen, dry_run=dry_run)
+            report.add(result)
+            report.pages += 1
+            self.progress(len(page.changes) + len(page.errors))
+            if page.complete and not page.extra.get("partial_pass") and report.kind == "full":
+                report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
+
+    def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:
+        cursor = (
+            CursorUpdate(provider=self.provider.name, cursor=page.cursor)
+            if page.cursor is not None
+            else None
+        )
+        rejected = [
+            Rejected(provider=self.provider.name, external_id=e.external_id, reason=e.reason)
+            for e in page.errors
+        ]
+        result = self.engine.apply(
+            page.changes,
+            source=self.source,
+            run_id=run_id,
+            cursor=cursor,
+            rejected=rejected,
+            seen=seen.ids_to_store(page.seen_ids),
+            dry_run=dry_run,
+        )
+        seen.remember(page.seen_ids)
+        return result
+
+    def _reconcile(self, report: PullReport, seen: _Seen, *, dry_run: bool) -> ReconcileReport:
+        live, missing = seen.missing(self.db, self.provider.name)
+        refused = live > 0 and len(missing) / live > self.max_delete_fraction
+        if refused:
+            report.status = RunStatus.FAILED
+            report.error = (
+                f"reconcile refused: {len(missing)} of {live} {self.provider.name} users "
+                f"are missing upstream, more than max_delete_fraction={self.max_delete_fraction}"
+            )
+            log.error("reconcile_refused", provider=self.provider.name, missing=len(missing),
+                      live=live)  # fmt: skip
+            return ReconcileReport(live=live, missing=len(missing), deleted=0, refused=True)
+        observed = utcnow()
+        deletions = [
+            UserChange(
+                provider=self.provider.name, external_id=e, kind=ChangeKind.DELETE, version=observed
+            )
+            for e in missing
+        ]
+        deleted = 0
+        for batch in _batched(deletions, 500):
+            result = self.engine.apply(
+                batch, source=self.source, run_id=report.run_id, dry_run=dry_run
+            )
+            report.add(result)
+            deleted += result.counts.get("deleted", 0)
+        log.info("reconciled", provider=self.provider.name, live=live, deleted=deleted)
+        return ReconcileReport(live=live, missing=len(missing), deleted=deleted, refused=False)
+
+
+def reconcile_guard_error(report: PullReport) -> GuardRefused | None:
+    if report.reconcile is not None and report.reconcile.refused:
+        return GuardRefused(report.error or "reconcile refused")
+    return None
+
+
+class _Seen(Protocol):
+    """Which upstream ids a full pass has observed."""
+
+    def ids_to_store(self, ids: Iterable[str]) -> list[str]: ...
+
+    def remember(self, ids: Iterable[str]) -> None: ...
+
+    def missing(self, db: Engine, provider: str) -> tuple[int, list[str]]:
+        """(live users of the provider, ids of those not seen in this pass)"""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _MemorySeen:
+    """For dry runs, whose batches (and so their sync_seen rows) are rolled back."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def ids_to_store(self, ids: Iterable[str]) -> list[str]:
+        return []
+
+    def remember(self, ids: Iterable[str]) -> None:
+        self.ids.update(ids)
+
+    def missing(self, db: Engine, provider: str) -> tuple[int, list[str]]:
+        with db.connect() as conn:
+            live = list(conn.execute(select(_live(provider).c.external_id)).scalars())
+        return len(live), [e for e in live if e not in self.ids]
+
+    def close(self) -> None:
+        return None
+
+
+class _DbSeen:
+    """Stored in sync_seen with each batch, so memory stays flat however many users there are."""
+
+    def __init__(self, db: Engine, run_id: uuid.UUID) -> None:
+        self.db, self.run_id = db, run_id
+
+    def ids_to_store(self, ids: Iterable[str]) -> list[str]:
+        return list(ids)
+
+    def remember(self, ids: Iterable[str]) -> None:
+        return None
+
+    def missing(self, db: Engine, provider: str) -> tuple[int, list[str]]:
+        live = _live(provider)
+        unseen = select(live.c.external_id).where(
+            ~exists().where(
+                sync_seen.c.run_id == self.run_id, sync_seen.c.external_id == live.c.external_id
+            )
+        )
+        with db.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(live)).scalar_one()
+            return int(total), list(conn.execute(unseen).scalars())
+
+    def close(self) -> None:
+        forget_seen(self.db, self.run_id)
+
+
+def _live(provider: str) -> Subquery:
+    """Primary identities of this provider that are not deleted (linked accounts excluded)."""
+    return (
+        select(user_identities.c.external_id)
+        .where(
+            user_identities.c.provider == provider,
+            user_identities.c.deleted_at.is_(None),
+            user_identities.c.content_hash.is_not(None),
+        )
+        .subquery()
+    )
+
+
+def count_live(db: Engine, provider: str) -> int:
+    stmt = select(func.count()).where(
+        user_identities.c.provider == provider, user_identities.c.deleted_at.is_(None)
+    )
+    with db.connect() as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
+def _batched(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -190,9 +190,8 @@ def _print_report(report: PullReport, *, dry_run: bool) -> None:
         print(f"reconcile: {r.missing} of {r.live} missing upstream, {verdict}")
     if dry_run:
         for sample in report.samples:
-            print(
-                f"  {sample.action:<9} {sample.provider}:{sample.external_id}  {json.dumps(sample.changes)}"
-            )
+            diff = json.dumps(sample.changes)
+            print(f"  {sample.action:<9} {sample.provider}:{sample.external_id}  {diff}")
     if report.error:
         print(f"sync-worker: {report.error}", file=sys.stderr)
 
@@ -212,7 +211,11 @@ def _progress(label: str) -> Iterator[Callable[[int], None]]:
     from tqdm import tqdm
 
     with tqdm(desc=label, unit=" users", file=sys.stderr, dynamic_ncols=True) as bar:
-        yield bar.update
+
+        def advance(n: int) -> None:
+            bar.update(n)
+
+        yield advance
 
 
 def _timestamp(text: str) -> datetime:

@@ -233,7 +233,7 @@ class _Planner:
     def _apply_attributes(
         self, user_id: uuid.UUID, attrs: UserAttributes | None, *, fill_only: bool
     ) -> dict[str, list[Any]]:
-        """Bring the user's IdP-owned fields (and profile) in line with ``attrs``; return the diff."""
+        """Bring the user's IdP-owned fields and profile in line with ``attrs``; return the diff."""
         if attrs is None:
             return {}
         user = self.users[user_id]

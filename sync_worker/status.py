@@ -33,8 +33,8 @@ def collect(db: Engine, *, runs: int = 10) -> dict[str, Any]:
         return {
             "users": {"total": user_counts[0], "deleted": int(user_counts[1])},
             "profiles": conn.execute(select(func.count()).select_from(profiles)).scalar_one(),
-            "identities": {provider: n for provider, n in identities},
-            "inbox": {status: n for status, n in inbox},
+            "identities": {str(p): int(n) for p, n in identities},
+            "inbox": {str(s): int(n) for s, n in inbox},
             "cursors": [
                 {
                     "provider": c["provider"],

@@ -1,0 +1,35 @@
+"""Writing one benchmark's table into bench/RESULTS.md without touching the others'."""
+
+from __future__ import annotations
+
+import platform
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = (
+    "# Benchmark results\n\n"
+    "Each section is rewritten by the script that produced it. Ratios compare figures\n"
+    "measured in the same run, on the same machine (these machines are noisy).\n"
+)
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section between `<!-- name -->` markers."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    stamp = f"_{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.python_implementation()} {platform.python_version()}_"
+    block = f"<!-- {name} -->\n{markdown.strip()}\n\n{stamp}\n<!-- /{name} -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    text = (
+        pattern.sub(lambda _m: block, text)
+        if pattern.search(text)
+        else f"{text.rstrip()}\n\n{block}\n"
+    )
+    RESULTS.write_text(text)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

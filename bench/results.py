@@ -18,7 +18,8 @@ HEADER = (
 def write_section(name: str, markdown: str) -> None:
     """Replace (or append) the section between `<!-- name -->` markers."""
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    stamp = f"_{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.python_implementation()} {platform.python_version()}_"
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    stamp = f"_{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {python}_"
     block = f"<!-- {name} -->\n{markdown.strip()}\n\n{stamp}\n<!-- /{name} -->"
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
     text = (

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from sync_worker.cli import main
+from tests.fakes.auth0 import FakeAuth0
+from tests.fakes.authjs import make_loader
+from tests.fakes.stack import StackFake
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -63,3 +66,78 @@ def test_unreachable_database_is_one_line_exit_1(
     err = capsys.readouterr().err
     assert err.startswith("sync-worker: database unavailable:")
     assert err.strip().count("\n") == 0
+
+
+@pytest.fixture
+def sqlite_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("AUTH0_DOMAIN", "STACK_PROJECT_ID", "AUTHJS_DATABASE_URL", "AUTH0_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "worker.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
+    assert main(["migrate"]) == 0
+    return path
+
+
+def test_backfill_stack_dry_run_then_real(
+    sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StackFake() as fake:
+        fake.seed(12)
+        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
+        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        capsys.readouterr()
+        assert main(["backfill", "--provider", "stack", "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("dry run (nothing written): stack full dry_run: created=12")
+        assert '"email": [null, ' in out  # a sample of the diffs
+        assert main(["status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["users"]["total"] == 0
+        assert main(["backfill", "--provider", "stack"]) == 0
+        assert "stack full succeeded: created=12" in capsys.readouterr().out
+        assert main(["status", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+    assert report["users"]["total"] == 12
+    assert report["runs"][0]["counts"]["created"] == 12
+
+
+def test_backfill_auth0_and_rejected_credentials_exit_1(
+    sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeAuth0(job_polls=0)
+    fake.start()
+    try:
+        fake.seed_users(9)
+        monkeypatch.setenv("AUTH0_DOMAIN", fake.domain)
+        monkeypatch.setenv("AUTH0_CLIENT_ID", fake.client_id)
+        monkeypatch.setenv("AUTH0_CLIENT_SECRET", fake.client_secret)
+        monkeypatch.setenv("AUTH0_BASE_URL", fake.url)
+        assert main(["backfill", "--provider", "auth0", "--full"]) == 0
+        assert "auth0 full succeeded: created=9" in capsys.readouterr().out
+        monkeypatch.setenv("AUTH0_CLIENT_SECRET", "wrong")
+        assert main(["backfill", "--provider", "auth0"]) == 1
+        err = capsys.readouterr().err
+    finally:
+        fake.stop()
+    last = err.strip().splitlines()[-1]  # structured logs come first, then one clear line
+    assert last == "sync-worker: auth0: token request rejected (access_denied)"
+    assert "wrong" not in err
+
+
+@pytest.mark.postgres
+def test_backfill_authjs_from_a_real_authjs_database(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make_pg_database: Callable[[], str],
+) -> None:
+    app_db = make_pg_database()
+    with make_loader("prisma", app_db) as loader:
+        loader.populate(25)
+    monkeypatch.setenv("DATABASE_URL", app_db)  # the worker lives beside the app, in "identity"
+    monkeypatch.setenv("AUTHJS_DATABASE_URL", app_db)
+    monkeypatch.setenv("AUTHJS_SCHEMA", "prisma")
+    assert main(["migrate"]) == 0
+    assert main(["backfill", "--provider", "authjs"]) == 0
+    assert "authjs full succeeded: created=25" in capsys.readouterr().out
+    assert main(["backfill", "--provider", "authjs", "--since", "2026-01-01"]) == 2
+    assert "--since" in capsys.readouterr().err

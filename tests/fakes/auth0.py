@@ -368,6 +368,7 @@ class FakeAuth0(FakeServer):
             hours=index, minutes=rng.randrange(60), milliseconds=rng.randrange(1000)
         )
         updated = created + timedelta(days=rng.randrange(1, 300), seconds=rng.randrange(86400))
+        self._now = max(self._now, updated)  # the tenant's clock is past every stored timestamp
         user: dict[str, Any] = {
             "user_id": f"{provider}|{local_id}",
             "email": email,

@@ -1,0 +1,256 @@
+"""Backfills end to end: real adapters, fake IdPs over loopback HTTP (or a real Auth.js
+database), the real engine, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from db.tables import sync_runs
+from providers.auth0 import Auth0Provider
+from providers.authjs import AuthjsProvider
+from providers.base import Cursor, Page, Provider
+from providers.http import HttpPolicy
+from providers.stack import StackProvider
+from sync_worker.changes import Source
+from sync_worker.config import Auth0Settings, AuthjsSettings, StackSettings
+from sync_worker.engine import SyncEngine
+from sync_worker.errors import UpstreamUnavailable
+from sync_worker.plan import PlanSettings
+from sync_worker.pull import PullRunner
+from sync_worker.state import load_cursor
+from tests.conftest import sqlalchemy_url
+from tests.factories import audit, rows
+from tests.fakes.auth0 import FakeAuth0
+from tests.fakes.authjs import make_loader
+from tests.fakes.stack import USERS_PATH, StackFake
+
+FAST = HttpPolicy(
+    connect_timeout=2.0, read_timeout=2.0, max_attempts=2, max_retry_seconds=2.0,
+    backoff_base=0.01, backoff_max=0.02,
+)  # fmt: skip
+
+
+@pytest.fixture
+def stack_fake() -> Iterator[StackFake]:
+    with StackFake() as fake:
+        yield fake
+
+
+def stack_provider(fake: StackFake, page_size: int = 5) -> StackProvider:
+    settings = StackSettings(
+        project_id=fake.project_id,
+        secret_server_key=fake.secret_server_key,
+        base_url=fake.url,
+        page_size=page_size,
+    )
+    return StackProvider(settings, policy=FAST)
+
+
+def runner(engine: Engine, provider: Provider, **kw: Any) -> PullRunner:
+    return PullRunner(engine, SyncEngine(engine, PlanSettings()), provider, **kw)
+
+
+def live_users(engine: Engine) -> list[dict[str, Any]]:
+    return [u for u in rows(engine, "users") if u["deleted_at"] is None]
+
+
+def last_run(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        row = conn.execute(select(sync_runs).order_by(sync_runs.c.started_at.desc())).mappings()
+        return dict(next(iter(row)))
+
+
+class FailAfter:
+    """Wraps an adapter; after ``pages`` pages, calls ``hook`` (to break the upstream)."""
+
+    def __init__(self, inner: Provider, pages: int, hook: Callable[[], None]) -> None:
+        self.inner, self.pages, self.hook = inner, pages, hook
+        self.name = inner.name
+
+    def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
+        for n, page in enumerate(self.inner.iter_changes(cursor, full=full), start=1):
+            yield page
+            if n == self.pages:
+                self.hook()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class TestStack:
+    def test_full_backfill_fills_users_profiles_identities(
+        self, engine: Engine, stack_fake: StackFake
+    ) -> None:
+        stack_fake.seed(23, anonymous_every=7)
+        report = runner(engine, stack_provider(stack_fake)).run(full=True)
+        assert report.counts["created"] == 23
+        assert len(rows(engine, "users")) == len(rows(engine, "profiles")) == 23
+        assert report.reconcile is not None
+        assert report.reconcile.deleted == 0
+        run = last_run(engine)
+        assert (run["kind"], run["status"], run["counts"]["created"]) == ("full", "succeeded", 23)
+        assert load_cursor(engine, "stack") is not None
+        # The next pull lists everything again and writes nothing.
+        again = runner(engine, stack_provider(stack_fake)).run()
+        assert dict(again.counts) == {"unchanged": 23}
+
+    def test_a_killed_backfill_resumes_and_never_passes_a_failed_page(
+        self, engine: Engine, stack_fake: StackFake
+    ) -> None:
+        stack_fake.seed(23)
+        broken = FailAfter(
+            stack_provider(stack_fake),
+            2,
+            lambda: stack_fake.fail_next(USERS_PATH, status=503, times=50),
+        )
+        with pytest.raises(UpstreamUnavailable):
+            runner(engine, broken).run(full=True)
+        assert len(rows(engine, "users")) == 10  # two pages of five, committed
+        cursor = load_cursor(engine, "stack")
+        assert cursor is not None
+        assert "next_cursor" in cursor
+        assert last_run(engine)["status"] == "failed"
+
+        stack_fake._faults.clear()
+        before = len(stack_fake.requests_to(USERS_PATH))
+        report = runner(engine, stack_provider(stack_fake)).run()
+        resumed = stack_fake.requests_to(USERS_PATH)[before]
+        assert resumed.arg("cursor") == cursor["next_cursor"]
+        assert report.counts["created"] == 13
+        assert len(rows(engine, "users")) == 23
+        assert report.reconcile is None  # a resumed pass saw only part of the users
+
+    def test_dry_run_writes_nothing(self, engine: Engine, stack_fake: StackFake) -> None:
+        stack_fake.seed(8)
+        report = runner(engine, stack_provider(stack_fake)).run(full=True, dry_run=True)
+        assert report.counts["created"] == 8
+        assert len(report.samples) == 8
+        assert rows(engine, "users") == []
+        assert audit(engine) == []
+        assert load_cursor(engine, "stack") is None
+        assert last_run(engine)["status"] == "dry_run"
+
+    def test_reconcile_soft_deletes_users_missing_upstream(
+        self, engine: Engine, stack_fake: StackFake
+    ) -> None:
+        ids = stack_fake.seed(10)
+        runner(engine, stack_provider(stack_fake)).run(full=True)
+        stack_fake.delete_user(ids[4])
+        report = runner(engine, stack_provider(stack_fake)).run(full=True)
+        assert report.reconcile is not None
+        assert (report.reconcile.missing, report.reconcile.deleted) == (1, 1)
+        assert len(live_users(engine)) == 9
+        deleted = audit(engine, action="deleted")
+        assert [a["external_id"] for a in deleted] == [ids[4]]
+
+    def test_reconcile_guard_refuses_mass_deletion(
+        self, engine: Engine, stack_fake: StackFake
+    ) -> None:
+        ids = stack_fake.seed(10)
+        runner(engine, stack_provider(stack_fake)).run(full=True)
+        for user_id in ids[:3]:  # 30% > max_delete_fraction 20%
+            stack_fake.delete_user(user_id)
+        report = runner(engine, stack_provider(stack_fake)).run(full=True)
+        assert report.reconcile is not None
+        assert report.reconcile.refused
+        assert len(live_users(engine)) == 10
+        run = last_run(engine)
+        assert run["status"] == "failed"
+        assert "max_delete_fraction" in run["error"]
+
+    def test_guard_fraction_is_configurable(self, engine: Engine, stack_fake: StackFake) -> None:
+        ids = stack_fake.seed(10)
+        runner(engine, stack_provider(stack_fake)).run(full=True)
+        for user_id in ids[:3]:
+            stack_fake.delete_user(user_id)
+        provider = stack_provider(stack_fake)
+        report = runner(engine, provider, max_delete_fraction=0.5).run(full=True)
+        assert report.reconcile is not None
+        assert report.reconcile.deleted == 3
+
+    def test_seen_ids_are_cleaned_up(self, engine: Engine, stack_fake: StackFake) -> None:
+        stack_fake.seed(6)
+        runner(engine, stack_provider(stack_fake)).run(full=True)
+        assert rows(engine, "sync_seen") == []
+
+
+class TestAuth0:
+    @pytest.fixture
+    def fake(self) -> Iterator[FakeAuth0]:
+        fake = FakeAuth0(job_polls=1)
+        fake.start()
+        yield fake
+        fake.stop()
+
+    def provider(self, fake: FakeAuth0) -> Auth0Provider:
+        settings = Auth0Settings(
+            domain=fake.domain,
+            client_id=fake.client_id,
+            client_secret=fake.client_secret,
+            base_url=fake.url,
+        )
+        return Auth0Provider(settings, policy=FAST, batch_size=7, poll_interval=0.01)
+
+    def test_full_export_then_incremental_logs(self, engine: Engine, fake: FakeAuth0) -> None:
+        users = fake.seed_users(20)
+        report = runner(engine, self.provider(fake)).run(full=True)
+        assert report.counts["created"] == 20
+        assert {i["external_id"] for i in rows(engine, "user_identities", provider="auth0")} == {
+            u["user_id"] for u in users
+        }
+        fake.update_user(users[0]["user_id"], name="Renamed Person")
+        fake.delete_user(users[1]["user_id"])
+        fake.login(users[2]["user_id"])
+        report = runner(engine, self.provider(fake), source=Source.PULL).run()
+        assert report.kind == "incremental"
+        assert report.counts["updated"] >= 1
+        assert report.counts["deleted"] == 1
+        assert report.counts["login"] == 1
+        renamed = rows(engine, "users", name="Renamed Person")
+        assert len(renamed) == 1
+        assert len(rows(engine, "user_sessions")) == 1
+
+
+@pytest.mark.postgres
+class TestAuthjs:
+    def test_backfill_from_the_app_database_shared_with_the_worker(
+        self, pg_engine: Engine, make_pg_database: Callable[[], str]
+    ) -> None:
+        # The Auth.js tables live in the same database as the worker's (schema identity).
+        url = pg_engine.url.render_as_string(hide_password=False)
+        with make_loader("pg", url.replace("postgresql+psycopg://", "postgresql://")) as loader:
+            created = loader.populate(40)
+        with closing(AuthjsProvider(AuthjsSettings(database_url=url), batch_size=15)) as provider:
+            report = runner(pg_engine, provider).run(full=True)
+        assert report.counts["created"] == 40
+        assert len(rows(pg_engine, "profiles")) == 40
+        linked = [i for i in rows(pg_engine, "user_identities") if i["provider"] != "authjs"]
+        assert len(linked) == sum(len(u.accounts) for u in created)
+        assert report.pages >= 3
+
+    def test_a_killed_backfill_resumes_from_its_cursor(
+        self, engine: Engine, make_pg_database: Callable[[], str]
+    ) -> None:
+        url = make_pg_database()
+        with make_loader("drizzle", url) as loader:
+            loader.populate(30)
+        settings = AuthjsSettings(database_url=sqlalchemy_url(url), schema="drizzle")
+
+        def die() -> None:
+            raise KeyboardInterrupt  # the process is stopped between pages
+
+        with (
+            closing(AuthjsProvider(settings, batch_size=10)) as provider,
+            pytest.raises(KeyboardInterrupt),
+        ):
+            runner(engine, FailAfter(provider, 2, die)).run()
+        assert len(rows(engine, "users")) == 20
+        with closing(AuthjsProvider(settings, batch_size=10)) as provider:
+            report = runner(engine, provider).run()
+        assert report.counts["created"] == 10
+        assert len(rows(engine, "users")) == 30

@@ -24,6 +24,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -47,6 +48,7 @@ from sync_worker.config import Auth0Settings
 from sync_worker.errors import (
     ConfigError,
     ProviderAuthError,
+    ProviderError,
     UpstreamDataError,
     UpstreamUnavailable,
 )
@@ -421,6 +423,30 @@ class Auth0Provider:
         if full or not log_id:
             return self._full_sync()
         return self._incremental(str(log_id))
+
+    def cursor_since(self, since: datetime) -> Cursor:
+        """The cursor that makes the next incremental pull start at ``since``.
+
+        It is the newest log strictly before ``since`` (``from`` returns logs after it). With
+        none, the tenant's retention starts later than ``since`` and events would be missed.
+        """
+        stamp = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        params = {
+            "q": f"date:[* TO {stamp}}}",
+            "sort": "date:-1",
+            "page": 0,
+            "per_page": 1,
+            "fields": "log_id,date",
+            "include_fields": "true",
+        }
+        logs = self._http.get_json("/api/v2/logs", params=params)
+        if not isinstance(logs, list):
+            raise UpstreamDataError("auth0: GET /api/v2/logs did not return a list")
+        if not logs:
+            raise ProviderError(
+                f"auth0: no log older than {stamp} is retained; run a --full backfill instead"
+            )
+        return {"log_id": str(logs[0]["log_id"])}
 
     def fetch_user(self, external_id: str) -> UserChange | None:
         raw = self._get_user(external_id)

@@ -4,6 +4,7 @@ database), the real engine, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from contextlib import closing
 from typing import Any
 
@@ -16,7 +17,7 @@ from providers.authjs import AuthjsProvider
 from providers.base import Cursor, Page, Provider
 from providers.http import HttpPolicy
 from providers.stack import StackProvider
-from sync_worker.changes import Source
+from sync_worker.changes import Source, parse_timestamp
 from sync_worker.config import Auth0Settings, AuthjsSettings, StackSettings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import UpstreamUnavailable
@@ -254,3 +255,21 @@ class TestAuthjs:
             report = runner(engine, provider).run()
         assert report.counts["created"] == 10
         assert len(rows(engine, "users")) == 30
+
+
+def test_auth0_since_starts_the_log_at_a_time(engine: Engine) -> None:
+    fake = FakeAuth0(job_polls=0)
+    fake.start()
+    try:
+        users = fake.seed_users(5, signup_logs=False)
+        fake.update_user(users[0]["user_id"], name="Before")
+        cut = parse_timestamp(fake.logs[-1]["date"])
+        fake.update_user(users[1]["user_id"], name="After")
+        provider = TestAuth0().provider(fake)
+        assert cut is not None
+        cursor = provider.cursor_since(cut + timedelta(milliseconds=1))
+        report = runner(engine, provider).run(cursor=cursor)
+    finally:
+        fake.stop()
+    assert report.kind == "incremental"
+    assert [u["name"] for u in rows(engine, "users")] == ["After"]

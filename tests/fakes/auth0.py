@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 import time
 import unicodedata
 from collections.abc import Iterable, Mapping
@@ -339,8 +340,13 @@ class FakeAuth0(FakeServer):
     def _search_logs(self, request: Request) -> list[dict[str, Any]]:
         page, per_page = int(request.arg("page") or 0), int(request.arg("per_page") or 50)
         newest_first = (request.arg("sort") or "date:-1") == "date:-1"
+        matching = self.logs
+        # The one query shape the adapter sends: `date:[* TO <iso>}` (exclusive upper bound).
+        bound = re.fullmatch(r"date:\[\* TO (\S+)\}", request.arg("q") or "")
+        if bound:
+            matching = [log for log in self.logs if log["date"] < bound.group(1)]
         ordered = sorted(
-            self.logs, key=lambda log: (log["date"], log["log_id"]), reverse=newest_first
+            matching, key=lambda log: (log["date"], log["log_id"]), reverse=newest_first
         )
         return ordered[page * per_page : (page + 1) * per_page]
 

@@ -4,8 +4,8 @@ database), the real engine, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from contextlib import closing
+from datetime import timedelta
 from typing import Any
 
 import pytest

@@ -91,7 +91,7 @@ _BROKEN_STREAM = (
     requests.exceptions.ChunkedEncodingError,
 )
 
-log = structlog.get_logger(__name__).bind(provider=PROVIDER)
+log = structlog.get_logger(__name__, provider=PROVIDER)  # lazy: bound only once configured
 
 
 # -- pure mapping -------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from providers.auth0 import Auth0Provider
 from providers.base import Provider
 from providers.http import HttpPolicy
@@ -33,4 +35,9 @@ def build(name: str, settings: Settings) -> Provider:
         return StackProvider(stack, policy=HttpPolicy.from_settings(stack.http), batch_size=batch)
     from providers.authjs import AuthjsProvider
 
-    return AuthjsProvider(settings.providers.authjs)
+    authjs = settings.providers.authjs
+    return AuthjsProvider(
+        authjs,
+        session_max_age=timedelta(days=authjs.session_max_age_days),
+        include_expired_sessions=authjs.include_expired_sessions,
+    )

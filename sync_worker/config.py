@@ -137,6 +137,8 @@ class AuthjsSettings(_ProviderSettings):
     columns: Mapping[str, Mapping[str, str]] = Field(default_factory=dict)
     webhook_secret: str | None = None
     page_size: Annotated[int, Field(ge=1, le=10000)] = 1000
+    session_max_age_days: Annotated[float, Field(gt=0)] = 30.0  # the app's Auth.js maxAge
+    include_expired_sessions: bool = False
 
     def _required_for_pull(self) -> dict[str, str | None]:
         return {"database_url": self.database_url}

@@ -6,7 +6,9 @@
     │   ├── ProviderAuthError       the operator: credentials rejected (401/403 after a refresh)
     │   ├── RateLimitedError        nobody: transient, retried with the provider's Retry-After
     │   ├── UpstreamUnavailable     nobody, then the operator: 5xx, timeouts, connection errors
-    │   └── UpstreamDataError       the provider: a page or record we cannot parse
+    │   │   └── UpstreamStatusError     (providers.http) a 5xx, once its retries are spent
+    │   ├── UpstreamDataError       the provider: a page or record we cannot parse
+    │   └── HttpStatusError         (providers.http) any other 4xx: a request we got wrong
     ├── WebhookVerificationError    the sender: bad signature, stale timestamp, missing headers
     └── StoreError                  the database: driver errors translated at the db/ boundary
         └── GuardRefused            the operator: a safety guard (e.g. reconcile) refused to act

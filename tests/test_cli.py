@@ -141,3 +141,21 @@ def test_backfill_authjs_from_a_real_authjs_database(
     assert "authjs full succeeded: created=25" in capsys.readouterr().out
     assert main(["backfill", "--provider", "authjs", "--since", "2026-01-01"]) == 2
     assert "--since" in capsys.readouterr().err
+
+
+def test_provider_logs_follow_the_configured_json_format(
+    sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StackFake() as fake:
+        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", "ssk_wrong")
+        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        capsys.readouterr()
+        assert main(["backfill", "--provider", "stack"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # logs never go to stdout
+    *logs, last = captured.err.strip().splitlines()
+    events = [json.loads(line) for line in logs]  # every log line is JSON when not a terminal
+    assert {"pull_started", "pull_failed"} <= {e["event"] for e in events}
+    assert last.startswith("sync-worker: ")
+    assert "ssk_wrong" not in captured.err

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
+from db.connect import make_engine
+from db.migrate import upgrade
 from db.tables import sync_runs
 from providers.auth0 import Auth0Provider
 from providers.authjs import AuthjsProvider
@@ -18,7 +20,7 @@ from providers.base import Cursor, Page, Provider
 from providers.http import HttpPolicy
 from providers.stack import StackProvider
 from sync_worker.changes import Source, parse_timestamp
-from sync_worker.config import Auth0Settings, AuthjsSettings, StackSettings
+from sync_worker.config import Auth0Settings, AuthjsSettings, DatabaseSettings, StackSettings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import UpstreamUnavailable
 from sync_worker.plan import PlanSettings
@@ -220,19 +222,25 @@ class TestAuth0:
 @pytest.mark.postgres
 class TestAuthjs:
     def test_backfill_from_the_app_database_shared_with_the_worker(
-        self, pg_engine: Engine, make_pg_database: Callable[[], str]
+        self, make_pg_database: Callable[[], str]
     ) -> None:
-        # The Auth.js tables live in the same database as the worker's (schema identity).
-        url = pg_engine.url.render_as_string(hide_password=False)
-        with make_loader("pg", url.replace("postgresql+psycopg://", "postgresql://")) as loader:
+        # One database: the app's Auth.js tables in public, the worker's in schema identity.
+        url = make_pg_database()
+        with make_loader("pg", url) as loader:
             created = loader.populate(40)
-        with closing(AuthjsProvider(AuthjsSettings(database_url=url), batch_size=15)) as provider:
-            report = runner(pg_engine, provider).run(full=True)
-        assert report.counts["created"] == 40
-        assert len(rows(pg_engine, "profiles")) == 40
-        linked = [i for i in rows(pg_engine, "user_identities") if i["provider"] != "authjs"]
-        assert len(linked) == sum(len(u.accounts) for u in created)
-        assert report.pages >= 3
+        worker = make_engine(DatabaseSettings(url=sqlalchemy_url(url), schema="identity"))
+        upgrade(worker, "identity")
+        settings = AuthjsSettings(database_url=url)
+        try:
+            with closing(AuthjsProvider(settings, batch_size=15)) as provider:
+                report = runner(worker, provider).run(full=True)
+            assert report.counts["created"] == 40
+            assert len(rows(worker, "profiles")) == 40
+            linked = [i for i in rows(worker, "user_identities") if i["provider"] != "authjs"]
+            assert len(linked) == sum(len(u.accounts) for u in created)
+            assert report.pages >= 3
+        finally:
+            worker.dispose()
 
     def test_a_killed_backfill_resumes_from_its_cursor(
         self, engine: Engine, make_pg_database: Callable[[], str]

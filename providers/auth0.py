@@ -35,6 +35,7 @@ from authlib.integrations.base_client import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 
 from providers.base import Cursor, Page, Provider, RecordError
+from providers.fields import optional_text
 from providers.http import HttpClient, HttpPolicy, HttpStatusError
 from sync_worker.changes import (
     ChangeKind,
@@ -118,14 +119,14 @@ def _attributes(raw: Mapping[str, Any]) -> UserAttributes:
     app = _object(raw, "app_metadata")
     meta = _object(raw, "user_metadata")
     return UserAttributes(
-        email=_text(raw, "email"),
+        email=optional_text(raw, "email"),
         # Some enterprise connections send the flag as a string.
         email_verified=raw.get("email_verified") in (True, "true"),
-        name=_text(raw, "name"),
-        given_name=_text(raw, "given_name"),
-        family_name=_text(raw, "family_name"),
-        phone=_text(raw, "phone_number"),
-        avatar_url=_text(raw, "picture"),
+        name=optional_text(raw, "name"),
+        given_name=optional_text(raw, "given_name"),
+        family_name=optional_text(raw, "family_name"),
+        phone=optional_text(raw, "phone_number"),
+        avatar_url=optional_text(raw, "picture"),
         role=_role(app),
         tenant_id=_scalar_text(app.get("tenant_id")),
         blocked=raw.get("blocked") is True,
@@ -176,15 +177,6 @@ def _object(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ValueError(f"{key}: expected an object")
-    return value
-
-
-def _text(raw: Mapping[str, Any], key: str) -> str | None:
-    value = raw.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{key}: expected a string")
     return value
 
 

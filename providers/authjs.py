@@ -37,6 +37,7 @@ from sqlalchemy.engine import URL, make_url
 
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.base import Cursor, Page, RecordError
+from providers.fields import optional_text
 from sync_worker.changes import (
     ChangeKind,
     LinkedIdentity,
@@ -104,10 +105,10 @@ def to_change(
     created_at = _timestamp("createdAt", row.get("createdAt"))
     pairs = sorted({_account(a) for a in accounts})
     attributes = UserAttributes(
-        email=_text(row, "email"),
+        email=optional_text(row, "email"),
         email_verified=verified,
-        name=_text(row, "name"),
-        avatar_url=_text(row, "image"),
+        name=optional_text(row, "name"),
+        avatar_url=optional_text(row, "image"),
         created_at=created_at,
     )
     raw: dict[str, Any] = {
@@ -182,15 +183,6 @@ def external_id(value: object) -> str:
     if isinstance(value, str) and value:
         return value
     raise ValueError(f"id: expected an integer or a non-empty string, got {type(value).__name__}")
-
-
-def _text(row: Mapping[str, Any], key: str) -> str | None:
-    value = row.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{key}: expected a string, got {type(value).__name__}")
-    return value
 
 
 def _timestamp(key: str, value: object) -> datetime | None:

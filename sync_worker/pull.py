@@ -121,7 +121,9 @@ class PullRunner:
             report.add(result)
             report.pages += 1
             self.progress(len(page.changes) + len(page.errors))
-            if page.complete and not page.extra.get("partial_pass") and report.kind == "full":
+            # Stack and Auth.js list every user on every pull; the adapter says when a pass
+            # saw everyone (complete, and not resumed halfway), whatever the run's kind.
+            if page.complete and not page.extra.get("partial_pass"):
                 report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
 
     def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:

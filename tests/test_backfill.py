@@ -166,6 +166,17 @@ class TestStack:
         assert run["status"] == "failed"
         assert "max_delete_fraction" in run["error"]
 
+    def test_routine_pulls_reconcile_once_a_pass_is_complete(
+        self, engine: Engine, stack_fake: StackFake
+    ) -> None:
+        ids = stack_fake.seed(10)
+        runner(engine, stack_provider(stack_fake)).run(full=True)
+        stack_fake.delete_user(ids[0])
+        report = runner(engine, stack_provider(stack_fake), source=Source.PULL).run()
+        assert report.kind == "incremental"
+        assert report.reconcile is not None
+        assert report.reconcile.deleted == 1
+
     def test_guard_fraction_is_configurable(self, engine: Engine, stack_fake: StackFake) -> None:
         ids = stack_fake.seed(10)
         runner(engine, stack_provider(stack_fake)).run(full=True)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from db.connect import make_engine
 from sync_worker.cli import main
+from sync_worker.config import DatabaseSettings
+from tests.factories import rows
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import make_loader
-from tests.fakes.stack import StackFake
+from tests.fakes.stack import USERS_PATH, StackFake
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -159,3 +167,61 @@ def test_provider_logs_follow_the_configured_json_format(
     assert {"pull_started", "pull_failed"} <= {e["event"] for e in events}
     assert last.startswith("sync-worker: ")
     assert "ssk_wrong" not in captured.err
+
+
+def test_sigterm_stops_a_backfill_cleanly(tmp_path: Path) -> None:
+    """A backfill killed with SIGTERM keeps its committed pages and records the run as failed."""
+    worker = tmp_path / "worker.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"database: {{url: 'sqlite:///{worker}'}}\n"
+        "logging: {format: json}\n"
+        "providers:\n"
+        "  stack:\n"
+        "    project_id: ${STACK_PROJECT_ID}\n"
+        "    secret_server_key: ${STACK_SECRET_SERVER_KEY}\n"
+        "    base_url: ${STACK_BASE_URL}\n"
+        "    page_size: 5\n"
+    )
+    with StackFake() as fake:
+        fake.seed(60)
+        fake.fail_next(USERS_PATH, status=None, times=100, delay=0.2)  # slow pages
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "AUTHJS_"))},
+            "STACK_PROJECT_ID": fake.project_id,
+            "STACK_SECRET_SERVER_KEY": fake.secret_server_key,
+            "STACK_BASE_URL": fake.url,
+        }
+        env.pop("DATABASE_URL", None)
+        base = [sys.executable, "-m", "sync_worker", "--config", str(config)]
+        subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+        proc = subprocess.Popen(
+            [*base, "backfill", "--provider", "stack"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while len(fake.requests_to(USERS_PATH)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == "sync-worker: terminated; committed pages are kept"
+    engine = make_engine(DatabaseSettings(url=f"sqlite:///{worker}"))
+    try:
+        users = rows(engine, "users")
+        run = only(rows(engine, "sync_runs"))
+        cursor = rows(engine, "sync_cursors")
+    finally:
+        engine.dispose()
+    assert 0 < len(users) < 60
+    assert len(users) % 5 == 0  # whole pages only
+    assert (run["status"], run["error"]) == ("failed", "Terminated: terminated by SIGTERM")
+    assert cursor, "the cursor of the last committed page is kept"
+
+
+def only(items: list[dict]) -> dict:  # type: ignore[type-arg]
+    assert len(items) == 1, items
+    return items[0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import Engine, Subquery, exists, func, select
+from sqlalchemy import Engine, Select, Subquery, exists, func, select
 
 from db.tables import sync_seen, user_identities
 from providers.base import Cursor, Page, Provider
@@ -149,33 +149,34 @@ class PullRunner:
         return result
 
     def _reconcile(self, report: PullReport, seen: _Seen, *, dry_run: bool) -> ReconcileReport:
-        live, missing = seen.missing(self.db, self.provider.name)
-        refused = live > 0 and len(missing) / live > self.max_delete_fraction
-        if refused:
+        live, missing = seen.count(self.db, self.provider.name)
+        if live > 0 and missing / live > self.max_delete_fraction:
             report.status = RunStatus.FAILED
             report.error = (
-                f"reconcile refused: {len(missing)} of {live} {self.provider.name} users "
+                f"reconcile refused: {missing} of {live} {self.provider.name} users "
                 f"are missing upstream, more than max_delete_fraction={self.max_delete_fraction}"
             )
-            log.error("reconcile_refused", provider=self.provider.name, missing=len(missing),
-                      live=live)  # fmt: skip
-            return ReconcileReport(live=live, missing=len(missing), deleted=0, refused=True)
+            log.error("reconcile_refused", provider=self.provider.name, missing=missing, live=live)
+            return ReconcileReport(live=live, missing=missing, deleted=0, refused=True)
         observed = utcnow()
-        deletions = [
-            UserChange(
-                provider=self.provider.name, external_id=e, kind=ChangeKind.DELETE, version=observed
-            )
-            for e in missing
-        ]
         deleted = 0
-        for batch in _batched(deletions, 500):
+        for batch in _batched(seen.missing_ids(self.db, self.provider.name), 500):
+            deletions = [
+                UserChange(
+                    provider=self.provider.name,
+                    external_id=e,
+                    kind=ChangeKind.DELETE,
+                    version=observed,
+                )  # fmt: skip
+                for e in batch
+            ]
             result = self.engine.apply(
-                batch, source=self.source, run_id=report.run_id, dry_run=dry_run
+                deletions, source=self.source, run_id=report.run_id, dry_run=dry_run
             )
             report.add(result)
             deleted += result.counts.get("deleted", 0)
         log.info("reconciled", provider=self.provider.name, live=live, deleted=deleted)
-        return ReconcileReport(live=live, missing=len(missing), deleted=deleted, refused=False)
+        return ReconcileReport(live=live, missing=missing, deleted=deleted, refused=False)
 
 
 def reconcile_guard_error(report: PullReport) -> GuardRefused | None:
@@ -191,9 +192,11 @@ class _Seen(Protocol):
 
     def remember(self, ids: Iterable[str]) -> None: ...
 
-    def missing(self, db: Engine, provider: str) -> tuple[int, list[str]]:
-        """(live users of the provider, ids of those not seen in this pass)"""
+    def count(self, db: Engine, provider: str) -> tuple[int, int]:
+        """(live users of the provider, how many of them this pass did not see)"""
         ...
+
+    def missing_ids(self, db: Engine, provider: str) -> list[str]: ...
 
     def close(self) -> None: ...
 
@@ -210,10 +213,15 @@ class _MemorySeen:
     def remember(self, ids: Iterable[str]) -> None:
         self.ids.update(ids)
 
-    def missing(self, db: Engine, provider: str) -> tuple[int, list[str]]:
+    def count(self, db: Engine, provider: str) -> tuple[int, int]:
         with db.connect() as conn:
             live = list(conn.execute(select(_live(provider).c.external_id)).scalars())
-        return len(live), [e for e in live if e not in self.ids]
+        return len(live), sum(1 for e in live if e not in self.ids)
+
+    def missing_ids(self, db: Engine, provider: str) -> list[str]:
+        with db.connect() as conn:
+            live = conn.execute(select(_live(provider).c.external_id)).scalars()
+            return [e for e in live if e not in self.ids]
 
     def close(self) -> None:
         return None
@@ -231,16 +239,25 @@ class _DbSeen:
     def remember(self, ids: Iterable[str]) -> None:
         return None
 
-    def missing(self, db: Engine, provider: str) -> tuple[int, list[str]]:
+    def _unseen(self, provider: str) -> Select[Any]:
         live = _live(provider)
-        unseen = select(live.c.external_id).where(
+        return select(live.c.external_id).where(
             ~exists().where(
                 sync_seen.c.run_id == self.run_id, sync_seen.c.external_id == live.c.external_id
             )
         )
+
+    def count(self, db: Engine, provider: str) -> tuple[int, int]:
+        unseen = self._unseen(provider).subquery()
         with db.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(live)).scalar_one()
-            return int(total), list(conn.execute(unseen).scalars())
+            total = conn.execute(select(func.count()).select_from(_live(provider))).scalar_one()
+            missing = conn.execute(select(func.count()).select_from(unseen)).scalar_one()
+        return int(total), int(missing)
+
+    def missing_ids(self, db: Engine, provider: str) -> list[str]:
+        # Bounded by the guard: at most max_delete_fraction of the provider's users.
+        with db.connect() as conn:
+            return [str(e) for e in conn.execute(self._unseen(provider)).scalars()]
 
     def close(self) -> None:
         forget_seen(self.db, self.run_id)
@@ -257,14 +274,6 @@ def _live(provider: str) -> Subquery:
         )
         .subquery()
     )
-
-
-def count_live(db: Engine, provider: str) -> int:
-    stmt = select(func.count()).where(
-        user_identities.c.provider == provider, user_identities.c.deleted_at.is_(None)
-    )
-    with db.connect() as conn:
-        return int(conn.execute(stmt).scalar_one())
 
 
 def _batched(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -167,7 +167,7 @@ class PullRunner:
                     external_id=e,
                     kind=ChangeKind.DELETE,
                     version=observed,
-                )  # fmt: skip
+                )
                 for e in batch
             ]
             result = self.engine.apply(

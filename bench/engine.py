@@ -361,12 +361,12 @@ def run_naive(engine: Engine, n: int) -> Phase:
 
 
 def export_pg(place: Place, folder: Path) -> None:
-    """Dump the engine's rows after the initial load (untimed), as COPY text files."""
+    """Dump the engine's rows after the initial load (untimed), in COPY's binary format."""
     with psycopg.connect(place.libpq) as conn, conn.cursor() as cur:
         for name in FLOOR_TABLES:
             with (
                 (folder / f"{name}.copy").open("wb") as out,
-                cur.copy(f'COPY "{SCHEMA}".{name} TO STDOUT') as copy,
+                cur.copy(f'COPY "{SCHEMA}".{name} TO STDOUT (FORMAT BINARY)') as copy,
             ):
                 for block in copy:
                     out.write(block)
@@ -380,7 +380,7 @@ def floor_pg(place: Place, folder: Path) -> float:
         for name in FLOOR_TABLES:
             with (
                 (folder / f"{name}.copy").open("rb") as src,
-                cur.copy(f"COPY bench_floor.{name} FROM STDIN") as copy,
+                cur.copy(f"COPY bench_floor.{name} FROM STDIN (FORMAT BINARY)") as copy,
             ):
                 while block := src.read(1 << 20):
                     copy.write(block)
@@ -440,6 +440,7 @@ def bench_dialect(dialect: str, n: int, batch_size: int, naive_n: int) -> Report
         mem_t.migrated().dispose()
         say(f"{dialect}: initial load of {n:,} users (child process)")
         load = load_in_child(engine_t, n, batch_size)
+        assert load.counts == Counter(created=n), load.counts
         say(f"{dialect}: initial load of {n // 4:,} users (memory comparison)")
         small = load_in_child(mem_t, n // 4, batch_size)
         folder = Path(tempfile.mkdtemp(prefix="sw-bench-copy-"))
@@ -484,7 +485,7 @@ def _resync(engine: Engine, n: int, batch_size: int) -> tuple[Phase, Phase, dict
 
 
 FLOOR_METHOD = {
-    "postgresql": "COPY FROM STDIN",
+    "postgresql": "COPY FROM STDIN, binary format",
     "sqlite": "executemany in one transaction (SQLite has no COPY)",
 }
 

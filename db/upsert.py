@@ -1,35 +1,48 @@
-"""Dialect-aware, set-based writes: one multi-row statement per chunk, never one per row.
+"""Dialect-aware, set-based writes: one statement per table and batch, never one per row.
 
-Chunks are sized to stay under the bind-parameter limit of the dialect (PostgreSQL: 65,535
-per statement; SQLite: 32,766 since 3.32).
+New rows go straight to the driver: PostgreSQL ``COPY ... FROM STDIN`` (binary format),
+SQLite one ``executemany``. Upserts run as one executemany of an ``INSERT ... ON CONFLICT``
+statement that SQLAlchemy compiles once and caches (psycopg pipelines the rows). The
+multi-row VALUES statements these replace were compiled afresh for every batch, which cost
+more than the database spent running them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert
+from psycopg import postgres
+from sqlalchemy import Connection, Dialect, Executable, Table, insert
 from sqlalchemy.dialects import postgresql, sqlite
-
-MAX_PARAMS = {"postgresql": 60_000, "sqlite": 30_000}
-
-
-def chunks(
-    rows: Sequence[Mapping[str, Any]], dialect: str
-) -> Iterator[Sequence[Mapping[str, Any]]]:
-    if not rows:
-        return
-    width = max(1, len(rows[0]))
-    size = max(1, MAX_PARAMS.get(dialect, 30_000) // width)
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+from sqlalchemy.exc import DBAPIError
 
 
 def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert rows (all with the same keys) in multi-row statements."""
-    for chunk in chunks(rows, conn.dialect.name):
-        conn.execute(insert(table).values(list(chunk)))
+    """Insert rows (all with the same keys): COPY on PostgreSQL, executemany on SQLite.
+
+    The rows go straight to the driver, through the bind processors SQLAlchemy would apply
+    (UTC timestamps, UUIDs, JSON), and driver errors are wrapped as SQLAlchemy wraps them,
+    so a refused row raises the same IntegrityError / DataError for the engine to isolate.
+    """
+    if not rows:
+        return
+    plan = _insert_plan(conn.dialect, table, tuple(rows[0]))
+    values = [plan.bind(row) for row in rows]
+    driver = conn.connection.driver_connection
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        if plan.copy:
+            _copy(driver, plan, values)
+        else:
+            _executemany(driver, plan, values)
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(
+            plan.statement, None, exc, dbapi.Error, dialect=conn.dialect
+        ) from exc
 
 
 def upsert_rows(
@@ -44,20 +57,91 @@ def upsert_rows(
 
     Every row must carry the same keys. With an empty ``update`` conflicting rows are left alone.
     """
-    dialect = conn.dialect.name
-    for chunk in chunks(rows, dialect):
-        stmt: Any
-        if dialect == "postgresql":
-            stmt = postgresql.insert(table).values(list(chunk))
-        elif dialect == "sqlite":
-            stmt = sqlite.insert(table).values(list(chunk))
-        else:  # pragma: no cover - only the two supported dialects reach here
-            raise ValueError(f"unsupported dialect {dialect}")
-        if update:
-            stmt = stmt.on_conflict_do_update(
-                index_elements=list(conflict),
-                set_={c: stmt.excluded[c] for c in update},
-            )
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
-        conn.execute(stmt)
+    if rows:
+        stmt = _upsert(conn.dialect.name, table, tuple(conflict), tuple(update))
+        conn.execute(stmt, list(rows))
+
+
+@lru_cache(maxsize=256)
+def _upsert(
+    dialect: str, table: Table, conflict: tuple[str, ...], update: tuple[str, ...]
+) -> Executable:
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(table)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table)
+    else:  # pragma: no cover - only the two supported dialects reach here
+        raise ValueError(f"unsupported dialect {dialect}")
+    if update:
+        return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
+            index_elements=list(conflict), set_={c: stmt.excluded[c] for c in update}
+        )
+    return stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[no-any-return]
+
+
+def _copy(driver: Any, plan: _InsertPlan, values: list[list[Any]]) -> None:
+    with driver.cursor() as cursor, cursor.copy(plan.statement) as copy:
+        if plan.types:
+            copy.set_types(plan.types)
+        for row in values:
+            copy.write_row(row)
+
+
+def _executemany(driver: Any, plan: _InsertPlan, values: list[list[Any]]) -> None:
+    cursor = driver.cursor()
+    try:
+        cursor.executemany(plan.statement, values)
+    finally:
+        cursor.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _InsertPlan:
+    statement: str
+    columns: tuple[str, ...]  # in the statement's order
+    processors: list[tuple[int, Callable[[Any], Any]]]
+    copy: bool  # else executemany
+    types: list[str]  # COPY in binary format when known
+
+    def bind(self, row: Mapping[str, Any]) -> list[Any]:
+        values = [row[c] for c in self.columns]
+        for index, process in self.processors:
+            values[index] = process(values[index])
+        return values
+
+
+@lru_cache(maxsize=256)
+def _insert_plan(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _InsertPlan:
+    unknown = set(columns) - set(table.c.keys())
+    if unknown:
+        raise ValueError(f"{table.name} has no column(s) {sorted(unknown)}")
+    if dialect.name != "postgresql":
+        compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
+        order = tuple(compiled.positiontup or ())  # the driver's positional order
+        return _InsertPlan(str(compiled), order, _processors(dialect, table, order), False, [])
+    quote = dialect.identifier_preparer
+    names = ", ".join(quote.quote(c) for c in columns)
+    statement = f"COPY {quote.format_table(table)} ({names}) FROM STDIN"
+    processors = _processors(dialect, table, columns)
+    # The binary format spares both sides the text escaping and parsing (measured: a third
+    # off the COPY time); it needs every column's type, so an unknown one keeps the text.
+    types = [_TYPMOD.sub("", table.c[c].type.compile(dialect=dialect)).lower() for c in columns]
+    if all(postgres.types.get(name) is not None for name in types):
+        return _InsertPlan(f"{statement} (FORMAT BINARY)", columns, processors, True, types)
+    return _InsertPlan(statement, columns, processors, True, [])
+
+
+def _processors(
+    dialect: Dialect, table: Table, columns: Sequence[str]
+) -> list[tuple[int, Callable[[Any], Any]]]:
+    """What an INSERT would do to each value on its way to the driver."""
+    found: list[tuple[int, Callable[[Any], Any]]] = []
+    for index, name in enumerate(columns):
+        process = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            found.append((index, process))
+    return found
+
+
+_TYPMOD = re.compile(r"\(.*\)$")  # VARCHAR(320) -> VARCHAR

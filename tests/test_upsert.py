@@ -1,0 +1,144 @@
+"""db.upsert: bulk inserts (COPY on PostgreSQL) store what a plain INSERT stores, and fail alike."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, insert, select, text
+from sqlalchemy.exc import DataError, IntegrityError
+
+from db.tables import sync_audit, user_identities, users
+from db.upsert import insert_rows, upsert_rows
+
+AWARE = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-5)))
+NAIVE = datetime(2026, 3, 2, 8, 0, 0)  # taken to be UTC
+
+
+def user(**values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "email": "tab\tnew\nline\\back@example.org",
+        "email_verified": True,
+        "name": 'Zoë "quoted" O\'Brien',
+        "given_name": None,
+        "family_name": "",
+        "phone": None,
+        "avatar_url": "https://example.org/a.png?x=1&y=\\N",
+        "role": "member",
+        "tenant_id": None,
+        "blocked": False,
+        "last_login_at": AWARE,
+        "created_at": NAIVE,
+        "updated_at": AWARE,
+        "deleted_at": None,
+    }
+    row.update(values)
+    return row
+
+
+def identity(user_id: uuid.UUID, external_id: str, raw: Any) -> dict[str, Any]:
+    return {
+        "provider": "auth0",
+        "external_id": external_id,
+        "user_id": user_id,
+        "email": None,
+        "upstream_updated_at": AWARE,
+        "content_hash": "ab" * 32,
+        "raw": raw,
+        "first_seen_at": NAIVE,
+        "last_synced_at": AWARE,
+        "deleted_at": None,
+    }
+
+
+RAW = {"name": "tab\there", "nested": {"list": [1, 2.5, None, True], "back": "\\N"}, "é": "ü"}
+
+
+def read(engine: Engine, table: Any, **where: Any) -> dict[str, Any]:
+    stmt = select(table).where(*(table.c[k] == v for k, v in where.items()))
+    with engine.connect() as conn:
+        return dict(conn.execute(stmt).mappings().one())
+
+
+def test_bulk_insert_stores_what_insert_stores(engine: Engine) -> None:
+    bulk, plain = user(), user(email="plain@example.org")
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # naive values must not follow the session zone
+            conn.execute(text("SET LOCAL TIME ZONE 'America/New_York'"))
+        insert_rows(conn, users, [bulk])
+        conn.execute(insert(users), [plain])
+        insert_rows(conn, user_identities, [identity(bulk["id"], "bulk", RAW)])
+        conn.execute(insert(user_identities), [identity(plain["id"], "plain", RAW)])
+    got_bulk, got_plain = read(engine, users, id=bulk["id"]), read(engine, users, id=plain["id"])
+    assert got_bulk == {**got_plain, "id": bulk["id"], "email": bulk["email"]}
+    assert got_bulk["last_login_at"] == AWARE
+    assert got_bulk["created_at"] == NAIVE.replace(tzinfo=UTC)
+    one = read(engine, user_identities, external_id="bulk")
+    other = read(engine, user_identities, external_id="plain")
+    assert one == {**other, "external_id": "bulk", "user_id": bulk["id"]}
+    assert one["raw"] == RAW
+
+
+def test_none_in_a_json_column_is_stored_as_insert_stores_it(engine: Engine) -> None:
+    owner = user()
+    audit = {"occurred_at": AWARE, "run_id": None, "source": "pull", "provider": "auth0",
+             "external_id": "x", "user_id": None, "action": "failed", "changes": None,
+             "event_id": None, "error": "why"}  # fmt: skip
+    with engine.begin() as conn:
+        insert_rows(conn, users, [owner])
+        insert_rows(conn, user_identities, [identity(owner["id"], "bulk", None)])
+        conn.execute(insert(user_identities), [identity(owner["id"], "plain", None)])
+        insert_rows(conn, sync_audit, [audit])
+        conn.execute(insert(sync_audit), [{**audit, "external_id": "y"}])
+    with engine.connect() as conn:  # JSON null and SQL NULL both read back as None
+        raw_null = conn.execute(
+            select(user_identities.c.external_id, user_identities.c.raw.is_(None))
+        ).all()
+        changes_null = conn.execute(
+            select(sync_audit.c.external_id, sync_audit.c.changes.is_(None))
+        ).all()
+    assert len({is_null for _, is_null in raw_null}) == 1, raw_null
+    assert len({is_null for _, is_null in changes_null}) == 1, changes_null
+
+
+def test_a_refused_row_raises_integrity_error_and_the_savepoint_recovers(engine: Engine) -> None:
+    taken = user()
+    with engine.begin() as conn:
+        insert_rows(conn, users, [taken])
+        with pytest.raises(IntegrityError) as duplicate, conn.begin_nested():
+            insert_rows(conn, users, [user(), {**taken, "email": "other@example.org"}])
+        with pytest.raises(IntegrityError) as shape, conn.begin_nested():
+            insert_rows(conn, users, [user(email="no-at-sign")])
+        insert_rows(conn, users, [user(email="after@example.org")])
+    assert "unique" in str(duplicate.value.orig).lower()
+    assert "email_shape" in str(shape.value.orig).splitlines()[0]
+    with engine.connect() as conn:
+        emails = set(conn.execute(select(users.c.email)).scalars())
+    assert emails == {taken["email"], "after@example.org"}
+
+
+def test_upsert_updates_only_the_named_columns(engine: Engine) -> None:
+    first = user(name="First")
+    with engine.begin() as conn:
+        insert_rows(conn, users, [first])
+        changed = {**first, "name": "Second", "role": "admin"}
+        upsert_rows(conn, users, [changed, user()], conflict=["id"], update=["name"])
+    stored = read(engine, users, id=first["id"])
+    assert (stored["name"], stored["role"]) == ("Second", "member")
+    with engine.connect() as conn:
+        assert len(conn.execute(select(users.c.id)).all()) == 2
+
+
+@pytest.mark.postgres
+def test_a_value_too_long_raises_data_error(pg_engine: Engine) -> None:
+    with pg_engine.begin() as conn, pytest.raises(DataError) as refused:
+        insert_rows(conn, users, [user(phone="5" * 65)])
+    assert "too long" in str(refused.value.orig).splitlines()[0]
+
+
+def test_an_unknown_column_is_refused_before_the_database(engine: Engine) -> None:
+    with engine.begin() as conn, pytest.raises(ValueError, match="nickname"):
+        insert_rows(conn, users, [user(nickname="x")])

@@ -395,6 +395,7 @@ class _Planner:
             return
         user_id = held["user_id"]
         if held["deleted_at"] is not None:
+            self._advance_version(key, change.version)
             self._outcome(change, "unchanged", user_id)
             return
         self._touch_identity(key, change, None, user_id)
@@ -408,6 +409,15 @@ class _Planner:
             diff = {"deleted_at": [None, _json(self.now)]}
         self.plan.revoke_sessions_of.append((change.provider, user_id))
         self._audit(change, AuditAction.DELETED, user_id, diff)
+
+    def _advance_version(self, key: Key, version: datetime | None) -> None:
+        """A newer deletion of a deleted identity: keep its version, or an older upsert
+        arriving later would still pass the version guard and restore the user."""
+        row = self.identities[key]
+        newest = _newest(row["upstream_updated_at"], version)
+        if newest != row["upstream_updated_at"]:
+            row["upstream_updated_at"] = newest
+            self._changed_identity(key)
 
     def _tombstone(self, change: UserChange) -> None:
         """Remember a versioned deletion of an identity never seen, so that an older create

@@ -24,7 +24,7 @@ from db.tables import profiles, sync_audit, user_identities, user_sessions, user
 from db.upsert import insert_rows, upsert_rows
 from sync_worker import plan as planning
 from sync_worker import snapshot as snapshots
-from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
+from sync_worker.changes import AuditAction, ChangeKind, Source, UserChange, utcnow
 from sync_worker.config import Settings
 from sync_worker.state import mark_seen, save_cursor
 from sync_worker.validate import problem
@@ -134,6 +134,10 @@ class SyncEngine:
             else:
                 transaction.commit()
         log.info("batch_applied", source=str(source), dry_run=dry_run, **result.counts)
+        if not dry_run and result.counts.get(AuditAction.CREATED):
+            # New users grow the tables the next batch looks up: keep the planner informed.
+            with self.db.begin() as conn:
+                snapshots.refresh_statistics(conn)
         return result
 
     def apply_in(
@@ -250,7 +254,7 @@ def _revoke_sessions(conn: Connection, targets: list[tuple[str, uuid.UUID]], now
             update(user_sessions)
             .where(
                 user_sessions.c.provider == provider,
-                user_sessions.c.user_id.in_(user_ids),
+                snapshots.among(conn, user_sessions.c.user_id, user_ids),
                 user_sessions.c.revoked_at.is_(None),
             )
             .values(revoked_at=now)

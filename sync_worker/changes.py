@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -112,12 +112,32 @@ class UserChange:
         """A stable digest of everything this change would write for the user."""
         raw = {k: v for k, v in (self.raw or {}).items() if k not in self.hash_exclude}
         body = {
-            "attributes": asdict(self.attributes) if self.attributes else None,
+            "attributes": _attributes_doc(self.attributes),
             "linked": sorted((i.provider, i.external_id, i.email or "") for i in self.linked),
             "raw": raw,
         }
         encoded = json.dumps(body, sort_keys=True, default=_json_default, separators=(",", ":"))
         return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+_ATTRIBUTE_FIELDS = tuple(f.name for f in fields(UserAttributes))
+_FLAT = (str, int, float, bool, type(None))
+
+
+def _attributes_doc(attrs: UserAttributes | None) -> dict[str, Any] | None:
+    """``asdict(attrs)`` without its deep copy, which was most of the hash's cost.
+
+    For scalar values the copy encodes identically. A profile holding anything else (asdict
+    would turn a nested dataclass into a dict) still goes through ``asdict``; the digests are
+    pinned in tests/test_content_hash.py.
+    """
+    if attrs is None:
+        return None
+    profile = attrs.profile
+    flat = type(profile) is dict and all(type(v) in _FLAT for v in profile.values())
+    if not flat or type(attrs) is not UserAttributes:
+        return asdict(attrs)
+    return {name: getattr(attrs, name) for name in _ATTRIBUTE_FIELDS}
 
 
 def _json_default(value: object) -> str:

@@ -9,6 +9,8 @@ savepoints; it is recorded as failed and the rest commits.
 
 from __future__ import annotations
 
+import gc
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +39,37 @@ _IDENTITY_UPDATE = [
     if c.name not in ("provider", "external_id", "first_seen_at")
 ]
 _SESSION_UPDATE = ["user_id", "ip", "user_agent", "last_seen_at", "expires_at", "revoked_at"]
+
+
+class _CollectorPause:
+    """Holds the cyclic garbage collector off while any thread applies a batch.
+
+    A batch allocates containers fast enough to set off a full collection every couple of
+    thousand changes, and each one walks every object the imported libraries hold (~115,000):
+    measured at 18-24% of ``apply``. The batch's own objects are freed by reference counting;
+    collections resume when the last batch in flight ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._resume:
+                gc.enable()
+
+
+_COLLECTOR_PAUSE = _CollectorPause()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +183,17 @@ class SyncEngine:
         rejected: Sequence[Rejected] = (),
     ) -> BatchResult:
         """Apply a batch inside the caller's open transaction."""
+        with _COLLECTOR_PAUSE:
+            return self._apply_batch(conn, changes, source, run_id, rejected)
+
+    def _apply_batch(
+        self,
+        conn: Connection,
+        changes: Sequence[UserChange],
+        source: Source,
+        run_id: uuid.UUID | None,
+        rejected: Sequence[Rejected],
+    ) -> BatchResult:
         ctx = _Context(source, run_id, self.clock())
         outcomes: list[planning.Outcome] = []
         for reject in rejected:

@@ -130,8 +130,9 @@ class _Planner:
         self.new_user_ids: set[uuid.UUID] = set()
         self.user_cols: dict[uuid.UUID, set[str]] = defaultdict(set)
         self.profile_cols: dict[uuid.UUID, set[str]] = defaultdict(set)
-        self.new_identity_keys: list[Key] = []
-        self.changed_identity_keys: list[Key] = []
+        # Insertion-ordered sets (dicts): membership tests stay O(1) in large batches.
+        self.new_identity_keys: dict[Key, None] = {}
+        self.changed_identity_keys: dict[Key, None] = {}
 
     # -- entry -------------------------------------------------------------------------
 
@@ -322,7 +323,7 @@ class _Planner:
         key = (row["provider"], row["external_id"])
         self.identities[key] = row
         self.by_user[row["user_id"]].add(key)
-        self.new_identity_keys.append(key)
+        self.new_identity_keys[key] = None
 
     # -- identities --------------------------------------------------------------------
 
@@ -369,7 +370,7 @@ class _Planner:
 
     def _changed_identity(self, key: Key) -> None:
         if key not in self.new_identity_keys and key not in self.changed_identity_keys:
-            self.changed_identity_keys.append(key)
+            self.changed_identity_keys[key] = None
 
     def _stale(self, change: UserChange, held: Row) -> bool:
         if not _older(change.version, held["upstream_updated_at"]):
@@ -595,7 +596,19 @@ def _json_doc(raw: Mapping[str, Any] | None) -> Any:
     return {k: _json_value(v) for k, v in raw.items()}
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
 def _json_value(value: Any) -> Any:
+    # Exact-type checks first: raw records are mostly plain JSON, and the ABC isinstance
+    # checks below dominated the planner's profile.
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if kind is list:
+        return [_json_value(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _json_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
+from db import jsoncodec
 from sync_worker.config import DatabaseSettings
 
 
@@ -21,6 +22,8 @@ def make_engine(settings: DatabaseSettings) -> Engine:
         pool_size=settings.pool_size,
         pool_pre_ping=True,
         echo=settings.echo,
+        json_serializer=jsoncodec.dumps_bytes,
+        json_deserializer=jsoncodec.loads,
     )
     _use_schema(engine, settings.schema_)
     return engine
@@ -46,7 +49,13 @@ def _sqlite_engine(settings: DatabaseSettings) -> Engine:
     url = make_url(settings.url)
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, echo=settings.echo, connect_args={"timeout": 30})
+    engine = create_engine(
+        url,
+        echo=settings.echo,
+        connect_args={"timeout": 30},
+        json_serializer=jsoncodec.dumps_text,
+        json_deserializer=jsoncodec.loads,
+    )
 
     # pysqlite's own transaction handling breaks SAVEPOINT; take it over (SQLAlchemy recipe).
     @event.listens_for(engine, "connect")

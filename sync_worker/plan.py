@@ -352,7 +352,7 @@ class _Planner:
                 email=change.attributes.email if change.attributes else None,
                 upstream_updated_at=change.version,
                 content_hash=digest,
-                raw=_json_doc(change.raw),
+                raw=change.raw,  # encoded by db.jsoncodec on the way out
             )
         )
 
@@ -362,7 +362,7 @@ class _Planner:
         row = self.identities[key]
         row.update(user_id=user_id, last_synced_at=self.now, deleted_at=None)
         if digest is not None:
-            row.update(content_hash=digest, raw=_json_doc(change.raw))
+            row.update(content_hash=digest, raw=change.raw)
             if change.attributes is not None:
                 row["email"] = change.attributes.email
         row["upstream_updated_at"] = _newest(row["upstream_updated_at"], change.version)
@@ -588,29 +588,3 @@ def _json(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
-
-
-def _json_doc(raw: Mapping[str, Any] | None) -> Any:
-    if raw is None:
-        return None
-    return {k: _json_value(v) for k, v in raw.items()}
-
-
-_SCALARS = frozenset((str, int, float, bool, type(None)))
-
-
-def _json_value(value: Any) -> Any:
-    # Exact-type checks first: raw records are mostly plain JSON, and the ABC isinstance
-    # checks below dominated the planner's profile.
-    kind = type(value)
-    if kind in _SCALARS:
-        return value
-    if kind is dict:
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if kind is list:
-        return [_json_value(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
-    return _json(value)

@@ -1,7 +1,8 @@
 """Running a pull: provider pages into engine batches, a cursor committed with each page.
 
 A killed run resumes from the last committed cursor; a page that fails is never applied and
-its cursor is never saved. A complete full pass ends with a reconcile that soft-deletes users
+its cursor is never saved. The next page is read while the current one is applied
+(``sync_worker.readahead``). A complete full pass ends with a reconcile that soft-deletes users
 missing upstream, unless that would remove more than ``max_delete_fraction`` of them.
 """
 
@@ -22,6 +23,7 @@ from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, CursorUpdate, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
 from sync_worker.plan import Outcome
+from sync_worker.readahead import read_ahead
 from sync_worker.state import RunStatus, finish_run, forget_seen, load_cursor, start_run
 
 log = structlog.get_logger(__name__)
@@ -69,6 +71,7 @@ class PullRunner:
         max_delete_fraction: float = 0.2,
         source: Source = Source.BACKFILL,
         progress: Progress | None = None,
+        read_ahead_pages: int = 1,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -76,6 +79,7 @@ class PullRunner:
         self.max_delete_fraction = max_delete_fraction
         self.source = source
         self.progress = progress or (lambda _n: None)
+        self.read_ahead_pages = read_ahead_pages
 
     def run(
         self, *, full: bool = False, dry_run: bool = False, cursor: Cursor | None = None
@@ -116,7 +120,9 @@ class PullRunner:
         report: PullReport,
         seen: _Seen,
     ) -> None:
-        for page in self.provider.iter_changes(start, full=full or start is None):
+        pages = self.provider.iter_changes(start, full=full or start is None)
+        # The provider reads the next page while the engine applies this one.
+        for page in read_ahead(pages, self.read_ahead_pages):
             result = self._apply(page, report.run_id, seen, dry_run=dry_run)
             report.add(result)
             report.pages += 1

@@ -1,0 +1,116 @@
+"""sync_worker.readahead: order, errors after the pages before them, bounded, stoppable."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sync_worker.readahead import read_ahead
+
+WAIT = 5.0
+
+
+def test_items_come_out_in_order() -> None:
+    assert list(read_ahead(iter(range(100)))) == list(range(100))
+
+
+def test_depth_zero_reads_in_the_callers_thread() -> None:
+    threads: list[str] = []
+
+    def source() -> Iterator[int]:
+        threads.append(threading.current_thread().name)
+        yield 1
+
+    assert list(read_ahead(source(), depth=0)) == [1]
+    assert threads == [threading.current_thread().name]
+
+
+def test_an_error_comes_after_the_items_read_before_it() -> None:
+    def source() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ConnectionError("page 3 failed")
+
+    got: list[int] = []
+
+    def consume() -> None:
+        for item in read_ahead(source()):
+            got.append(item)
+
+    with pytest.raises(ConnectionError, match="page 3 failed"):
+        consume()
+    assert got == [1, 2]
+
+
+def test_the_next_item_is_read_while_the_current_one_is_handled() -> None:
+    second_read = threading.Event()
+
+    def source() -> Iterator[int]:
+        yield 1
+        second_read.set()
+        yield 2
+
+    items = read_ahead(source())
+    assert next(items) == 1
+    # Still handling item 1 here: the reader has already fetched item 2.
+    assert second_read.wait(WAIT)
+    assert list(items) == [2]
+
+
+def test_reads_at_most_depth_items_ahead() -> None:
+    read: list[int] = []
+    fourth_read = threading.Event()
+
+    def source() -> Iterator[int]:
+        for i in range(10):
+            read.append(i)
+            if i == 3:
+                fourth_read.set()
+            yield i
+
+    items = read_ahead(source(), depth=2)
+    assert next(items) == 0
+    # 0 handed out, 1 and 2 queued, 3 held by the reader until there is room.
+    assert fourth_read.wait(WAIT)
+    time.sleep(0.5)  # room for a fifth read, were the reader unbounded
+    assert read == [0, 1, 2, 3]
+    assert list(items) == list(range(1, 10))
+
+
+def test_leaving_early_stops_the_reader_and_closes_the_source() -> None:
+    closed = threading.Event()
+    closed_in: list[str] = []
+
+    def source() -> Iterator[int]:
+        try:
+            yield from range(1_000_000)
+        finally:
+            closed_in.append(threading.current_thread().name)
+            closed.set()
+
+    items = read_ahead(source())
+    assert next(items) == 0
+    items.close()
+    assert closed.wait(WAIT)
+    assert closed_in == ["pull-read-ahead"]
+
+
+def test_an_error_while_handling_stops_the_reader() -> None:
+    closed = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            yield from range(1_000_000)
+        finally:
+            closed.set()
+
+    def consume() -> None:
+        for _ in read_ahead(source()):
+            raise ValueError("apply failed")
+
+    with pytest.raises(ValueError, match="apply failed"):
+        consume()
+    assert closed.wait(WAIT)

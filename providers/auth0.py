@@ -83,7 +83,10 @@ JOB_CODES = frozenset({"sui"})
 _VOLATILE = frozenset({"last_login", "last_ip", "logins_count", "updated_at"})
 _IDP_SECRETS = frozenset({"access_token", "refresh_token", "access_token_secret"})
 _USERS_PATH = "/api/v2/users"
-_POLL_MAX_INTERVAL = 30.0
+# Export polling without a time_left_seconds hint overshoots completion by up to this much;
+# 15 s keeps that small, and a job of hours still costs only 4 polls a minute.
+_POLL_MAX_INTERVAL = 15.0
+_POLL_BACKOFF = 1.5
 _BROKEN_STREAM = (
     EOFError,
     zlib.error,
@@ -477,19 +480,35 @@ class Auth0Provider:
         return str(logs[0]["log_id"]) if logs else None
 
     def _await_export(self, job_id: str) -> str:
+        """Poll the job until it has a ``location``: sleep as long as the job says it needs
+        (``time_left_seconds``), else back off by 1.5x; both within the poll bounds."""
         deadline = self._clock() + self._settings.export_poll_max_seconds
-        interval = self._poll_interval
+        ceiling = max(_POLL_MAX_INTERVAL, self._poll_interval)
+        backoff = self._poll_interval
         while True:
             job = self._http.get_json(f"/api/v2/jobs/{quote(job_id, safe='')}")
-            status = job.get("status") if isinstance(job, dict) else None
+            job = job if isinstance(job, dict) else {}
+            status = job.get("status")
             if status == "completed" and job.get("location"):
                 return str(job["location"])
             if status == "failed":
                 raise UpstreamUnavailable(f"auth0: export job {job_id} failed")
-            if self._clock() + interval > deadline:
+            time_left = _non_negative(job.get("time_left_seconds"))
+            if time_left is None:
+                delay, backoff = backoff, min(backoff * _POLL_BACKOFF, ceiling)
+            else:
+                delay = min(max(time_left, self._poll_interval), ceiling)
+            log.debug(
+                "auth0_export_poll",
+                job_id=job_id,
+                status=status if isinstance(status, str) else None,
+                percentage_done=_non_negative(job.get("percentage_done")),
+                time_left_seconds=time_left,
+                sleep=round(delay, 3),
+            )
+            if self._clock() + delay > deadline:
                 raise UpstreamUnavailable(f"auth0: export job {job_id} still {status} at deadline")
-            self._sleep(interval)
-            interval = min(interval * 2, _POLL_MAX_INTERVAL)
+            self._sleep(delay)
 
     def _export_pages(
         self, records: Iterator[Mapping[str, Any] | RecordError], cursor: Cursor
@@ -591,6 +610,13 @@ def _endpoints(settings: Auth0Settings) -> tuple[str, str]:
         f"https://{domain}/api/v2/" if domain else f"{base_url}/api/v2/"
     )
     return base_url, audience
+
+
+def _non_negative(value: object) -> float | None:
+    """A non-negative JSON number, else None (a bool is not a number; NaN fails >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None
+    return float(value)
 
 
 def _same_origin(link: str) -> str:

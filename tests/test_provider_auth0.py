@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from providers.auth0 import EXPORT_FIELDS, Auth0Provider, plan_logs, to_change
 from providers.base import Page
@@ -355,13 +356,164 @@ def test_export_is_streamed_not_downloaded_whole(fake: FakeAuth0, provider: Auth
     assert not any(p.complete or p.cursor for p in seen)
 
 
-def test_export_poll_is_bounded(fake: FakeAuth0) -> None:
+class VirtualTime:
+    """A clock that moves only when the adapter sleeps, shared with the fake's jobs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def vtime() -> VirtualTime:
+    return VirtualTime()
+
+
+@pytest.fixture
+def timed_fake(vtime: VirtualTime) -> Iterator[FakeAuth0]:
+    with FakeAuth0(clock=vtime.clock) as server:
+        server.seed_users(3, signup_logs=False)
+        yield server
+
+
+def export_sleeps(
+    fake: FakeAuth0, vtime: VirtualTime, *, poll_interval: float = 1.0, **settings: Any
+) -> list[float]:
+    """The sleeps of one full sync polling the fake's export job, on virtual time."""
+    adapter = make_provider(
+        fake,
+        settings=settings_for(fake, **settings),
+        poll_interval=poll_interval,
+        sleep=vtime.sleep,
+        clock=vtime.clock,
+    )
+    with closing(adapter):
+        assert sum(len(p.changes) for p in full_sync(adapter)) == len(fake.users)
+    return vtime.sleeps
+
+
+def job_polls(fake: FakeAuth0) -> int:
+    return len(fake.requests_to(r"/api/v2/jobs/job_\w+"))
+
+
+def test_export_poll_sleeps_as_long_as_the_job_says(
+    timed_fake: FakeAuth0, vtime: VirtualTime
+) -> None:
+    timed_fake.export_seconds = 7
+    assert export_sleeps(timed_fake, vtime) == [7.0]  # one poll on arrival, not 1+2+4
+    assert job_polls(timed_fake) == 2
+
+
+def test_export_poll_hint_is_clamped_to_the_poll_bounds(
+    timed_fake: FakeAuth0, vtime: VirtualTime
+) -> None:
+    timed_fake.export_seconds = 33.2
+    # 33 s left: capped at 15 twice; then 3; then a hint of 0 ("almost") waits poll_interval.
+    assert export_sleeps(timed_fake, vtime, poll_interval=2.0) == [15.0, 15.0, 3.0, 2.0]
+
+
+def test_export_poll_estimate_from_a_poll_counted_job(
+    timed_fake: FakeAuth0, vtime: VirtualTime
+) -> None:
+    timed_fake.job_polls = 3
+    with capture_logs() as logs:
+        sleeps = export_sleeps(timed_fake, vtime)
+    # Elapsed time scaled by the work left: nothing to go on at first, then ~1 s per poll
+    # left, so the poller keeps its 1 s pace instead of backing off past completion.
+    hints = [e["time_left_seconds"] for e in logs if e["event"] == "auth0_export_poll"]
+    assert hints == [0.0, 1.0, 1.0]
+    assert sleeps == [1.0, 1.0, 1.0]
+
+
+def test_export_poll_backs_off_by_half_without_a_hint(
+    timed_fake: FakeAuth0, vtime: VirtualTime
+) -> None:
+    timed_fake.report_time_left = False
+    timed_fake.job_polls = 9
+    sleeps = export_sleeps(timed_fake, vtime)
+    assert sleeps == pytest.approx([1.5**n for n in range(7)] + [15.0, 15.0])
+
+
+class BadHintAuth0(FakeAuth0):
+    """Sends an unusable time_left_seconds while the job runs."""
+
+    hint: object = None
+
+    def _job_view(self, job: Any) -> dict[str, Any]:
+        view = super()._job_view(job)
+        return view if "location" in view else {**view, "time_left_seconds": self.hint}
+
+
+@pytest.mark.parametrize("hint", [-5, "12", True, None, 1e400])
+def test_export_poll_ignores_an_unusable_hint(vtime: VirtualTime, hint: object) -> None:
+    with BadHintAuth0(clock=vtime.clock, job_polls=3) as fake:
+        fake.hint = hint
+        sleeps = export_sleeps(fake, vtime)
+    # 1e400 is JSON Infinity: a usable (huge) number, so the cap applies.
+    assert sleeps == ([15.0] * 3 if hint == 1e400 else [1.0, 1.5, 2.25])
+
+
+def test_export_poll_logs_progress_at_debug(timed_fake: FakeAuth0, vtime: VirtualTime) -> None:
+    timed_fake.export_seconds = 5
+    with capture_logs() as logs:
+        export_sleeps(timed_fake, vtime)
+    polls = [e for e in logs if e["event"] == "auth0_export_poll"]
+    assert [(e["log_level"], e["status"], e["percentage_done"]) for e in polls] == [
+        ("debug", "processing", 0.0)
+    ]
+    assert polls[0]["time_left_seconds"] == 5.0
+    assert polls[0]["sleep"] == 5.0
+
+
+def test_export_poll_stops_at_the_deadline_with_a_hint(
+    timed_fake: FakeAuth0, vtime: VirtualTime
+) -> None:
+    timed_fake.export_seconds = 10_000
+    with pytest.raises(UpstreamUnavailable, match="still processing at deadline"):
+        export_sleeps(timed_fake, vtime, export_poll_max_seconds=60)
+    assert vtime.sleeps == [15.0] * 4  # never sleeps past the deadline
+    assert job_polls(timed_fake) == 5
+
+
+def test_export_poll_stops_at_the_deadline_without_a_hint(
+    timed_fake: FakeAuth0, vtime: VirtualTime
+) -> None:
+    timed_fake.report_time_left = False
+    timed_fake.job_polls = 10_000
+    with pytest.raises(UpstreamUnavailable, match="deadline"):
+        export_sleeps(timed_fake, vtime, export_poll_max_seconds=10)
+    assert vtime.sleeps == pytest.approx([1.0, 1.5, 2.25, 3.375])  # 8.125 s; 5.06 more > 10
+    assert vtime.now <= 10
+
+
+def test_export_poll_is_bounded_in_real_time(fake: FakeAuth0) -> None:
     fake.job_polls = 10_000
+    fake.report_time_left = False
     settings = settings_for(fake, export_poll_max_seconds=0.05)
     adapter = make_provider(fake, settings=settings)
     with closing(adapter), pytest.raises(UpstreamUnavailable, match="deadline"):
         full_sync(adapter)
-    assert 2 <= len(fake.requests_to(r"/api/v2/jobs/job_\w+")) < 20
+    assert 2 <= job_polls(fake) < 20
+
+
+def test_failed_export_job_raises(vtime: VirtualTime) -> None:
+    class FailingAuth0(FakeAuth0):
+        def _job_view(self, job: Any) -> dict[str, Any]:
+            view = super()._job_view(job)
+            return {**view, "status": "failed"} if job.polls >= 2 else view
+
+    with FailingAuth0(clock=vtime.clock, job_polls=5) as fake:
+        fake.seed_users(1)
+        with pytest.raises(UpstreamUnavailable, match="failed"):
+            export_sleeps(fake, vtime)
+        assert job_polls(fake) == 2
 
 
 # -- incremental --------------------------------------------------------------------------

@@ -2,18 +2,21 @@
 
 Endpoints: ``POST /oauth/token`` (client credentials, form-encoded), ``GET /api/v2/users``
 (page/per_page/include_totals, 400 past the 1,000-record cap), ``GET /api/v2/users/{id}``,
-``POST /api/v2/jobs/users-exports``, ``GET /api/v2/jobs/{id}`` (pending -> processing ->
-completed with ``location``), ``GET /api/v2/logs`` (``from``/``take`` checkpoint ordered by
-``log_id`` with a ``Link: rel="next"`` header, or search by date). Export files are served,
-gzipped NDJSON, by a second server standing in for the CDN (``fake.cdn``), behind a signed
-URL valid for 60 s, so credentials sent there would be a visible mistake.
+``POST /api/v2/jobs/users-exports``, ``GET /api/v2/jobs/{id}`` (pending -> processing with
+``percentage_done`` and ``time_left_seconds`` -> completed with ``location``),
+``GET /api/v2/logs`` (``from``/``take`` checkpoint ordered by ``log_id`` with a
+``Link: rel="next"`` header, or search by date). Export files are served, gzipped NDJSON, by a
+second server standing in for the CDN (``fake.cdn``), behind a signed URL valid for 60 s, so
+credentials sent there would be a visible mistake.
 
 Every rate-limited response carries ``x-ratelimit-limit/remaining/reset`` from a token bucket
 per endpoint group (``token``, ``users``, ``jobs``, ``logs``); an empty bucket answers 429.
 
 The tenant's clock is synthetic and advances one second per event, so users and logs are
-deterministic for a given seed. Mutations (``create_user``, ``update_user``, ``delete_user``,
-``login``) write the log events the real tenant would.
+deterministic for a given seed. An export job completes after ``job_polls`` polls or, with
+``export_seconds``, once that long has passed on ``clock`` (give it a test's virtual clock for
+exact timings). Mutations (``create_user``, ``update_user``, ``delete_user``, ``login``) write
+the log events the real tenant would.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import random
 import re
 import time
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,6 +58,8 @@ class _Job:
     content: bytes
     polls: int = 0
     created_at: str = ""
+    started: float = 0.0  # on the fake's clock
+    seconds: float | None = None  # time-based job: done this long after ``started``
 
 
 @dataclass(slots=True)
@@ -85,9 +90,11 @@ class FakeAuth0(FakeServer):
         client_secret: str = "m2m-client-secret",
         token_ttl: int = 86400,
         job_polls: int = 2,
+        export_seconds: float | None = None,
         retry_after: bool = False,
         audience: str | None = None,
         seed: int = 7,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.domain, self.client_id, self.client_secret = domain, client_id, client_secret
@@ -96,6 +103,10 @@ class FakeAuth0(FakeServer):
         self.link_base: str | None = None
         self.token_ttl = token_ttl
         self.job_polls = job_polls
+        self.export_seconds = export_seconds
+        # Real jobs may not estimate (e.g. while queued); False leaves time_left_seconds out.
+        self.report_time_left = True
+        self.clock = clock
         self.retry_after = retry_after
         self.users: dict[str, dict[str, Any]] = {}
         self.logs: list[dict[str, Any]] = []
@@ -283,6 +294,7 @@ class FakeAuth0(FakeServer):
             id=f"job_{self._rng.getrandbits(64):016x}", body=body, content=self._export(body)
         )
         job.created_at = _iso(self._now)
+        job.started, job.seconds = self.clock(), self.export_seconds
         self._jobs[job.id] = job
         return Response.json(self._job_view(job), status=201)
 
@@ -294,8 +306,7 @@ class FakeAuth0(FakeServer):
         return Response.json(self._job_view(job))
 
     def _job_view(self, job: _Job) -> dict[str, Any]:
-        status = "pending" if job.polls == 0 else "processing"
-        view = {
+        view: dict[str, Any] = {
             "id": job.id,
             "type": "users_export",
             "format": "json",
@@ -305,17 +316,36 @@ class FakeAuth0(FakeServer):
             "fields": job.body.get("fields", []),
             "connection_id": job.body.get("connection_id"),
         }
-        if job.polls <= self.job_polls:
-            return {
-                **view,
-                "status": status,
-                "percentage_done": 100 * job.polls // (self.job_polls + 1),
-            }
+        progress = self._progress(job)
+        if progress is not None:
+            return {**view, **progress}
         expires = int(time.time()) + 60
         signature = hashlib.sha256(f"{job.id}{expires}".encode()).hexdigest()[:24]
         query = urlencode({"Expires": expires, "Signature": signature, "Key-Pair-Id": "K2FAKE"})
         location = f"{self.cdn.url}/exports/{job.id}/{self.domain.split('.')[0]}.json.gz?{query}"
         return {**view, "status": "completed", "location": location}
+
+    def _progress(self, job: _Job) -> dict[str, Any] | None:
+        """Status fields of an unfinished job, None once it is done. The estimate is what a
+        server can know: time spent so far scaled by the work left (whole seconds, as Auth0)."""
+        elapsed = self.clock() - job.started
+        if job.seconds is not None:
+            if elapsed >= job.seconds:
+                return None
+            done, left = elapsed / job.seconds, job.seconds - elapsed
+        else:
+            if job.polls > self.job_polls:
+                return None
+            done = job.polls / (self.job_polls + 1)
+            # Completion is counted in polls: left = time per poll so far x polls to go.
+            left = elapsed / job.polls * (self.job_polls + 1 - job.polls) if job.polls else None
+        progress: dict[str, Any] = {
+            "status": "processing" if job.polls else "pending",
+            "percentage_done": int(100 * done),
+        }
+        if self.report_time_left and left is not None:
+            progress["time_left_seconds"] = round(left)
+        return progress
 
     def _download(self, request: Request) -> Response:
         job = self._jobs.get(request.params["id"])

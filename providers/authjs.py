@@ -35,6 +35,7 @@ from sqlalchemy import Connection, Engine, Select, Table, create_engine, delete,
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
+from db.lookup import among
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.base import Cursor, Page, RecordError
 from providers.fields import optional_text
@@ -425,7 +426,7 @@ class AuthjsProvider:
                 account.c.provider.label("provider"),
                 account.c.provider_account_id.label("providerAccountId"),
             )
-            .where(account.c.user_id.in_(ids))
+            .where(among(conn, account.c.user_id, ids))
             .order_by(account.c.user_id, account.c.provider, account.c.provider_account_id)
         )
         return _group(_fetch(conn, query))
@@ -441,7 +442,7 @@ class AuthjsProvider:
         ]
         if self._tables.has("session", "created_at"):
             columns.append(session.c.created_at.label("createdAt"))
-        query = select(*columns).where(session.c.user_id.in_(ids))
+        query = select(*columns).where(among(conn, session.c.user_id, ids))
         if not self._expired_too:
             query = query.where(session.c.expires >= now)
         query = query.order_by(session.c.user_id, session.c.expires)
@@ -521,7 +522,10 @@ def _cursor_after(last: object) -> dict[str, str]:
 
 
 def _fetch(conn: Connection, query: Select[Any]) -> list[dict[str, Any]]:
-    return [{str(k): v for k, v in row.items()} for row in conn.execute(query).mappings()]
+    result = conn.execute(query)
+    keys = list(map(str, result.keys()))
+    # zip over plain rows: a RowMapping per row cost as much as mapping the user.
+    return [dict(zip(keys, row, strict=True)) for row in result]
 
 
 def _group(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy import Connection, Engine, update
 from sqlalchemy.exc import DataError, IntegrityError
 
+from db.lookup import among
 from db.tables import profiles, sync_audit, user_identities, user_sessions, users
 from db.upsert import insert_rows, upsert_rows
 from sync_worker import plan as planning
@@ -298,7 +299,7 @@ def _revoke_sessions(conn: Connection, targets: list[tuple[str, uuid.UUID]], now
             update(user_sessions)
             .where(
                 user_sessions.c.provider == provider,
-                snapshots.among(conn, user_sessions.c.user_id, user_ids),
+                among(conn, user_sessions.c.user_id, user_ids),
                 user_sessions.c.revoked_at.is_(None),
             )
             .values(revoked_at=now)

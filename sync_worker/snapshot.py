@@ -6,11 +6,10 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, any_, bindparam, func, select, text
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Connection, and_, bindparam, func, select, text
 
+from db.lookup import among
 from db.tables import profiles, sync_audit, user_identities, user_sessions, users
 from sync_worker.changes import AuditAction, ChangeKind, UserChange
 from sync_worker.plan import Key, Outcome, Row, Snapshot
@@ -222,22 +221,6 @@ def _keyed(rows: Iterable[object]) -> dict[Key, Row]:
         data = dict(row)  # type: ignore[call-overload]
         out[(data["provider"], data["external_id"])] = data
     return out
-
-
-def among(
-    conn: Connection, column: ColumnElement[Any], values: Sequence[Any]
-) -> ColumnElement[bool]:
-    """``column IN (values)``; on PostgreSQL ``column = ANY(:array)``.
-
-    One array parameter keeps the statement text the same whatever the count, and the
-    generic plan ``lock_writers`` asks for is planned without looking at the values. An IN
-    list of hundreds of values was planned value by value on every execution (~20 ms for
-    2,000), and without statistics (a fresh bulk load) it was taken to match the whole table
-    and scanned it: ~1 s per lookup at 100,000 users. See also ``refresh_statistics``.
-    """
-    if conn.dialect.name != "postgresql":
-        return column.in_(values)
-    return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
 
 
 def _chunks(values: Sequence[object]) -> Iterable[list[object]]:

@@ -498,7 +498,7 @@ class Auth0Provider:
                 delay, backoff = backoff, min(backoff * _POLL_BACKOFF, ceiling)
             else:
                 delay = min(max(time_left, self._poll_interval), ceiling)
-            log.debug(
+            log.info(
                 "auth0_export_poll",
                 job_id=job_id,
                 status=status if isinstance(status, str) else None,

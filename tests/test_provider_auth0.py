@@ -460,13 +460,13 @@ def test_export_poll_ignores_an_unusable_hint(vtime: VirtualTime, hint: object) 
     assert sleeps == ([15.0] * 3 if hint == 1e400 else [1.0, 1.5, 2.25])
 
 
-def test_export_poll_logs_progress_at_debug(timed_fake: FakeAuth0, vtime: VirtualTime) -> None:
+def test_export_poll_logs_progress(timed_fake: FakeAuth0, vtime: VirtualTime) -> None:
     timed_fake.export_seconds = 5
     with capture_logs() as logs:
         export_sleeps(timed_fake, vtime)
     polls = [e for e in logs if e["event"] == "auth0_export_poll"]
     assert [(e["log_level"], e["status"], e["percentage_done"]) for e in polls] == [
-        ("debug", "processing", 0.0)
+        ("info", "processing", 0.0)
     ]
     assert polls[0]["time_left_seconds"] == 5.0
     assert polls[0]["sleep"] == 5.0

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -45,11 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import Engine  # noqa: E402
+from sqlalchemy import Engine, func, select  # noqa: E402
 
 from bench.results import RESULTS, table, write_section  # noqa: E402
 from db.connect import make_engine  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
+from db.tables import sync_audit  # noqa: E402
 from providers.auth0 import Auth0Provider  # noqa: E402
 from providers.authjs import AuthjsProvider  # noqa: E402
 from providers.base import Provider  # noqa: E402
@@ -237,17 +239,38 @@ class Pulled:
     wall: float
     engine: float
     seen: Window
+    failed: str = ""  # why records failed, from the run's audit rows
+
+    @property
+    def applied(self) -> str:
+        counts = dict(self.report.counts)
+        return f"{counts} ({self.failed})" if self.failed else str(counts)
 
 
 def remote_pull(fake: RemoteFake, db: Engine, provider: Provider, *, full: bool) -> Pulled:
     mark = fake.call("stats", 0)
     report, wall, engine = timed_pull(db, provider, full=full)
-    return Pulled(report=report, wall=wall, engine=engine.seconds, seen=window(fake, mark))
+    seen = window(fake, mark)
+    failed = failure_reasons(db, report.run_id)
+    return Pulled(report=report, wall=wall, engine=engine.seconds, seen=seen, failed=failed)
 
 
 def local_pull(db: Engine, provider: Provider) -> Pulled:
     report, wall, engine = timed_pull(db, provider, full=True)
-    return Pulled(report=report, wall=wall, engine=engine.seconds, seen=Window())
+    failed = failure_reasons(db, report.run_id)
+    return Pulled(report=report, wall=wall, engine=engine.seconds, seen=Window(), failed=failed)
+
+
+def failure_reasons(db: Engine, run_id: uuid.UUID) -> str:
+    """Each distinct reason of the run's failed records, with its count."""
+    audit = sync_audit.c
+    query = (
+        select(audit.error, func.count())
+        .where(audit.run_id == run_id, audit.action == "failed")
+        .group_by(audit.error)
+    )
+    with db.connect() as conn:
+        return "; ".join(f"{n} x {reason}" for reason, n in conn.execute(query))
 
 
 def spread(values: Iterable[float]) -> str:
@@ -590,7 +613,7 @@ def auth0_incremental(
     note = (
         f"{report.pages} log pages, {seen.groups.get('users', 0)} user re-reads, "
         f"{sum(seen.groups.values())} requests; events {made}; applied "
-        f"{dict(report.counts)}; engine {pulled.engine:.1f} s of the wall time "
+        f"{pulled.applied}; engine {pulled.engine:.1f} s of the wall time "
         f"(without it {http_side:.1f} s = {http_side / floor:.2f}x); pacing sleeps "
         f"{stats.waited_seconds:.1f} s; fake answering {seen.busy:.1f} s"
     )
@@ -643,7 +666,7 @@ def bench_stack(opts: Options) -> list[Row]:
         f"fake answering {best.seen.busy:.1f} s (without it {worker_side:.1f} s = "
         f"{worker_side / baseline:.2f}x); fetch + map alone {fetch:.1f} s (fake "
         f"{fetch_busy:.1f} s, rendering its listing once); applied "
-        f"{dict(best.report.counts)}; runs: pull {spread(p.wall for p in pulls)} s, "
+        f"{best.applied}; runs: pull {spread(p.wall for p in pulls)} s, "
         f"engine-only {spread(baselines)} s"
     )
     return [
@@ -706,7 +729,7 @@ def bench_authjs(opts: Options) -> list[Row]:
         f"{best.report.pages} pages, {n_changes(pages):,} changes (users + live sessions); in "
         f"the pull: engine {best.engine:.1f} s; read + map alone {fetch:.1f} s on the "
         f'adapter\'s schema, {fetch_indexed:.1f} s with indexes on accounts/sessions("userId"); '
-        f"loading the source {loaded:.1f} s; applied {dict(best.report.counts)}; runs: pull "
+        f"loading the source {loaded:.1f} s; applied {best.applied}; runs: pull "
         f"{spread(p.wall for p in pulls)} s, engine-only {spread(baselines)} s"
     )
     return [

@@ -427,7 +427,7 @@ def _user(rng: random.Random, i: int, now: datetime) -> FakeUser:
     if rng.random() < 0.25:  # magic link: core sets emailVerified, no profile data
         return FakeUser(name=None, email=email, email_verified=signed_up, sessions=sessions)
     providers = rng.sample(("github", "google", "discord"), k=rng.choice((1, 1, 1, 2)))
-    accounts = tuple(_account(rng, p) for p in providers)
+    accounts = tuple(_account(rng, p, i) for p in providers)
     return FakeUser(
         name=f"{first} {last}",
         email=email,
@@ -438,11 +438,12 @@ def _user(rng: random.Random, i: int, now: datetime) -> FakeUser:
     )
 
 
-def _account(rng: random.Random, provider: str) -> FakeAccount:
+def _account(rng: random.Random, provider: str, i: int) -> FakeAccount:
     if provider == "github":
+        # An account belongs to one user: ids drawn from 1..180M collided (5 per 100k users).
         return FakeAccount(
             provider="github",
-            provider_account_id=str(rng.randrange(1, 180_000_000)),
+            provider_account_id=str(i * 180 + rng.randrange(1, 181)),
             access_token=f"gho_{_token(rng, 36)}",
             scope="read:user,user:email",
             token_type="bearer",

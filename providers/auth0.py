@@ -19,7 +19,6 @@ consistent; 404 means deleted), ``sdu`` and ``sapi`` DELETEs are deletions, ``s`
 from __future__ import annotations
 
 import gzip
-import json
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +27,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
+import orjson
 import requests
 import structlog
 import urllib3
@@ -36,7 +36,7 @@ from authlib.integrations.requests_client import OAuth2Session
 
 from providers.base import Cursor, Page, Provider, RecordError
 from providers.fields import optional_text
-from providers.http import HttpClient, HttpPolicy, HttpStatusError
+from providers.http import HttpClient, HttpPolicy, HttpStatusError, json_body
 from sync_worker.changes import (
     ChangeKind,
     LinkedIdentity,
@@ -460,13 +460,16 @@ class Auth0Provider:
 
     def _full_sync(self) -> Iterator[Page]:
         newest = self._newest_log_id()
-        job = self._http.request(
+        created = self._http.request(
             "POST",
             "/api/v2/jobs/users-exports",
             json={"format": "json", "fields": [{"name": f} for f in EXPORT_FIELDS]},
             ok=(200, 201),
-        ).json()
-        job_id = str(job["id"])
+        )
+        try:
+            job_id = str(json_body(created)["id"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UpstreamDataError("auth0: POST /api/v2/jobs/users-exports: no job id") from exc
         log.info("auth0_export_started", job_id=job_id, resume_log_id=newest)
         location = self._await_export(job_id)
         response = self._http.request("GET", location, stream=True)
@@ -587,7 +590,7 @@ class Auth0Provider:
         if response.status_code == 404:
             return None
         try:
-            raw = response.json()
+            raw = json_body(response)
         except ValueError as exc:
             raise UpstreamDataError("auth0: GET /api/v2/users/{id}: invalid JSON") from exc
         if not isinstance(raw, dict):
@@ -643,7 +646,7 @@ def _export_records(response: requests.Response) -> Iterator[Mapping[str, Any] |
 
 def _parse_line(number: int, line: bytes) -> Mapping[str, Any] | RecordError:
     try:
-        record = json.loads(line)
+        record = orjson.loads(line)
     except ValueError:
         return RecordError(external_id=None, reason=f"export line {number}: invalid JSON")
     if not isinstance(record, dict):
@@ -676,7 +679,7 @@ def _records_page(items: list[Mapping[str, Any] | RecordError]) -> Page:
 
 def _log_list(response: requests.Response) -> list[Mapping[str, Any]]:
     try:
-        logs = response.json()
+        logs = json_body(response)
     except ValueError as exc:
         raise UpstreamDataError("auth0: GET /api/v2/logs: invalid JSON") from exc
     if not isinstance(logs, list) or not all(isinstance(e, dict) and e.get("log_id") for e in logs):

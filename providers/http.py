@@ -32,6 +32,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
+import orjson
 import requests
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
@@ -186,7 +187,7 @@ class HttpClient:
         """GET and decode a JSON body; a body that is not JSON is an UpstreamDataError."""
         response = self.request("GET", path, params=params)
         try:
-            return response.json()
+            return json_body(response)
         except ValueError as exc:
             raise UpstreamDataError(
                 f"{self.provider}: GET {_path(response.url)}: invalid JSON"
@@ -447,3 +448,11 @@ def _path(url: str) -> str:
 def _origin(url: str) -> tuple[str, str]:
     split = urlsplit(url)
     return split.scheme, split.netloc
+
+
+def json_body(response: requests.Response) -> Any:
+    """The decoded JSON body; ValueError when it is not JSON (or not UTF-8, as JSON must be).
+
+    orjson rather than ``response.json()``: decoding was a tenth of a Stack page's cost.
+    """
+    return orjson.loads(response.content)

@@ -38,7 +38,7 @@ import requests
 import structlog
 
 from providers.base import Cursor, Page, RecordError
-from providers.http import HttpClient, HttpPolicy
+from providers.http import HttpClient, HttpPolicy, json_body
 from sync_worker.changes import (
     ChangeKind,
     LinkedIdentity,
@@ -390,7 +390,7 @@ class StackProvider:
             # Any other 404 (a wrong base URL, say) must not read as "the user is gone".
             raise ProviderError(f"stack: GET {path}: HTTP 404 ({_known_error(response)})")
         try:
-            return response.json()
+            return json_body(response)
         except ValueError as exc:
             raise UpstreamDataError(f"stack: GET {path}: invalid JSON") from exc
 
@@ -459,7 +459,7 @@ def _known_error(response: requests.Response) -> str | None:
     if code:
         return code
     try:
-        body = response.json()
+        body = json_body(response)
     except ValueError:
         return None
     return body.get("code") if isinstance(body, Mapping) else None

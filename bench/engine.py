@@ -569,7 +569,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--dialect", choices=["postgresql", "sqlite", "both"], default="both")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--naive-users", type=int, default=5_000)
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--child-load", nargs=4, help=argparse.SUPPRESS)

@@ -77,7 +77,7 @@ from tests.fakes.stack import StackFake  # noqa: E402
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCHEMA = "identity"
 PARTS = ("auth0", "stack", "authjs", "memory")
-BATCH = 500  # SyncSettings.batch_size default, as providers.registry passes it
+BATCH = 1000  # SyncSettings.batch_size default, as providers.registry passes it
 
 # The fake tenant's limits, (burst, refill per second) per endpoint group: the shape of an
 # Enterprise tenant (burst 50, 16/s; logs burst 10) about 3x faster, to keep the run short.

@@ -34,7 +34,7 @@ class DatabaseSettings(_Model):
 
 
 class SyncSettings(_Model):
-    batch_size: Annotated[int, Field(ge=1, le=5000)] = 500
+    batch_size: Annotated[int, Field(ge=1, le=5000)] = 1000
     link_by_verified_email: bool = True
     max_delete_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
 

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from db.tables import sync_cursors, sync_runs, sync_seen
-from db.upsert import upsert_rows
+from db.upsert import insert_rows, upsert_rows
 from sync_worker.changes import utcnow
 
 
@@ -76,7 +76,7 @@ def finish_run(
 def mark_seen(conn: Connection, run_id: uuid.UUID, external_ids: Sequence[str]) -> None:
     """Record ids a full pass observed upstream (duplicates across pages are harmless)."""
     rows = [{"run_id": run_id, "external_id": e} for e in dict.fromkeys(external_ids)]
-    upsert_rows(conn, sync_seen, rows, conflict=["run_id", "external_id"], update=[])
+    insert_rows(conn, sync_seen, rows)
 
 
 def forget_seen(db: Engine, run_id: uuid.UUID) -> None:

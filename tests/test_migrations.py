@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 import warnings
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, func, inspect, select
 
-from db.migrate import current_revision, head_revision, upgrade
-from db.tables import metadata
+from db.migrate import alembic_config, current_revision, head_revision, upgrade
+from db.tables import metadata, sync_seen
 from tests.conftest import SCHEMA
 
 
@@ -48,3 +50,21 @@ def test_postgres_tables_live_in_their_own_schema(pg_engine: Engine) -> None:
     tables = set(inspect(pg_engine).get_table_names(schema=SCHEMA))
     assert {t.name for t in metadata.sorted_tables} <= tables
     assert "users" not in inspect(pg_engine).get_table_names(schema="public")
+
+
+def test_sync_seen_round_trips_through_its_keyed_version(engine: Engine) -> None:
+    """0003 drops sync_seen's key; its downgrade must cope with an id listed twice."""
+    run = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(sync_seen.insert(), [{"run_id": run, "external_id": "u1"}] * 2)
+    config = alembic_config()
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.downgrade(config, "0002")
+        assert current_revision(engine) == "0002"
+    finally:
+        upgrade(engine, SCHEMA)
+    assert schema_diff(engine) == []
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(sync_seen)).scalar_one() == 0

@@ -323,6 +323,9 @@ class AuthjsProvider:
             raise ValueError("accounts: expected a list")
         return to_change(raw, accounts, observed_at=self._now())
 
+    def read_ahead_pages(self, *, full: bool) -> int:
+        return 0  # reading rows and mapping them is mostly Python work
+
     def fetch_user(self, external_id: str) -> UserChange | None:
         """The user by primary key, with linked accounts; None if there is no such row."""
         key = self._key(external_id)

@@ -66,6 +66,15 @@ class Provider(Protocol):
         """Map one raw upstream user record to a normalized change (pure; no I/O)."""
         ...
 
+    def read_ahead_pages(self, *, full: bool) -> int:
+        """Pages to read in a thread while the engine applies the current one.
+
+        Worth it where reading a page mostly waits (HTTP, rate-limit pacing): the wait
+        overlaps the engine's. Where it is Python work (decoding, mapping) it competes
+        with the engine for the GIL and slows both: 0 then (measured in bench/pull.py).
+        """
+        ...
+
     def fetch_user(self, external_id: str) -> UserChange | None:
         """Fetch one user now; None if the provider says it does not exist."""
         ...

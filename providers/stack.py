@@ -280,6 +280,9 @@ class StackProvider:
         """Map a user with no team context (``tenant_id`` None, no ``team_ids``)."""
         return to_change(raw, observed_at=self._now())
 
+    def read_ahead_pages(self, *, full: bool) -> int:
+        return 1  # every page is an HTTP round trip
+
     def fetch_user(self, external_id: str) -> UserChange | None:
         """GET /users/{id} plus its memberships; None when Stack says USER_NOT_FOUND."""
         if not _is_uuid(external_id):

@@ -1,9 +1,10 @@
 """Running a pull: provider pages into engine batches, a cursor committed with each page.
 
 A killed run resumes from the last committed cursor; a page that fails is never applied and
-its cursor is never saved. The next page is read while the current one is applied
-(``sync_worker.readahead``). A complete full pass ends with a reconcile that soft-deletes users
-missing upstream, unless that would remove more than ``max_delete_fraction`` of them.
+its cursor is never saved. Where the provider says it pays, the next page is read while the
+current one is applied (``sync_worker.readahead``). A complete full pass ends with a
+reconcile that soft-deletes users missing upstream, unless that would remove more than
+``max_delete_fraction`` of them.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class PullRunner:
         max_delete_fraction: float = 0.2,
         source: Source = Source.BACKFILL,
         progress: Progress | None = None,
-        read_ahead_pages: int = 1,
+        read_ahead_pages: int | None = None,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -120,9 +121,12 @@ class PullRunner:
         report: PullReport,
         seen: _Seen,
     ) -> None:
-        pages = self.provider.iter_changes(start, full=full or start is None)
-        # The provider reads the next page while the engine applies this one.
-        for page in read_ahead(pages, self.read_ahead_pages):
+        whole = full or start is None
+        pages = self.provider.iter_changes(start, full=whole)
+        ahead = self.read_ahead_pages
+        if ahead is None:
+            ahead = self.provider.read_ahead_pages(full=whole)
+        for page in read_ahead(pages, ahead):
             result = self._apply(page, report.run_id, seen, dry_run=dry_run)
             report.add(result)
             report.pages += 1

@@ -1,14 +1,24 @@
-"""sync_worker.readahead: order, errors after the pages before them, bounded, stoppable."""
+"""sync_worker.readahead: order, errors after the pages before them, bounded, stoppable;
+and PullRunner reads ahead as far as its provider asks."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
+from providers.base import Cursor, Page
+from sync_worker.changes import UserChange
+from sync_worker.engine import SyncEngine
+from sync_worker.plan import PlanSettings
+from sync_worker.pull import PullRunner
 from sync_worker.readahead import read_ahead
+from sync_worker.state import load_cursor
+from tests.factories import upsert
 
 WAIT = 5.0
 
@@ -114,3 +124,38 @@ def test_an_error_while_handling_stops_the_reader() -> None:
     with pytest.raises(ValueError, match="apply failed"):
         consume()
     assert closed.wait(WAIT)
+
+
+class ThreadRecordingProvider:
+    """Two pages of one user each; records which thread read each page."""
+
+    name = "stack"
+
+    def __init__(self, ahead: int) -> None:
+        self.ahead, self.threads = ahead, []
+
+    def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
+        for n in range(2):
+            self.threads.append(threading.current_thread().name)
+            yield Page(changes=(upsert(f"s-{n}", n, provider="stack"),), cursor={"n": n})
+
+    def read_ahead_pages(self, *, full: bool) -> int:
+        return self.ahead
+
+    def to_change(self, raw: Mapping[str, Any]) -> UserChange:
+        raise NotImplementedError
+
+    def fetch_user(self, external_id: str) -> UserChange | None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("ahead", "reader"), [(0, "MainThread"), (1, "pull-read-ahead")])
+def test_the_pull_reads_ahead_as_the_provider_asks(engine: Engine, ahead: int, reader: str) -> None:
+    provider = ThreadRecordingProvider(ahead)
+    report = PullRunner(engine, SyncEngine(engine, PlanSettings()), provider).run(full=False)
+    assert report.counts["created"] == 2
+    assert provider.threads == [reader, reader]
+    assert load_cursor(engine, "stack") == {"n": 1}

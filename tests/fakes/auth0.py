@@ -29,9 +29,11 @@ import itertools
 import json
 import random
 import re
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,7 +57,7 @@ _AGENTS = ("Mozilla/5.0 (X11; Linux x86_64) Firefox/131.0", "Mozilla/5.0 (iPhone
 class _Job:
     id: str
     body: dict[str, Any]
-    content: bytes
+    build: Future[bytes]  # the gzipped file, built in the background as Auth0 does
     polls: int = 0
     created_at: str = ""
     started: float = 0.0  # on the fake's clock
@@ -290,9 +292,7 @@ class FakeAuth0(FakeServer):
         body = request.json()
         if body.get("format", "json") != "json":
             return _error(400, "Bad Request", "only json is faked")
-        job = _Job(
-            id=f"job_{self._rng.getrandbits(64):016x}", body=body, content=self._export(body)
-        )
+        job = _Job(id=f"job_{self._rng.getrandbits(64):016x}", body=body, build=self._export(body))
         job.created_at = _iso(self._now)
         job.started, job.seconds = self.clock(), self.export_seconds
         self._jobs[job.id] = job
@@ -319,6 +319,7 @@ class FakeAuth0(FakeServer):
         progress = self._progress(job)
         if progress is not None:
             return {**view, **progress}
+        job.build.exception()  # done by the poll count or the clock: the file too, then
         expires = int(time.time()) + 60
         signature = hashlib.sha256(f"{job.id}{expires}".encode()).hexdigest()[:24]
         query = urlencode({"Expires": expires, "Signature": signature, "Key-Pair-Id": "K2FAKE"})
@@ -352,7 +353,7 @@ class FakeAuth0(FakeServer):
         expires = float(request.arg("Expires") or 0)
         if job is None or expires < time.time():
             return Response(status=403, body=b"<Error><Code>AccessDenied</Code></Error>")
-        return Response(body=job.content, headers={"Content-Type": "application/gzip"})
+        return Response(body=job.build.result(), headers={"Content-Type": "application/gzip"})
 
     def _list_logs(self, request: Request) -> Response:
         take = int(request.arg("take") or 50)
@@ -382,14 +383,24 @@ class FakeAuth0(FakeServer):
 
     # -- generators -----------------------------------------------------------------------
 
-    def _export(self, body: Mapping[str, Any]) -> bytes:
+    def _export(self, body: Mapping[str, Any]) -> Future[bytes]:
+        """The users as of now, encoded and compressed in a thread while the job runs: the
+        answer to the job's creation does not wait for the file (a real tenant's neither)."""
         fields = [(f["name"], f.get("export_as", f["name"])) for f in body.get("fields", [])]
-        users = list(self.users.values())[: body.get("limit") or None]
-        lines = [json.dumps(_pick(user, fields)).encode() for user in users]
-        lines = [self._corrupt_lines.get(i, line) for i, line in enumerate(lines)]
-        content = gzip.compress(b"".join(line + b"\n" for line in lines))
-        truncate, self._truncate_export, self._corrupt_lines = self._truncate_export, False, {}
-        return content[: len(content) * 2 // 3] if truncate else content
+        users = [
+            _pick(user, fields) for user in list(self.users.values())[: body.get("limit") or None]
+        ]
+        corrupt, truncate = self._corrupt_lines, self._truncate_export
+        self._truncate_export, self._corrupt_lines = False, {}
+
+        def build() -> bytes:
+            lines = [corrupt.get(i, json.dumps(user).encode()) for i, user in enumerate(users)]
+            content = gzip.compress(b"".join(line + b"\n" for line in lines), compresslevel=6)
+            return content[: len(content) * 2 // 3] if truncate else content
+
+        future: Future[bytes] = Future()
+        threading.Thread(target=lambda: _settle(future, build), daemon=True).start()
+        return future
 
     def _new_user(self, index: int) -> dict[str, Any]:
         rng = self._rng
@@ -533,3 +544,10 @@ def _digest(text: str) -> str:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _settle(future: Future[bytes], build: Callable[[], bytes]) -> None:
+    try:
+        future.set_result(build())
+    except BaseException as exc:  # surfaces in the download
+        future.set_exception(exc)

@@ -121,7 +121,7 @@ class StackSettings(_ProviderSettings):
     base_url: str = "https://api.stack-auth.com"
     header_prefix: str = "x-stack"
     webhook_secret: str | None = None
-    page_size: Annotated[int, Field(ge=1, le=1000)] = 200
+    page_size: Annotated[int, Field(ge=1, le=1000)] = 500
     include_personal_teams: bool = False
     personal_team_metadata_key: str = "personal"
 

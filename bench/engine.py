@@ -58,6 +58,7 @@ from sync_worker.config import DatabaseSettings  # noqa: E402
 from sync_worker.engine import SyncEngine  # noqa: E402
 from sync_worker.logging import configure  # noqa: E402
 from sync_worker.plan import PlanSettings  # noqa: E402
+from sync_worker.runtime import tune_gc  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCHEMA = "identity"
@@ -551,6 +552,7 @@ def render(reports: list[Report], batch_size: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    tune_gc()  # as the console script does
     configure("warning")
     if args.child_load:
         url, schema, n, size = args.child_load

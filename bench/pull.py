@@ -68,6 +68,7 @@ from sync_worker.engine import BatchResult, SyncEngine  # noqa: E402
 from sync_worker.logging import configure  # noqa: E402
 from sync_worker.plan import PlanSettings  # noqa: E402
 from sync_worker.pull import PullReport, PullRunner  # noqa: E402
+from sync_worker.runtime import tune_gc  # noqa: E402
 from tests import pgserver  # noqa: E402
 from tests.fakes.auth0 import FakeAuth0  # noqa: E402
 from tests.fakes.authjs import make_loader  # noqa: E402
@@ -908,6 +909,7 @@ class Run:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    tune_gc()  # as the console script does
     if args.child_backfill:
         child_backfill(*args.child_backfill)
         return

@@ -1,3 +1,3 @@
-from sync_worker.cli import main
+from sync_worker.cli import console
 
-raise SystemExit(main())
+raise SystemExit(console())

@@ -29,6 +29,7 @@ from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, StoreError, SyncWorkerError
 from sync_worker.logging import configure
 from sync_worker.pull import PullReport, PullRunner, reconcile_guard_error
+from sync_worker.runtime import tune_gc
 from sync_worker.state import RunStatus
 
 log = structlog.get_logger(__name__)
@@ -76,6 +77,12 @@ class Terminated(SystemExit):
 
 def _on_sigterm(_signum: int, _frame: object) -> None:
     raise Terminated
+
+
+def console() -> int:
+    """The console script: the worker's process settings, then ``main``."""
+    tune_gc()
+    return main()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,10 +6,12 @@ module reads them over SQL through its own engine, separate from the worker's, w
 point at the same database (the worker's tables live in schema ``identity``, Auth.js's in
 ``public``).
 
-No default schema has a dependable ``updated_at`` (§1d), so every pull is a full keyset scan
-in user-id order (integer SERIAL ids and text cuid/uuid ids alike), and the engine finds
-changes by content hash; ``version`` is the UTC time the page was read. Per page of users,
-linked accounts and live sessions are fetched with one ``IN`` query each, never per user.
+No default schema has a dependable ``updated_at`` (§1d), so every pull is a full pass in
+user-id order (integer SERIAL ids and text cuid/uuid ids alike), and the engine finds changes
+by content hash; ``version`` is the UTC time the data was read. On PostgreSQL a pass is one
+snapshot, reading users, accounts and live sessions once each, merged by user id; elsewhere
+(SQLite) each page is a short read of its users and one ``IN`` query each for their accounts
+and sessions. Never a query per user.
 Each page carries ``{"after_id": "42", "id_type": "int"}`` so a killed pass resumes after
 it; the last page is ``complete`` with ``{"completed_at": iso}``, and a pass that resumed
 (so saw only part of the users) says ``extra={"partial_pass": True}`` there, so nobody
@@ -26,12 +28,24 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, Select, Table, create_engine, delete, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    CursorResult,
+    Engine,
+    Select,
+    Table,
+    create_engine,
+    delete,
+    func,
+    select,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
@@ -303,18 +317,17 @@ class AuthjsProvider:
     # -- Provider protocol -------------------------------------------------------------
 
     def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
-        """A full keyset pass over the users, resuming after ``cursor["after_id"]``.
+        """A full pass over the users in id order, resuming after ``cursor["after_id"]``.
 
         A ``completed_at`` cursor (the previous pass finished) starts a new pass: there is
         no change feed to follow. ``full`` only means "ignore a resume position".
         """
         after = None if full or cursor is None else self._resume_point(cursor)
         partial = after is not None
-        while True:
-            page, after = self._page(after, partial=partial)
-            yield page
-            if page.complete:
-                return
+        streamed = self._engine.dialect.name == "postgresql"
+        chunks = self._streamed(after) if streamed else self._paged(after)
+        for chunk in chunks:
+            yield self._page(chunk, partial=partial)
 
     def to_change(self, raw: Mapping[str, Any]) -> UserChange:
         """Map an AdapterUser-shaped record; its ``accounts`` list, if any, gives links."""
@@ -375,30 +388,79 @@ class AuthjsProvider:
     def _user(self) -> Table:
         return self._tables.user
 
-    def _page(self, after: int | str | None, *, partial: bool) -> tuple[Page, int | str | None]:
-        with self._reading() as conn:
+    def _streamed(self, after: int | str | None) -> Iterator[_Chunk]:
+        """PostgreSQL: the pass reads one snapshot, each table once, in user-id order.
+
+        Users, their accounts and their live sessions come from three server-side cursors,
+        all ordered by the users' own id, and are merged by equal ids. Without an index on
+        ``"userId"`` (none of the adapters creates one) a per-page ``IN`` query scanned both
+        tables for every page, which grew with the square of the users. MVCC keeps this
+        long read from blocking the app's writes.
+        """
+        size = self._batch_size
+        with self._reading() as conn, ExitStack() as cursors:
             observed = self._now()
-            rows = self._users(conn, after)
-            more = len(rows) > self._batch_size
-            rows = rows[: self._batch_size]
-            ids = [row["id"] for row in rows]
-            accounts = self._accounts(conn, ids) if ids else {}
-            sessions = self._sessions(conn, ids, observed) if ids else {}
-        changes, errors = self._map(rows, accounts, sessions, observed)
-        seen = tuple(str(i) for i in ids)
-        if more:
-            cursor = _cursor_after(ids[-1])
-            return Page(changes=changes, cursor=cursor, errors=errors, seen_ids=seen), ids[-1]
+            stream = conn.execution_options(yield_per=size)
+
+            def opened(query: Select[Any]) -> Iterator[dict[str, Any]]:
+                result = stream.execute(query)
+                cursors.callback(result.close)  # a pass closed early closes its cursors first
+                return _dicts(result)
+
+            key = self._user.c.id
+            users = opened(self._users_after(after).order_by(key))
+            accounts = _Follower(opened(self._account_rows(key, after)))
+            sessions = _Follower(opened(self._session_rows(key, after, observed)))
+            for rows, last in _pages(users, size):
+                entries = [
+                    (row, accounts.take(row["id"]), sessions.take(row["id"])) for row in rows
+                ]
+                if last and not (accounts.drained and sessions.drained):
+                    # Equal ids sort alike in one snapshot; this would take a collation under
+                    # which distinct ids compare equal. Fail rather than drop links.
+                    raise UpstreamDataError(
+                        "authjs: accounts or sessions did not come in the users' id order"
+                    )
+                yield _Chunk(entries=entries, observed=observed, last=last)
+
+    def _paged(self, after: int | str | None) -> Iterator[_Chunk]:
+        """Other databases (SQLite): a short read per page, so that no read stays open
+        while the engine works; on SQLite an open read would block the app's writers."""
+        while True:
+            with self._reading() as conn:
+                observed = self._now()
+                # One row more than a page tells whether this page is the last.
+                query = self._users_after(after).order_by(self._user.c.id)
+                rows = _fetch(conn, query.limit(self._batch_size + 1))
+                more = len(rows) > self._batch_size
+                rows = rows[: self._batch_size]
+                ids = [row["id"] for row in rows]
+                accounts = self._accounts(conn, ids) if ids else {}
+                sessions = self._sessions(conn, ids, observed) if ids else {}
+            entries = [
+                (row, accounts.get(str(row["id"]), []), sessions.get(str(row["id"]), []))
+                for row in rows
+            ]
+            yield _Chunk(entries=entries, observed=observed, last=not more)
+            if not more:
+                return
+            after = ids[-1]
+
+    def _page(self, chunk: _Chunk, *, partial: bool) -> Page:
+        changes, errors = self._map(chunk.entries, chunk.observed)
+        seen = tuple(str(row["id"]) for row, _, _ in chunk.entries)
+        if not chunk.last:
+            cursor = _cursor_after(chunk.entries[-1][0]["id"])
+            return Page(changes=changes, cursor=cursor, errors=errors, seen_ids=seen)
         log.info("authjs_pass_complete", provider=PROVIDER, partial=partial)
-        page = Page(
+        return Page(
             changes=changes,
-            cursor={"completed_at": observed.isoformat()},
+            cursor={"completed_at": chunk.observed.isoformat()},
             errors=errors,
             seen_ids=seen,
             complete=True,
             extra={"partial_pass": True} if partial else {},
         )
-        return page, None
 
     def _user_query(self) -> Select[Any]:
         user = self._user
@@ -413,62 +475,70 @@ class AuthjsProvider:
             columns.append(user.c.created_at.label("createdAt"))
         return select(*columns)
 
-    def _users(self, conn: Connection, after: int | str | None) -> list[dict[str, Any]]:
-        # One row more than a page tells whether this page is the last.
-        query = self._user_query().order_by(self._user.c.id).limit(self._batch_size + 1)
-        if after is not None:
-            query = query.where(self._user.c.id > after)
-        return _fetch(conn, query)
+    def _users_after(self, after: int | str | None) -> Select[Any]:
+        query = self._user_query()
+        return query if after is None else query.where(self._user.c.id > after)
 
     def _accounts(self, conn: Connection, ids: Sequence[Any]) -> dict[str, list[dict[str, Any]]]:
-        """Accounts of these users; the token columns are never selected."""
-        account = self._tables.account
-        query = (
-            select(
-                account.c.user_id.label("userId"),
-                account.c.provider.label("provider"),
-                account.c.provider_account_id.label("providerAccountId"),
-            )
-            .where(among(conn, account.c.user_id, ids))
-            .order_by(account.c.user_id, account.c.provider, account.c.provider_account_id)
-        )
-        return _group(_fetch(conn, query))
+        """Accounts of these users."""
+        user_id = self._tables.account.c.user_id
+        return _group(_fetch(conn, self._account_rows(user_id).where(among(conn, user_id, ids))))
 
     def _sessions(
         self, conn: Connection, ids: Sequence[Any], now: datetime
     ) -> dict[str, list[dict[str, Any]]]:
+        """Live (or, if configured, all) sessions of these users."""
+        user_id = self._tables.session.c.user_id
+        query = self._session_rows(user_id, None, now).where(among(conn, user_id, ids))
+        return _group(_fetch(conn, query))
+
+    def _account_rows(self, key: ColumnElement[Any], after: object = None) -> Select[Any]:
+        """Accounts keyed by ``key`` as ``userId``, in key order; the token columns are never
+        selected. A key of the users table joins them, so only users' accounts come back."""
+        account = self._tables.account
+        query = select(
+            key.label("userId"),
+            account.c.provider.label("provider"),
+            account.c.provider_account_id.label("providerAccountId"),
+        ).order_by(key, account.c.provider, account.c.provider_account_id)
+        return self._keyed(query, account, key, after)
+
+    def _session_rows(self, key: ColumnElement[Any], after: object, now: datetime) -> Select[Any]:
         session = self._tables.session
         columns = [
-            session.c.user_id.label("userId"),
+            key.label("userId"),
             session.c.session_token.label("sessionToken"),
             session.c.expires.label("expires"),
         ]
         if self._tables.has("session", "created_at"):
             columns.append(session.c.created_at.label("createdAt"))
-        query = select(*columns).where(among(conn, session.c.user_id, ids))
+        query = select(*columns).order_by(key, session.c.expires)
         if not self._expired_too:
             query = query.where(session.c.expires >= now)
-        query = query.order_by(session.c.user_id, session.c.expires)
-        return _group(_fetch(conn, query))
+        return self._keyed(query, session, key, after)
+
+    def _keyed(
+        self, query: Select[Any], table: Table, key: ColumnElement[Any], after: object
+    ) -> Select[Any]:
+        user = self._user
+        if key is user.c.id:
+            query = query.select_from(user.join(table, table.c.user_id == user.c.id))
+        return query if after is None else query.where(key > after)
 
     def _map(
-        self,
-        rows: Sequence[Mapping[str, Any]],
-        accounts: Mapping[str, Sequence[Mapping[str, Any]]],
-        sessions: Mapping[str, Sequence[Mapping[str, Any]]],
-        observed: datetime,
+        self, entries: Sequence[_Entry], observed: datetime
     ) -> tuple[tuple[UserChange, ...], tuple[RecordError, ...]]:
         """Each user's upsert, then its logins; a bad row is isolated, the rest proceeds."""
         changes: list[UserChange] = []
         errors: list[RecordError] = []
-        for row in rows:
+        for row, accounts, sessions in entries:
             key = str(row["id"])
             try:
-                changes.append(to_change(row, accounts.get(key, ()), observed_at=observed))
+                changes.append(to_change(row, accounts, observed_at=observed))
             except (ValueError, TypeError) as exc:
                 errors.append(_record_error(key, str(exc), _jsonable(row)))
                 continue
-            for session in sessions.get(key, ()):
+            for session in sessions:
                 try:
                     changes.append(self._login(session, observed))
                 except (ValueError, TypeError) as exc:
@@ -525,10 +595,57 @@ def _cursor_after(last: object) -> dict[str, str]:
 
 
 def _fetch(conn: Connection, query: Select[Any]) -> list[dict[str, Any]]:
-    result = conn.execute(query)
+    return list(_dicts(conn.execute(query)))
+
+
+def _dicts(result: CursorResult[Any]) -> Iterator[dict[str, Any]]:
     keys = list(map(str, result.keys()))
     # zip over plain rows: a RowMapping per row cost as much as mapping the user.
-    return [dict(zip(keys, row, strict=True)) for row in result]
+    return (dict(zip(keys, row, strict=True)) for row in result)
+
+
+_Entry = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Chunk:
+    """One page of user rows, each with its accounts and sessions, as read at ``observed``."""
+
+    entries: list[_Entry]
+    observed: datetime
+    last: bool
+
+
+def _pages(
+    rows: Iterator[dict[str, Any]], size: int
+) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+    """Pages of ``size`` rows, each with whether it is the last; one row of look-ahead."""
+    page: list[dict[str, Any]] = []
+    for row in rows:
+        if len(page) == size:
+            yield page, False
+            page = []
+        page.append(row)
+    yield page, True
+
+
+class _Follower:
+    """Rows ordered by ``userId`` like the users they follow, handed out user by user."""
+
+    def __init__(self, rows: Iterator[dict[str, Any]]) -> None:
+        self._rows = rows
+        self._head = next(rows, None)
+
+    def take(self, user_id: object) -> list[dict[str, Any]]:
+        taken: list[dict[str, Any]] = []
+        while self._head is not None and self._head["userId"] == user_id:
+            taken.append(self._head)
+            self._head = next(self._rows, None)
+        return taken
+
+    @property
+    def drained(self) -> bool:
+        return self._head is None
 
 
 def _group(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

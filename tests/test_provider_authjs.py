@@ -35,6 +35,7 @@ DATA = Path(__file__).parent / "data" / "authjs"
 CASES = sorted(p for p in DATA.glob("*.json") if p.name != "invalid_records.json")
 INVALID = json.loads((DATA / "invalid_records.json").read_text())["cases"]
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
 ACCOUNT_TOKEN_COLUMNS = ("access_token", "refresh_token", "id_token")
 
 pg = pytest.mark.postgres
@@ -259,6 +260,14 @@ def logins(pages: list[Page]) -> list[UserChange]:
     return [c for p in pages for c in p.changes if c.kind is ChangeKind.LOGIN]
 
 
+def sessions_of(pages: list[Page], external_id: str) -> set[str]:
+    return {
+        c.session.external_session_id
+        for c in logins(pages)
+        if c.external_id == external_id and c.session is not None
+    }
+
+
 def live(user: FakeUser) -> set[str]:
     return {session_id(s.session_token) for s in user.sessions if s.expires >= NOW}
 
@@ -388,9 +397,11 @@ def test_integer_ids_page_numerically(
 
 
 @pytest.mark.parametrize("flavour", PG_FLAVOURS)
-def test_accounts_and_sessions_are_read_once_per_page_not_per_user(
+def test_a_postgresql_pass_reads_each_table_once(
     flavour: str, pg_url: str, providers: Callable[..., AuthjsProvider]
 ) -> None:
+    """Without an index on "userId" (no adapter has one) a query per page would scan
+    accounts and sessions once per page; a pass reads them once, whatever its length."""
     with make_loader(flavour, pg_url) as loader:
         loader.populate(50, seed=9, now=NOW)
     engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
@@ -401,10 +412,134 @@ def test_accounts_and_sessions_are_read_once_per_page_not_per_user(
     finally:
         engine.dispose()
     assert len(pages) == 5
-    # users + accounts + sessions per page, whatever the number of users on it
-    assert len(statements.statements) == 3 * len(pages)
+    assert len(statements.statements) == 3  # users, accounts, sessions
     for column in ACCOUNT_TOKEN_COLUMNS:
         assert not statements.matching(column)
+
+
+@pytest.mark.parametrize(("flavour", "dialect"), [("prisma", "sqlite"), ("drizzle", "sqlite")])
+def test_a_sqlite_pass_reads_per_page(
+    flavour: str, dialect: str, tmp_path: Path, providers: Callable[..., AuthjsProvider]
+) -> None:
+    """SQLite: short reads per page (an open read would block the app's writers there),
+    still never a query per user."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader(flavour, url) as loader:
+        loader.populate(50, seed=9, now=NOW)
+    engine = create_engine(url)
+    statements = StatementLog(engine)
+    try:
+        settings = AuthjsDb(flavour, dialect, url, None).settings()
+        pages = drain(providers(settings, engine=engine, batch_size=10))
+    finally:
+        engine.dispose()
+    assert len(pages) == 5
+    assert len(statements.statements) == 3 * len(pages)
+
+
+@pytest.mark.parametrize("flavour", PG_FLAVOURS)
+def test_a_postgresql_pass_sees_one_snapshot(
+    flavour: str, pg_url: str, providers: Callable[..., AuthjsProvider]
+) -> None:
+    """Writes made while a pass runs show in the next pass, never half in this one."""
+    with make_loader(flavour, pg_url) as loader:
+        users = loader.populate(20, seed=21, now=NOW)
+        provider = providers(AuthjsDb(flavour, "postgresql", pg_url, None).settings(), batch_size=5)
+        passing = provider.iter_changes(None)
+        first = next(passing)
+        later = next(u for u in users if str(u.id) not in first.seen_ids)
+        loader.link_account(later.id, FakeAccount(provider="gitlab", provider_account_id="gl-1"))
+        token = "snapshot-test-token"
+        loader.create_session(later.id, FakeSession(session_token=token, expires=NOW + DAY))
+        newcomer = loader.create_user(name="New", email="new@example.com")
+        rest = list(passing)
+
+        this_pass = [first, *rest]
+        assert sorted(i for p in this_pass for i in p.seen_ids) == sorted(str(u.id) for u in users)
+        (change,) = [c for c in upserts(this_pass) if c.external_id == str(later.id)]
+        assert ("authjs:gitlab", "gl-1") not in {(i.provider, i.external_id) for i in change.linked}
+        assert session_id(token) not in sessions_of(this_pass, str(later.id))
+
+        next_pass = drain(provider)
+        assert str(newcomer) in {i for p in next_pass for i in p.seen_ids}
+        (change,) = [c for c in upserts(next_pass) if c.external_id == str(later.id)]
+        assert ("authjs:gitlab", "gl-1") in {(i.provider, i.external_id) for i in change.linked}
+        assert session_id(token) in sessions_of(next_pass, str(later.id))
+
+
+@pg
+def test_ids_merge_under_a_collation_unlike_python_order(
+    pg_url: str, providers: Callable[..., AuthjsProvider]
+) -> None:
+    """Users, accounts and sessions are merged by equal ids in the database's own order: an
+    ICU collation sorts "a" before "B" where Python would not, and every link still lands."""
+    ids = ["B-2", "a-1", "_5", "A-4", "b-3", "é6", "Z9", "z8"]
+    with make_loader("drizzle", pg_url) as loader:
+        for table in ("account", "session"):  # the keys' collations change below
+            loader.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT "{table}_userId_user_id_fk"')
+        for table, column in [("account", "userId"), ("session", "userId"), ("user", "id")]:
+            collated = 'TYPE text COLLATE "und-x-icu"'
+            loader.execute(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" {collated}')
+        for n, user_id in enumerate(ids):
+            loader.execute(
+                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s)',
+                [user_id, f"user {n}", f"u{n}@example.com"],
+            )
+            account = FakeAccount(provider="github", provider_account_id=f"gh-{user_id}")
+            loader.link_account(user_id, account)
+            session = FakeSession(session_token=f"token-{user_id}", expires=NOW + DAY)
+            loader.create_session(user_id, session)
+        order = [r[0] for r in loader.execute('SELECT id FROM "user" ORDER BY id')]
+    assert order != sorted(ids), "the collation must order unlike Python for this test"
+    settings = AuthjsDb("drizzle", "postgresql", pg_url, None).settings()
+    pages = drain(providers(settings, batch_size=3))
+    assert [i for p in pages for i in p.seen_ids] == order
+    for change in upserts(pages):
+        assert [i.external_id for i in change.linked] == [f"gh-{change.external_id}"]
+        assert sessions_of(pages, change.external_id) == {session_id(f"token-{change.external_id}")}
+
+
+@pg
+def test_accounts_and_sessions_of_missing_users_are_ignored(
+    pg_url: str, providers: Callable[..., AuthjsProvider]
+) -> None:
+    """The pg adapter's tables have no foreign keys: rows of a user that is gone must not
+    derail the merge."""
+    with make_loader("pg", pg_url) as loader:
+        users = loader.populate(10, seed=22, now=NOW)
+        for ghost in (0, 5_000):
+            loader.link_account(
+                ghost, FakeAccount(provider="github", provider_account_id=f"g{ghost}")
+            )
+            loader.create_session(ghost, FakeSession(session_token=f"t{ghost}", expires=NOW + DAY))
+        loader.execute("DELETE FROM users WHERE id = %s", [users[4].id])  # leaves its rows
+    pages = drain(providers(AuthjsDb("pg", "postgresql", pg_url, None).settings(), batch_size=3))
+    expected = {str(u.id) for u in users} - {str(users[4].id)}
+    assert {c.external_id for c in upserts(pages)} == expected
+    assert {c.external_id for c in logins(pages)} <= expected
+    for change in upserts(pages):
+        user = next(u for u in users if str(u.id) == change.external_id)
+        assert {i.external_id for i in change.linked} == {
+            a.provider_account_id for a in user.accounts
+        }
+
+
+@pg
+def test_closing_a_pass_early_gives_its_connection_back(
+    pg_url: str, providers: Callable[..., AuthjsProvider]
+) -> None:
+    with make_loader("pg", pg_url) as loader:
+        loader.populate(20, seed=23, now=NOW)
+    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        settings = AuthjsDb("pg", "postgresql", pg_url, None).settings()
+        passing = providers(settings, engine=engine, batch_size=5).iter_changes(None)
+        next(passing)
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        passing.close()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
 
 
 def test_session_tokens_never_leave_the_database(

@@ -4,7 +4,9 @@ A killed run resumes from the last committed cursor; a page that fails is never 
 its cursor is never saved. Where the provider says it pays, the next page is read while the
 current one is applied (``sync_worker.readahead``). A complete full pass ends with a
 reconcile that soft-deletes users missing upstream, unless that would remove more than
-``max_delete_fraction`` of them.
+``max_delete_fraction`` of them. Its deletions are dated when the run began: a user that was
+created or changed since (by a webhook while the pass ran, say) holds a newer version, so the
+engine skips its deletion as stale instead of deleting a user the pass could not have seen.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -45,6 +48,7 @@ class PullReport:
     run_id: uuid.UUID
     provider: str
     kind: str
+    started_at: datetime
     counts: Counter[str] = field(default_factory=Counter)
     pages: int = 0
     status: RunStatus = RunStatus.RUNNING
@@ -88,10 +92,12 @@ class PullRunner:
         """Pull from the stored cursor (or ``cursor``, or from scratch when ``full``)."""
         start = None if full else (cursor or load_cursor(self.db, self.provider.name))
         kind = "full" if start is None else "incremental"
+        started_at = utcnow()  # before any upstream read of this run
         report = PullReport(
             run_id=start_run(self.db, kind, self.provider.name),
             provider=self.provider.name,
             kind=kind,
+            started_at=started_at,
         )
         bound = log.bind(provider=self.provider.name, run_id=str(report.run_id), kind=kind)
         bound.info("pull_started", dry_run=dry_run)
@@ -168,7 +174,6 @@ class PullRunner:
             )
             log.error("reconcile_refused", provider=self.provider.name, missing=missing, live=live)
             return ReconcileReport(live=live, missing=missing, deleted=0, refused=True)
-        observed = utcnow()
         deleted = 0
         for batch in _batched(seen.missing_ids(self.db, self.provider.name), 500):
             deletions = [
@@ -176,7 +181,7 @@ class PullRunner:
                     provider=self.provider.name,
                     external_id=e,
                     kind=ChangeKind.DELETE,
-                    version=observed,
+                    version=report.started_at,
                 )
                 for e in batch
             ]

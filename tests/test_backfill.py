@@ -19,7 +19,14 @@ from providers.authjs import AuthjsProvider
 from providers.base import Cursor, Page, Provider
 from providers.http import HttpPolicy
 from providers.stack import StackProvider
-from sync_worker.changes import Source, parse_timestamp
+from sync_worker.changes import (
+    ChangeKind,
+    Source,
+    UserAttributes,
+    UserChange,
+    parse_timestamp,
+    utcnow,
+)
 from sync_worker.config import Auth0Settings, AuthjsSettings, DatabaseSettings, StackSettings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import UpstreamUnavailable
@@ -150,6 +157,42 @@ class TestStack:
         assert len(live_users(engine)) == 9
         deleted = audit(engine, action="deleted")
         assert [a["external_id"] for a in deleted] == [ids[4]]
+
+    def test_reconcile_spares_a_user_written_while_the_pass_ran(
+        self, engine: Engine, stack_fake: StackFake
+    ) -> None:
+        """A webhook applied mid-pass creates a user the pass has already read past (and an
+        old one is refreshed): reconcile's deletions date from the run's start, so both are
+        skipped as stale, while a user deleted upstream before the run is deleted."""
+        ids = stack_fake.seed(10)
+        runner(engine, stack_provider(stack_fake)).run(full=True)
+        stack_fake.delete_user(ids[2])
+        stack_fake.delete_user(ids[9])
+        sync = SyncEngine(engine, PlanSettings())
+
+        def webhook() -> None:
+            now = utcnow()
+            late = [
+                UserChange(
+                    provider="stack",
+                    external_id=external_id,
+                    kind=ChangeKind.UPSERT,
+                    version=now,
+                    attributes=UserAttributes(email=f"{external_id}@example.com"),
+                )
+                for external_id in ("created-mid-pass", ids[9])
+            ]
+            sync.apply(late, source=Source.WEBHOOK)
+
+        provider = FailAfter(stack_provider(stack_fake), 1, webhook)
+        report = runner(engine, provider, max_delete_fraction=0.5).run(full=True)
+        assert report.reconcile is not None
+        assert (report.reconcile.missing, report.reconcile.deleted) == (3, 1)
+        assert [a["external_id"] for a in audit(engine, action="deleted")] == [ids[2]]
+        assert report.counts["stale_skipped"] == 2
+        live = {i["external_id"] for i in rows(engine, "user_identities") if not i["deleted_at"]}
+        assert {"created-mid-pass", ids[9]} <= live
+        assert ids[2] not in live
 
     def test_reconcile_guard_refuses_mass_deletion(
         self, engine: Engine, stack_fake: StackFake

@@ -66,8 +66,10 @@ def _sqlite_engine(settings: DatabaseSettings) -> Engine:
         cur.execute("PRAGMA journal_mode = WAL")
         cur.execute("PRAGMA synchronous = NORMAL")
         # A bulk load's indexes outgrow the default 2 MB page cache, and the default WAL
-        # checkpoint (every 1,000 pages) ran several times per batch: both measured.
-        cur.execute("PRAGMA cache_size = -65536")  # KiB: 64 MiB
+        # checkpoint (every 1,000 pages) ran several times per batch: both measured. The
+        # cache is per pooled connection: at 64 MiB it added ~58 MiB to the peak RSS of a
+        # 100,000-user backfill (bench/pull.py memory part), so 16 MiB is the compromise.
+        cur.execute("PRAGMA cache_size = -16384")  # KiB: 16 MiB
         cur.execute("PRAGMA wal_autocheckpoint = 10000")  # pages: ~40 MB of WAL
         cur.close()
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import gc
 
-#: Young-generation threshold: a collection every 100,000 net container allocations
-#: (about a hundred pages of records) instead of every 700.
-GC_THRESHOLDS = (100_000, 10, 10)
+#: A young collection every 10,000 net container allocations instead of every 700. At
+#: 100,000 the rarer full collections let garbage pile up: a backfill's peak RSS grew with
+#: the number of users (measured, bench/pull.py memory part).
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def tune_gc() -> None:

@@ -172,13 +172,14 @@ sync_runs = Table(
 Index("ix_sync_runs_started_at", sync_runs.c.started_at)
 
 # Upstream ids seen by a full pass still in progress, so reconcile can find users missing
-# upstream without holding every id in memory. No key: rows are bulk-copied with each batch
-# (an id listed twice is harmless, reconcile asks EXISTS), and the conflict check of a
-# keyed insert was a sixth of a pull's time in the engine.
+# upstream without holding every id in memory: one row per applied page, its ids as a JSON
+# array that reconcile unnests in the database. A row per id cost ~14 us to copy and index
+# each (0.7 s of a 50,000-user pull, inside the batches' transactions); a page's row costs
+# one insert.
 sync_seen = Table(
     "sync_seen",
     metadata,
     Column("run_id", Uuid, nullable=False),
-    Column("external_id", String(255), nullable=False),
+    Column("external_ids", JSONType, nullable=False),
 )
-Index("ix_sync_seen_run_id_external_id", sync_seen.c.run_id, sync_seen.c.external_id)
+Index("ix_sync_seen_run_id", sync_seen.c.run_id)

@@ -8,10 +8,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Select, delete, func, insert, select, true, update
 
 from db.tables import sync_cursors, sync_runs, sync_seen
-from db.upsert import insert_rows, upsert_rows
+from db.upsert import upsert_rows
 from sync_worker.changes import utcnow
 
 
@@ -74,9 +74,20 @@ def finish_run(
 
 
 def mark_seen(conn: Connection, run_id: uuid.UUID, external_ids: Sequence[str]) -> None:
-    """Record ids a full pass observed upstream (duplicates across pages are harmless)."""
-    rows = [{"run_id": run_id, "external_id": e} for e in dict.fromkeys(external_ids)]
-    insert_rows(conn, sync_seen, rows)
+    """Record ids a full pass observed upstream: one row for the page (duplicates are harmless)."""
+    ids = list(dict.fromkeys(external_ids))
+    conn.execute(insert(sync_seen).values(run_id=run_id, external_ids=ids))
+
+
+def seen_ids(dialect: str, run_id: uuid.UUID) -> Select[Any]:
+    """Every id the run recorded, unnested from its pages' arrays in the database."""
+    unnest = func.jsonb_array_elements_text if dialect == "postgresql" else func.json_each
+    ids = unnest(sync_seen.c.external_ids).table_valued("value")
+    return (
+        select(ids.c.value)
+        .select_from(sync_seen.join(ids, true()))
+        .where(sync_seen.c.run_id == run_id)
+    )
 
 
 def forget_seen(db: Engine, run_id: uuid.UUID) -> None:

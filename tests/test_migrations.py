@@ -8,7 +8,7 @@ import warnings
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, func, inspect, select
+from sqlalchemy import Engine, String, Uuid, column, func, inspect, select, table
 
 from db.migrate import alembic_config, current_revision, head_revision, upgrade
 from db.tables import metadata, sync_seen
@@ -52,15 +52,19 @@ def test_postgres_tables_live_in_their_own_schema(pg_engine: Engine) -> None:
     assert "users" not in inspect(pg_engine).get_table_names(schema="public")
 
 
-def test_sync_seen_round_trips_through_its_keyed_version(engine: Engine) -> None:
-    """0003 drops sync_seen's key; its downgrade must cope with an id listed twice."""
+def test_sync_seen_round_trips_through_its_earlier_shapes(engine: Engine) -> None:
+    """0004 (a row per page) and 0003 (no key) downgrade with rows in the table: 0003's
+    downgrade must cope with an id listed twice, and the way back up starts empty."""
     run = uuid.uuid4()
     with engine.begin() as conn:
-        conn.execute(sync_seen.insert(), [{"run_id": run, "external_id": "u1"}] * 2)
+        conn.execute(sync_seen.insert(), [{"run_id": run, "external_ids": ["u1", "u2"]}])
+    per_id = table("sync_seen", column("run_id", Uuid()), column("external_id", String()))
     config = alembic_config()
     try:
         with engine.begin() as conn:
             config.attributes["connection"] = conn
+            command.downgrade(config, "0003")
+            conn.execute(per_id.insert(), [{"run_id": run, "external_id": "u1"}] * 2)
             command.downgrade(config, "0002")
         assert current_revision(engine) == "0002"
     finally:

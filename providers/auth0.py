@@ -18,12 +18,12 @@ consistent; 404 means deleted), ``sdu`` and ``sapi`` DELETEs are deletions, ``s`
 
 from __future__ import annotations
 
-import gzip
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -53,6 +53,7 @@ from sync_worker.errors import (
     UpstreamDataError,
     UpstreamUnavailable,
 )
+from sync_worker.runtime import collector_paused
 
 __all__ = ["EXPORT_FIELDS", "Auth0Provider", "LogPlan", "plan_logs", "to_change"]
 
@@ -87,10 +88,12 @@ _USERS_PATH = "/api/v2/users"
 # 15 s keeps that small, and a job of hours still costs only 4 polls a minute.
 _POLL_MAX_INTERVAL = 15.0
 _POLL_BACKOFF = 1.5
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer (with its CRC) around deflate
+_READ_BYTES = 1 << 18
+_INFLATE_BYTES = 1 << 20
 _BROKEN_STREAM = (
     EOFError,
     zlib.error,
-    gzip.BadGzipFile,
     urllib3.exceptions.ProtocolError,
     requests.exceptions.ChunkedEncodingError,
 )
@@ -522,13 +525,20 @@ class Auth0Provider:
     ) -> Iterator[Page]:
         # One page of lookahead: only the page known to be last may carry the cursor.
         previous: Page | None = None
-        for chunk in _chunks(records, self._batch_size):
+        while (page := self._next_export_page(records)) is not None:
             if previous is not None:
                 yield previous
-            previous = _records_page(chunk)
+            previous = page
         last = previous if previous is not None else Page(changes=(), cursor=None)
         log.info("auth0_export_read", resume_log_id=cursor.get("log_id"))
         yield replace(last, cursor=cursor, complete=True)
+
+    def _next_export_page(self, records: Iterator[Mapping[str, Any] | RecordError]) -> Page | None:
+        # Every record decoded here lives until the page is applied: collections meanwhile
+        # would only walk them (about a third of decoding and mapping, measured).
+        with collector_paused():
+            chunk = list(islice(records, self._batch_size))
+            return _records_page(chunk) if chunk else None
 
     # -- incremental ----------------------------------------------------------------------
 
@@ -636,16 +646,64 @@ def _same_origin(link: str) -> str:
 def _export_records(response: requests.Response) -> Iterator[Mapping[str, Any] | RecordError]:
     """Stream the gzipped NDJSON export line by line; never hold the file in memory."""
     raw = response.raw
-    raw.decode_content = False  # the file itself is gzip, whatever the transport says
+
+    def read(size: int) -> bytes:
+        return raw.read1(size, decode_content=False)  # the file itself is gzip
+
     try:
-        with response, gzip.GzipFile(fileobj=raw) as lines:
-            for number, line in enumerate(lines, 1):
+        with response:
+            for number, line in enumerate(_lines(gunzip(read)), 1):
                 if line.strip():
                     yield _parse_line(number, line)
     except urllib3.exceptions.ReadTimeoutError as exc:
         raise UpstreamUnavailable("auth0: export download timed out") from exc
     except _BROKEN_STREAM as exc:
         raise UpstreamDataError(f"auth0: export download truncated or corrupt: {exc}") from exc
+
+
+def gunzip(read: Callable[[int], bytes]) -> Iterator[bytes]:
+    """Inflate a gzip stream (one or more members) in blocks of at most 1 MiB.
+
+    ``read(n)`` returns up to ``n`` bytes, empty at the end. For the download it is
+    ``read1``, which hands over whatever has arrived: the pages before a cut connection
+    still come out before its error. (``GzipFile`` read the socket 8 KiB at a time and
+    split lines in Python: a third of the download's cost.)
+    """
+    inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
+    fresh = True  # no byte of the current member read yet
+    while chunk := read(_READ_BYTES):
+        while chunk:
+            fresh = False
+            yield from _inflate(inflater, chunk)
+            if not inflater.eof:
+                break
+            # A member ended: whatever follows starts the next one.
+            chunk = inflater.unused_data
+            inflater, fresh = zlib.decompressobj(wbits=_GZIP_WBITS), True
+    if not fresh:
+        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+
+
+def _inflate(inflater: zlib._Decompress, data: bytes) -> Iterator[bytes]:
+    while True:
+        block = inflater.decompress(data, _INFLATE_BYTES)
+        if block:
+            yield block
+        data = inflater.unconsumed_tail
+        # Output zlib still holds after a full block comes first from the next call; the
+        # stream's trailer always follows, so there is a next call.
+        if inflater.eof or not data:
+            return
+
+
+def _lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    tail = b""
+    for block in blocks:
+        lines = (tail + block).split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if tail:
+        yield tail
 
 
 def _parse_line(number: int, line: bytes) -> Mapping[str, Any] | RecordError:
@@ -689,14 +747,3 @@ def _log_list(response: requests.Response) -> list[Mapping[str, Any]]:
     if not isinstance(logs, list) or not all(isinstance(e, dict) and e.get("log_id") for e in logs):
         raise UpstreamDataError("auth0: GET /api/v2/logs: not a list of log events")
     return logs
-
-
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

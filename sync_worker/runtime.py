@@ -12,6 +12,8 @@ and collecting young objects less often keeps the collector for the rare real cy
 from __future__ import annotations
 
 import gc
+import threading
+from contextlib import AbstractContextManager
 
 #: A young collection every 10,000 net container allocations instead of every 700. At
 #: 100,000 the rarer full collections let garbage pile up: a backfill's peak RSS grew with
@@ -24,3 +26,40 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+class _CollectorPause:
+    """Holds the cyclic garbage collector off while any thread is inside a pause.
+
+    For bursts of CPU work whose containers all live until the burst ends (an engine batch,
+    an export page being decoded): collections during them would walk every one of those
+    objects again and again, and free nothing. Measured: 18-24% of ``apply``, before the
+    thresholds above. Reference counting still frees what dies; collections resume when the
+    last pause in any thread ends, and the allocations made meanwhile trigger one then.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._resume:
+                gc.enable()
+
+
+_COLLECTOR_PAUSE = _CollectorPause()
+
+
+def collector_paused() -> AbstractContextManager[None]:
+    """The process-wide pause: nest and overlap it freely, across threads."""
+    return _COLLECTOR_PAUSE

@@ -11,8 +11,9 @@ import pytest
 from sqlalchemy import Engine
 
 from sync_worker.changes import Source
-from sync_worker.engine import _COLLECTOR_PAUSE, SyncEngine
+from sync_worker.engine import SyncEngine
 from sync_worker.plan import PlanSettings
+from sync_worker.runtime import collector_paused
 from tests.factories import T0, upsert
 
 
@@ -51,13 +52,13 @@ def test_overlapping_batches_resume_collection_when_the_last_one_ends() -> None:
     inside, release = threading.Barrier(2), threading.Event()
 
     def batch() -> None:
-        with _COLLECTOR_PAUSE:
+        with collector_paused():
             inside.wait()
             release.wait()
 
     other = threading.Thread(target=batch)
     other.start()
-    with _COLLECTOR_PAUSE:
+    with collector_paused():
         inside.wait()
     assert not gc.isenabled()  # the other batch is still running
     release.set()

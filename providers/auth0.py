@@ -146,8 +146,9 @@ def _linked(user_id: str, identities: object) -> tuple[LinkedIdentity, ...]:
         return ()
     if not isinstance(identities, list) or not all(isinstance(i, dict) for i in identities):
         raise ValueError("identities: expected a list of objects")
-    primary = next((i for i in identities if _identity_key(i) == user_id), None)
-    primary = primary if primary is not None else (identities[0] if identities else None)
+    if len(identities) < 2:  # most users: the one identity is the user itself
+        return ()
+    primary = next((i for i in identities if _identity_key(i) == user_id), identities[0])
     return tuple(_linked_identity(i) for i in identities if i is not primary)
 
 
@@ -191,15 +192,20 @@ def _scalar_text(value: object) -> str | None:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _without_idp_secrets(raw: Mapping[str, Any]) -> dict[str, Any]:
+def _without_idp_secrets(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     """The record as kept in the database: upstream IdP tokens never leave the adapter."""
-    copy = dict(raw)
-    if isinstance(copy.get("identities"), list):
-        copy["identities"] = [
+    identities = raw.get("identities")
+    if not isinstance(identities, list) or all(
+        not isinstance(i, dict) or _IDP_SECRETS.isdisjoint(i) for i in identities
+    ):
+        return raw  # nothing to strip (the usual case): no copy
+    return {
+        **raw,
+        "identities": [
             {k: v for k, v in i.items() if k not in _IDP_SECRETS} if isinstance(i, dict) else i
-            for i in copy["identities"]
-        ]
-    return copy
+            for i in identities
+        ],
+    }
 
 
 # -- pure log planning --------------------------------------------------------------------

@@ -99,8 +99,10 @@ def test_to_change(case: dict[str, Any]) -> None:
 
 def test_to_change_keeps_no_idp_tokens_and_hashes_without_login_noise() -> None:
     raw = cases("users.json")[2]["raw"]
+    before = json.dumps(raw)
     change = to_change(raw)
     assert "SECRET" not in json.dumps(change.raw)
+    assert json.dumps(raw) == before  # a pure mapping: the input is left as it was
     relogged = to_change({**raw, "last_login": "2027-01-01T00:00:00Z", "logins_count": 99})
     assert to_change({**raw, "logins_count": 3}).content_hash() == change.content_hash()
     assert relogged.content_hash() != change.content_hash()  # last_login_at is an attribute

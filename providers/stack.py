@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import requests
@@ -49,6 +49,8 @@ from sync_worker.changes import (
 )
 from sync_worker.config import StackSettings
 from sync_worker.errors import ConfigError, ProviderError, UpstreamDataError
+from sync_worker.readahead import read_ahead
+from sync_worker.runtime import collector_paused
 
 __all__ = [
     "HASH_EXCLUDE",
@@ -67,6 +69,9 @@ TEAM_IDS_KEY = "team_ids"
 API_PREFIX = "/api/v1"
 
 log = structlog.get_logger(__name__)
+
+#: Users pages requested ahead of the one being mapped and applied (each is a round trip).
+LISTING_READ_AHEAD = 1
 
 
 # -- pure mapping ----------------------------------------------------------------------
@@ -250,6 +255,7 @@ class StackProvider:
         policy: HttpPolicy | None = None,
         batch_size: int = 500,
         now: Callable[[], datetime] = utcnow,
+        listing_read_ahead: int = LISTING_READ_AHEAD,
     ) -> None:
         missing = settings.missing_for_pull()
         if missing:
@@ -257,6 +263,7 @@ class StackProvider:
         self._settings = settings
         self._batch_size = max(1, batch_size)
         self._now = now
+        self._listing_read_ahead = listing_read_ahead
         self._http = HttpClient(
             _api_url(settings.base_url),
             provider=PROVIDER,
@@ -281,7 +288,9 @@ class StackProvider:
         return to_change(raw, observed_at=self._now())
 
     def read_ahead_pages(self, *, full: bool) -> int:
-        return 1  # every page is an HTTP round trip
+        # The listing reads its next page itself while this one is mapped and applied:
+        # mapping in the applying thread ran faster than in the reader (GIL contention).
+        return 0
 
     def fetch_user(self, external_id: str) -> UserChange | None:
         """GET /users/{id} plus its memberships; None when Stack says USER_NOT_FOUND."""
@@ -311,17 +320,17 @@ class StackProvider:
     # -- listing -----------------------------------------------------------------------
 
     def _pass(self, start: str | None, directory: TeamDirectory) -> Iterator[Page]:
-        position, partial = start, start is not None
-        while True:
-            items, next_cursor = _parse_list(self._http.get_json("users", self._params(position)))
-            observed = self._now()
-            if position is not None and not items:
+        partial = start is not None
+        for listed in read_ahead(self._listing(start), self._listing_read_ahead):
+            position, next_cursor = listed.position, listed.next_cursor
+            if position is not None and not listed.items:
                 # The cursor user is gone (deleted mid-pass): the rest of this pass is lost.
                 log.warning("stack_cursor_vanished", provider=PROVIDER, cursor=position)
                 partial = True
-            changes, errors, seen = _map_page(items, directory, observed)
+            with collector_paused():  # the page's changes all live until it is applied
+                changes, errors, seen = _map_page(listed.items, directory, listed.observed)
             if next_cursor is None:
-                cursor = {"completed_at": observed.isoformat()}
+                cursor = {"completed_at": listed.observed.isoformat()}
                 extra = {"partial_pass": True} if partial else {}
                 yield from self._chunks(changes, errors, seen, cursor, complete=True, extra=extra)
                 return
@@ -330,6 +339,16 @@ class StackProvider:
             yield from self._chunks(
                 changes, errors, seen, {"next_cursor": next_cursor}, complete=False
             )
+
+    def _listing(self, start: str | None) -> Iterator[_Listed]:
+        """The users pages as listed, one HTTP request each, until the cursor runs out (or
+        stops moving: ``_pass`` raises on that)."""
+        position = start
+        while True:
+            items, next_cursor = _parse_list(self._http.get_json("users", self._params(position)))
+            yield _Listed(items, position, next_cursor, self._now())
+            if next_cursor is None or next_cursor == position:
+                return
             position = next_cursor
 
     def _params(self, position: str | None) -> dict[str, str | int]:
@@ -414,6 +433,16 @@ def server_headers(settings: StackSettings) -> dict[str, str]:
 def _api_url(base_url: str) -> str:
     base = base_url.rstrip("/")
     return base if base.endswith(API_PREFIX) else base + API_PREFIX
+
+
+class _Listed(NamedTuple):
+    """One users page as it came: its items, the cursor that asked for it, the next cursor
+    and when it was read (the version of every change mapped from it)."""
+
+    items: list[Any]
+    position: str | None
+    next_cursor: str | None
+    observed: datetime
 
 
 def _parse_list(body: object) -> tuple[list[Any], str | None]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,7 @@ from providers.base import Page
 from providers.http import HttpPolicy
 from providers.stack import (
     HASH_EXCLUDE,
+    LISTING_READ_AHEAD,
     TEAM_IDS_KEY,
     StackProvider,
     pick_tenant,
@@ -67,6 +70,7 @@ def fake() -> Iterator[StackFake]:
 def provider_for(fake: StackFake, *, page_size: int = 5, **kwargs: Any) -> StackProvider:
     batch_size = kwargs.pop("batch_size", 500)
     clock = kwargs.pop("clock", None) or Clock()
+    read_ahead = kwargs.pop("listing_read_ahead", LISTING_READ_AHEAD)
     settings = StackSettings(
         project_id=kwargs.pop("project_id", fake.project_id),
         secret_server_key=kwargs.pop("secret_server_key", fake.secret_server_key),
@@ -75,7 +79,9 @@ def provider_for(fake: StackFake, *, page_size: int = 5, **kwargs: Any) -> Stack
         page_size=page_size,
         **kwargs,
     )
-    return StackProvider(settings, policy=FAST, batch_size=batch_size, now=clock)
+    return StackProvider(
+        settings, policy=FAST, batch_size=batch_size, now=clock, listing_read_ahead=read_ahead
+    )
 
 
 def pull(provider: StackProvider, cursor: dict[str, Any] | None = None, **kw: Any) -> list[Page]:
@@ -287,7 +293,8 @@ def test_malformed_page_stops_the_pass_at_the_last_good_cursor(
     fake: StackFake, inject: Any
 ) -> None:
     fake.seed(12)
-    pages = provider_for(fake, page_size=5).iter_changes(None)
+    # No listing read ahead: the fault must hit the second page, not the third.
+    pages = provider_for(fake, page_size=5, listing_read_ahead=0).iter_changes(None)
     first = next(pages)
     inject(fake)
 
@@ -361,7 +368,8 @@ def test_completed_cursor_starts_a_new_full_pass(fake: StackFake) -> None:
 
 def test_cursor_user_deleted_mid_pass_ends_a_partial_pass(fake: StackFake) -> None:
     fake.seed(12)
-    pages = provider_for(fake, page_size=5).iter_changes(None)
+    # No listing read ahead: the second page must be asked for after the deletion.
+    pages = provider_for(fake, page_size=5, listing_read_ahead=0).iter_changes(None)
     first = next(pages)
     fake.delete_user(first.cursor["next_cursor"])  # type: ignore[index]
 
@@ -371,6 +379,22 @@ def test_cursor_user_deleted_mid_pass_ends_a_partial_pass(fake: StackFake) -> No
     assert rest[0].complete
     assert rest[0].changes == ()
     assert rest[0].extra == {"partial_pass": True}
+
+
+def test_the_listing_is_read_ahead_and_stops_with_the_pass(fake: StackFake) -> None:
+    fake.seed(30)
+    pages = provider_for(fake, page_size=5).iter_changes(None)
+    next(pages)
+    deadline = time.monotonic() + 5
+    while len(fake.requests_to(USERS_PATH)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(fake.requests_to(USERS_PATH)) >= 2  # asked for while the first page was out
+    pages.close()
+    assert not [t for t in threading.enumerate() if t.name == "pull-read-ahead"]
+    asked = len(fake.requests_to(USERS_PATH))
+    time.sleep(0.1)
+    assert len(fake.requests_to(USERS_PATH)) == asked  # nothing read after the close
+    assert asked < 6
 
 
 def test_anonymous_upgrade_mid_pass_is_not_missed(fake: StackFake) -> None:

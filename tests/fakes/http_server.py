@@ -87,6 +87,7 @@ class Fault:
     delay: float = 0.0
     truncate: int | None = None
     times: int = 1
+    after: int = 0  # matching requests to let through first
 
     def matches(self, request: Request) -> bool:
         method_ok = self.method is None or self.method.upper() == request.method
@@ -239,6 +240,9 @@ class FakeServer:
     def _take_fault(self, request: Request) -> Fault | None:
         for fault in self._faults:
             if fault.matches(request):
+                if fault.after > 0:
+                    fault.after -= 1
+                    continue
                 fault.times -= 1
                 if fault.times <= 0:
                     self._faults.remove(fault)

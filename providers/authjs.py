@@ -71,6 +71,7 @@ from sync_worker.errors import (
     UpstreamDataError,
     UpstreamUnavailable,
 )
+from sync_worker.runtime import collector_paused
 
 __all__ = [
     "DEFAULT_SESSION_MAX_AGE",
@@ -326,8 +327,14 @@ class AuthjsProvider:
         partial = after is not None
         streamed = self._engine.dialect.name == "postgresql"
         chunks = self._streamed(after) if streamed else self._paged(after)
-        for chunk in chunks:
-            yield self._page(chunk, partial=partial)
+        while True:
+            # A page's rows and changes all live until it is applied: no collections.
+            with collector_paused():
+                chunk = next(chunks, None)
+                page = None if chunk is None else self._page(chunk, partial=partial)
+            if page is None:
+                return
+            yield page
 
     def to_change(self, raw: Mapping[str, Any]) -> UserChange:
         """Map an AdapterUser-shaped record; its ``accounts`` list, if any, gives links."""

@@ -748,7 +748,7 @@ def bench_authjs(opts: Options) -> list[Row]:
             note=note,
         ),
         ratio_row(
-            '... the same, the app\'s accounts/sessions indexed on "userId" (README advice)',
+            '... the same, the app\'s accounts/sessions indexed on "userId" (not needed)',
             best_indexed.wall,
             baseline,
             TARGET_PULL,

@@ -225,6 +225,22 @@ def test_truncated_body_is_retried(fake: FakeServer, fake_time: FakeTime) -> Non
     assert len(fake.requests) == 2
 
 
+def test_a_body_of_several_read_chunks_arrives_whole(fake: FakeServer, fake_time: FakeTime) -> None:
+    items = [{"id": n, "pad": "x" * 100} for n in range(30_000)]  # ~3.5 MB, > 1 MiB reads
+    fake.route("GET", "/big", lambda r: Response.json({"items": items}))
+    http = client(fake, fake_time)
+    assert http.get_json("/big") == {"items": items}
+    assert http.request("GET", "/thing").json() == {"ok": True}
+
+
+def test_a_truncated_large_body_is_retried(fake: FakeServer, fake_time: FakeTime) -> None:
+    items = list(range(400_000))
+    fake.route("GET", "/big", lambda r: Response.json(items))
+    fake.fail_next("/big", status=None, truncate=1_500_000)
+    assert client(fake, fake_time).get_json("/big") == items
+    assert len(fake.requests_to("/big")) == 2
+
+
 def test_invalid_json_is_a_data_error(fake: FakeServer, fake_time: FakeTime) -> None:
     with pytest.raises(UpstreamDataError):
         client(fake, fake_time).get_json("/text")

@@ -62,7 +62,7 @@ def sqlalchemy_url(libpq_url: str) -> str:
 @pytest.fixture(scope="session")
 def pg_engine_session(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
     url = sqlalchemy_url(make_pg_database())
-    engine = make_engine(DatabaseSettings(url=url, schema=SCHEMA))
+    engine = make_engine(DatabaseSettings.model_validate({"url": url, "schema": SCHEMA}))
     upgrade(engine, SCHEMA)
     yield engine
     engine.dispose()

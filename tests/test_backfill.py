@@ -280,7 +280,9 @@ class TestAuthjs:
         url = make_pg_database()
         with make_loader("pg", url) as loader:
             created = loader.populate(40)
-        worker = make_engine(DatabaseSettings(url=sqlalchemy_url(url), schema="identity"))
+        worker = make_engine(
+            DatabaseSettings.model_validate({"url": sqlalchemy_url(url), "schema": "identity"})
+        )
         upgrade(worker, "identity")
         settings = AuthjsSettings(database_url=url)
         try:
@@ -300,7 +302,9 @@ class TestAuthjs:
         url = make_pg_database()
         with make_loader("drizzle", url) as loader:
             loader.populate(30)
-        settings = AuthjsSettings(database_url=sqlalchemy_url(url), schema="drizzle")
+        settings = AuthjsSettings.model_validate(
+            {"database_url": sqlalchemy_url(url), "schema": "drizzle"}
+        )
 
         def die() -> None:
             raise KeyboardInterrupt  # the process is stopped between pages

@@ -51,7 +51,7 @@ def test_environment_enables_providers_and_overrides_the_database() -> None:
 def test_settings_are_frozen() -> None:
     settings = load_settings(ROOT / "config.yaml", environ={})
     with pytest.raises(Exception, match="frozen"):
-        settings.sync.batch_size = 1  # type: ignore[misc]
+        settings.sync.batch_size = 1
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,9 @@ def test_token_is_cached_and_reused(fake: FakeAuth0, provider: Auth0Provider) ->
     assert token_requests(fake) == 1
     bearer = {r.header("Authorization") for r in fake.requests if r.path.startswith("/api/")}
     assert len(bearer) == 1
-    assert bearer.pop().startswith("Bearer ey")
+    header = bearer.pop()
+    assert header is not None
+    assert header.startswith("Bearer ey")
 
 
 def test_token_is_refreshed_shortly_before_expiry(fake: FakeAuth0) -> None:

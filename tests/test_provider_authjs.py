@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -448,6 +448,7 @@ def test_a_postgresql_pass_sees_one_snapshot(
         passing = provider.iter_changes(None)
         first = next(passing)
         later = next(u for u in users if str(u.id) not in first.seen_ids)
+        assert later.id is not None  # populate() gave every user an id
         loader.link_account(later.id, FakeAccount(provider="gitlab", provider_account_id="gl-1"))
         token = "snapshot-test-token"
         loader.create_session(later.id, FakeSession(session_token=token, expires=NOW + DAY))
@@ -534,6 +535,7 @@ def test_closing_a_pass_early_gives_its_connection_back(
     try:
         settings = AuthjsDb("pg", "postgresql", pg_url, None).settings()
         passing = providers(settings, engine=engine, batch_size=5).iter_changes(None)
+        assert isinstance(passing, Generator)  # the pass is a generator: it can be closed
         next(passing)
         assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
         passing.close()
@@ -715,7 +717,7 @@ def test_the_same_database_as_the_worker(
     from sync_worker.engine import SyncEngine
 
     sa_url = pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
-    worker = make_engine(DatabaseSettings(url=sa_url, schema="identity"))
+    worker = make_engine(DatabaseSettings.model_validate({"url": sa_url, "schema": "identity"}))
     upgrade(worker, "identity")
     with make_loader("pg", pg_url) as loader:
         users = loader.populate(20, seed=15, now=NOW)
@@ -754,6 +756,7 @@ def test_a_malformed_row_in_a_custom_schema_is_isolated(
         users = loader.populate(12, seed=16, now=NOW)
         loader.execute("ALTER TABLE users ALTER COLUMN email TYPE jsonb USING to_jsonb(email)")
         bad = users[4]
+        assert bad.id is not None  # populate() gave every user an id
         loader.execute(
             """UPDATE users SET email = '{"primary": "x@example.com"}' WHERE id = %s""", [bad.id]
         )
@@ -792,6 +795,7 @@ def test_sqlite_dynamic_typing_garbage_is_isolated(
         loader.execute(
             f'UPDATE "{table}" SET email = %s WHERE id = %s', [b"ken@example.com", users[2].id]
         )
+        assert users[3].id is not None  # populate() gave every user an id
         loader.create_session(
             users[3].id, FakeSession(session_token="x", expires=NOW + timedelta(days=2))
         )
@@ -860,6 +864,7 @@ def test_session_add_and_remove_show_in_the_next_pass(
 def test_pg_adapter_delete_user_leaves_no_accounts_or_sessions(pg_url: str) -> None:
     with make_loader("pg", pg_url) as loader:
         users = loader.populate(5, seed=18, now=NOW)
+        assert users[0].id is not None  # populate() gave every user an id
         loader.delete_user(users[0].id)
         for table in ("users", "accounts", "sessions"):
             column = "id" if table == "users" else '"userId"'

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -384,6 +384,7 @@ def test_cursor_user_deleted_mid_pass_ends_a_partial_pass(fake: StackFake) -> No
 def test_the_listing_is_read_ahead_and_stops_with_the_pass(fake: StackFake) -> None:
     fake.seed(30)
     pages = provider_for(fake, page_size=5).iter_changes(None)
+    assert isinstance(pages, Generator)  # the pass is a generator: it can be closed
     next(pages)
     deadline = time.monotonic() + 5
     while len(fake.requests_to(USERS_PATH)) < 2 and time.monotonic() < deadline:

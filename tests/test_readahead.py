@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -102,6 +102,7 @@ def test_leaving_early_stops_the_reader_and_closes_the_source() -> None:
             closed.set()
 
     items = read_ahead(source())
+    assert isinstance(items, Generator)  # read_ahead is a generator: it can be closed
     assert next(items) == 0
     items.close()
     assert closed.wait(WAIT)
@@ -130,6 +131,7 @@ class ThreadRecordingProvider:
     """Two pages of one user each; records which thread read each page."""
 
     name = "stack"
+    threads: list[str]
 
     def __init__(self, ahead: int) -> None:
         self.ahead, self.threads = ahead, []

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Self
 from urllib.parse import unquote, urlencode
 
 from tests.fakes.http_server import FakeServer, Request, Response, TokenBucket
@@ -126,7 +126,7 @@ class FakeAuth0(FakeServer):
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> FakeAuth0:
+    def start(self) -> Self:
         self.cdn.start()
         super().start()
         return self
@@ -135,7 +135,7 @@ class FakeAuth0(FakeServer):
         super().stop()
         self.cdn.stop()
 
-    def __enter__(self) -> FakeAuth0:
+    def __enter__(self) -> Self:
         return self.start()
 
     # -- knobs for tests ----------------------------------------------------------------
@@ -330,6 +330,7 @@ class FakeAuth0(FakeServer):
         """Status fields of an unfinished job, None once it is done. The estimate is what a
         server can know: time spent so far scaled by the work left (whole seconds, as Auth0)."""
         elapsed = self.clock() - job.started
+        left: float | None
         if job.seconds is not None:
             if elapsed >= job.seconds:
                 return None
@@ -492,7 +493,7 @@ class FakeAuth0(FakeServer):
     def _jwt(self) -> str:
         header = {"alg": "RS256", "typ": "JWT", "kid": "fake"}
         now = int(time.time())
-        claims = {
+        claims: dict[str, str | int] = {
             "iss": f"https://{self.domain}/",
             "sub": f"{self.client_id}@clients",
             "aud": self.audience,

@@ -538,9 +538,9 @@ class AuthjsLoader:
 
     def _connect(self, url: str) -> Any:
         if self.sqlite:
-            conn = sqlite3.connect(url.split(":///", 1)[1], isolation_level=None)
-            conn.execute("PRAGMA foreign_keys = ON")
-            return conn
+            lite = sqlite3.connect(url.split(":///", 1)[1], isolation_level=None)
+            lite.execute("PRAGMA foreign_keys = ON")
+            return lite
         conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1))
         conn.autocommit = True
         if self.db_schema:
@@ -592,7 +592,8 @@ class AuthjsLoader:
         row = self._user_values(user, self._new_id())
         fields = self.user_fields + self._stamp_fields()
         rows = self._insert(self.user_table, fields, [row], returning="id")
-        return rows[0][0]
+        user_id: int | str = rows[0][0]
+        return user_id
 
     def link_account(self, user_id: int | str, account: FakeAccount) -> None:
         values = account.fields(user_id)

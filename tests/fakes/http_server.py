@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["FakeServer", "Fault", "Handler", "Request", "Response", "TokenBucket"]
@@ -197,7 +197,7 @@ class FakeServer:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> FakeServer:
+    def start(self) -> Self:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._server.daemon_threads = True
         # A short poll interval keeps ``stop()`` (and so every test using a fake) quick.
@@ -213,7 +213,7 @@ class FakeServer:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> FakeServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository importable
 
 import psycopg  # noqa: E402
 from sqlalchemy import Engine, func, select  # noqa: E402
-from sqlalchemy.orm import DeclarativeBase, Session  # noqa: E402
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session  # noqa: E402
 
 from bench.results import table, write_section  # noqa: E402
 from db.connect import make_engine  # noqa: E402
@@ -164,7 +164,9 @@ class Target:
     schema: str = SCHEMA
 
     def engine(self) -> Engine:
-        return make_engine(DatabaseSettings(url=self.url, schema=self.schema))
+        return make_engine(
+            DatabaseSettings.model_validate({"url": self.url, "schema": self.schema})
+        )
 
     def migrated(self) -> Engine:
         engine = self.engine()
@@ -280,20 +282,71 @@ class Base(DeclarativeBase):
     pass
 
 
+# Columns come from the Core tables (``__table__``); the annotations only type the attributes.
 class User(Base):
     __table__ = users
+
+    id: Mapped[uuid.UUID]
+    email: Mapped[str | None]
+    email_verified: Mapped[bool]
+    name: Mapped[str | None]
+    given_name: Mapped[str | None]
+    family_name: Mapped[str | None]
+    phone: Mapped[str | None]
+    avatar_url: Mapped[str | None]
+    role: Mapped[str]
+    tenant_id: Mapped[str | None]
+    blocked: Mapped[bool]
+    last_login_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    deleted_at: Mapped[datetime | None]
 
 
 class Profile(Base):
     __table__ = profiles
 
+    id: Mapped[uuid.UUID]
+    user_id: Mapped[uuid.UUID]
+    display_name: Mapped[str | None]
+    avatar_url: Mapped[str | None]
+    timezone: Mapped[str]
+    currency: Mapped[str]
+    locale: Mapped[str]
+    settings: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
 
 class Identity(Base):
     __table__ = user_identities
 
+    provider: Mapped[str]
+    external_id: Mapped[str]
+    user_id: Mapped[uuid.UUID]
+    email: Mapped[str | None]
+    upstream_updated_at: Mapped[datetime | None]
+    content_hash: Mapped[str | None]
+    raw: Mapped[dict[str, Any] | None]
+    first_seen_at: Mapped[datetime]
+    last_synced_at: Mapped[datetime]
+    deleted_at: Mapped[datetime | None]
+
 
 class Audit(Base):
     __table__ = sync_audit
+
+    id: Mapped[int]
+    occurred_at: Mapped[datetime]
+    run_id: Mapped[uuid.UUID | None]
+    source: Mapped[str]
+    provider: Mapped[str]
+    external_id: Mapped[str | None]
+    user_id: Mapped[uuid.UUID | None]
+    action: Mapped[str]
+    changes: Mapped[dict[str, Any] | None]
+    event_id: Mapped[str | None]
+    error: Mapped[str | None]
 
 
 _USER_FIELDS = ("email", "email_verified", "name", "given_name", "family_name", "phone",
@@ -310,11 +363,13 @@ def naive_apply(session: Session, change: UserChange) -> None:
         )
     ).one_or_none()
     fields = {f: getattr(attrs, f) for f in _USER_FIELDS}
+    user: User | None
     if found is None:
         user = naive_create(session, change, fields, now)
         action = "created"
     else:
         user = session.get(User, found.user_id)
+        assert user is not None  # the identity's user_id is a foreign key to users
         for name, value in fields.items():
             setattr(user, name, value)
         user.updated_at = now
@@ -326,7 +381,9 @@ def naive_apply(session: Session, change: UserChange) -> None:
     session.commit()
 
 
-def naive_create(session: Session, change: UserChange, fields: dict[str, Any], now: Any) -> Any:
+def naive_create(
+    session: Session, change: UserChange, fields: dict[str, Any], now: datetime
+) -> User:
     attrs = change.attributes
     assert attrs is not None
     user = User(id=uuid.uuid4(), role=attrs.role or "member", tenant_id=attrs.tenant_id,

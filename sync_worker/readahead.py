@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import Generic, TypeVar
 
 import structlog
@@ -69,7 +69,7 @@ class _Reader(threading.Thread, Generic[T]):
         return False
 
 
-def read_ahead(source: Iterable[T], depth: int = 1) -> Iterator[T]:
+def read_ahead(source: Iterable[T], depth: int = 1) -> Generator[T, None, None]:
     """``source``'s items in order, read by a thread up to ``depth`` items ahead.
 
     Leaving the loop early (an exception, ``close()``) stops the reader and closes

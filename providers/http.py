@@ -459,7 +459,7 @@ def _read_body(response: requests.Response) -> None:
 
     requests reads 10 KiB at a time, and every read is a hand-off of the GIL between the
     thread that reads ahead and the thread applying batches: a 500 KB Stack page cost about
-    60 of them, and the engine ran ~10% slower next to it (measured, bench/pull.py).
+    60 of them, and the engine ran ~10% slower next to it (A/B runs of the Stack pull).
     ``content`` then returns what was read (requests keeps it in ``_content``).
     """
     try:

@@ -1,4 +1,5 @@
-"""The engine holds the cyclic garbage collector off during a batch and restores it after."""
+"""The engine holds the cyclic garbage collector off during a batch and restores it after;
+a pull holds it off from reading a page until that page is applied."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from datetime import datetime
 import pytest
 from sqlalchemy import Engine
 
+from providers.base import Cursor, Page
 from sync_worker.changes import Source
 from sync_worker.engine import SyncEngine
 from sync_worker.plan import PlanSettings
+from sync_worker.pull import PullRunner
 from sync_worker.runtime import collector_paused
 from tests.factories import T0, upsert
+from tests.test_readahead import ThreadRecordingProvider
 
 
 @pytest.fixture
@@ -64,3 +68,29 @@ def test_overlapping_batches_resume_collection_when_the_last_one_ends() -> None:
     release.set()
     other.join()
     assert gc.isenabled()
+
+
+class CollectorRecordingProvider(ThreadRecordingProvider):
+    """Two pages; records whether the collector ran while each was produced."""
+
+    def __init__(self) -> None:
+        super().__init__(ahead=0)
+        self.collecting: list[bool] = []
+
+    def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
+        for n in range(2):
+            self.collecting.append(gc.isenabled())
+            yield Page(changes=(upsert(f"s-{n}", n, provider="stack"),), cursor={"n": n})
+        self.collecting.append(gc.isenabled())  # asked for a third page: there is none
+
+
+@pytest.mark.usefixtures("collector_state")
+def test_a_pull_holds_the_collector_off_from_reading_a_page_to_applying_it(
+    engine: Engine,
+) -> None:
+    gc.enable()
+    provider = CollectorRecordingProvider()
+    report = PullRunner(engine, SyncEngine(engine, PlanSettings()), provider).run()
+    assert report.counts["created"] == 2
+    assert provider.collecting == [False, False, False]
+    assert gc.isenabled()  # on again once the run is over

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -94,3 +95,46 @@ def test_a_pull_holds_the_collector_off_from_reading_a_page_to_applying_it(
     assert report.counts["created"] == 2
     assert provider.collecting == [False, False, False]
     assert gc.isenabled()  # on again once the run is over
+
+
+class Node:
+    other: object = None
+
+
+@pytest.mark.usefixtures("collector_state")
+def test_the_collection_due_runs_when_the_last_pause_ends() -> None:
+    """Without waiting for an allocation: a pull may go from pause to pause without one."""
+    thresholds = gc.get_threshold()
+    gc.enable()
+    gc.set_threshold(100, 10, 10)
+    try:
+        with collector_paused():
+            # Live containers count towards the threshold (freed ones do not).
+            young: list[list[int]] = [[] for _ in range(500)]
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            cycle = weakref.ref(a)
+            del a, b
+        assert cycle() is None
+        assert len(young) == 500
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("collector_state")
+def test_no_collection_when_none_is_due() -> None:
+    gc.enable()
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()  # counts start from zero
+    gc.callbacks.append(count)
+    try:
+        with collector_paused():
+            pass
+    finally:
+        gc.callbacks.remove(count)
+    assert collections == []

@@ -66,6 +66,7 @@ __all__ = [
 PROVIDER = "stack"
 HASH_EXCLUDE = frozenset({"last_active_at_millis"})
 TEAM_IDS_KEY = "team_ids"
+_TENANT_STATED = frozenset({"tenant_id"})
 API_PREFIX = "/api/v1"
 
 log = structlog.get_logger(__name__)
@@ -88,6 +89,8 @@ def to_change(
 
     ``team_ids`` (the user's memberships) is stored in ``raw`` under ``team_ids``, sorted,
     so that membership changes change the content hash; None leaves ``raw`` as received.
+    With the memberships known, ``tenant_id`` is stated even when None: a user who left
+    every team loses the stored tenant. Without them the stored tenant stays.
     """
     user_id = _require_id(raw)
     record = dict(raw)
@@ -98,14 +101,14 @@ def to_change(
         external_id=user_id,
         kind=ChangeKind.UPSERT,
         version=observed_at,
-        attributes=_attributes(raw, tenant_id),
+        attributes=_attributes(raw, tenant_id, stated=team_ids is not None),
         linked=_linked(raw.get("oauth_providers")),
         raw=record,
         hash_exclude=HASH_EXCLUDE,
     )
 
 
-def _attributes(raw: Mapping[str, Any], tenant_id: str | None) -> UserAttributes:
+def _attributes(raw: Mapping[str, Any], tenant_id: str | None, *, stated: bool) -> UserAttributes:
     return UserAttributes(
         email=_text(raw.get("primary_email")),
         email_verified=raw.get("primary_email_verified") is True,
@@ -116,6 +119,7 @@ def _attributes(raw: Mapping[str, Any], tenant_id: str | None) -> UserAttributes
         blocked=raw.get("restricted_by_admin") is True,
         created_at=parse_timestamp(raw.get("signed_up_at_millis")),
         profile=_profile(raw.get("client_metadata")),
+        stated=_TENANT_STATED if stated else frozenset(),
     )
 
 

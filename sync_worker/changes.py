@@ -44,9 +44,9 @@ class UserAttributes:
     """IdP-owned fields of a user, as the provider states them.
 
     ``role`` and ``tenant_id`` are None when the provider says nothing about them (the stored
-    value is then kept). ``profile`` holds app-owned profile fields (timezone, locale, ...)
-    that a mapping derived from upstream data; they are used on create only unless config
-    lists them in ``profile.overwrite``.
+    value is then kept), unless named in ``stated``. ``profile`` holds app-owned profile
+    fields (timezone, locale, ...) that a mapping derived from upstream data; they are used
+    on create only unless config lists them in ``profile.overwrite``.
     """
 
     email: str | None = None
@@ -62,6 +62,9 @@ class UserAttributes:
     last_login_at: datetime | None = None
     created_at: datetime | None = None
     profile: Mapping[str, Any] = field(default_factory=dict)
+    #: Of ``role`` and ``tenant_id``, those the provider states even when None: None then
+    #: clears the stored value (Stack, whose team memberships are read in full).
+    stated: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,7 +123,7 @@ class UserChange:
         return hashlib.sha256(encoded.encode()).hexdigest()
 
 
-_ATTRIBUTE_FIELDS = tuple(f.name for f in fields(UserAttributes))
+_ATTRIBUTE_FIELDS = tuple(f.name for f in fields(UserAttributes) if f.name != "stated")
 _FLAT = (str, int, float, bool, type(None))
 
 
@@ -136,8 +139,13 @@ def _attributes_doc(attrs: UserAttributes | None) -> dict[str, Any] | None:
     profile = attrs.profile
     flat = type(profile) is dict and all(type(v) in _FLAT for v in profile.values())
     if not flat or type(attrs) is not UserAttributes:
-        return asdict(attrs)
-    return {name: getattr(attrs, name) for name in _ATTRIBUTE_FIELDS}
+        doc = asdict(attrs)
+        del doc["stated"]
+    else:
+        doc = {name: getattr(attrs, name) for name in _ATTRIBUTE_FIELDS}
+    if attrs.stated:  # only then: the digests stored before the field existed still hold
+        doc["stated"] = sorted(attrs.stated)
+    return doc
 
 
 def _json_default(value: object) -> str:

@@ -24,7 +24,8 @@ USER_FIELDS = (
     "email", "email_verified", "name", "given_name", "family_name",
     "phone", "avatar_url", "blocked", "last_login_at",
 )  # fmt: skip
-# Set from the provider only when it states them; otherwise the stored value stays.
+# Set from the provider only when it states them (a value, or None named in
+# ``UserAttributes.stated``); otherwise the stored value stays.
 OPTIONAL_USER_FIELDS = ("role", "tenant_id")
 PROFILE_IDP_FIELDS = {"display_name": "name", "avatar_url": "avatar_url"}
 APP_PROFILE_FIELDS = ("timezone", "currency", "locale", "settings")
@@ -239,7 +240,13 @@ class _Planner:
             return {}
         user = self.users[user_id]
         wanted: Row = {f: getattr(attrs, f) for f in USER_FIELDS}
-        wanted.update({f: getattr(attrs, f) for f in OPTIONAL_USER_FIELDS if getattr(attrs, f)})
+        wanted.update(
+            {
+                f: getattr(attrs, f)
+                for f in OPTIONAL_USER_FIELDS
+                if getattr(attrs, f) or f in attrs.stated
+            }
+        )
         if fill_only:
             wanted = {f: v for f, v in wanted.items() if user.get(f) in (None, False) and v}
         diff = self._set(user, self.user_cols[user_id], wanted, "")

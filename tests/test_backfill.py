@@ -143,6 +143,23 @@ class TestStack:
         assert load_cursor(engine, "stack") is None
         assert last_run(engine)["status"] == "dry_run"
 
+    def test_leaving_every_team_clears_the_tenant(
+        self, engine: Engine, stack_fake: StackFake
+    ) -> None:
+        ada, bob = stack_fake.add_user(display_name="Ada"), stack_fake.add_user(display_name="Bob")
+        acme = stack_fake.add_team("Acme", members=[ada, bob])
+        runner(engine, stack_provider(stack_fake)).run(full=True)
+        assert {u["tenant_id"] for u in rows(engine, "users")} == {acme}
+
+        stack_fake.remove_member(acme, ada)
+        report = runner(engine, stack_provider(stack_fake)).run(full=True)
+
+        assert dict(report.counts) == {"updated": 1, "unchanged": 1}
+        tenants = {u["name"]: u["tenant_id"] for u in rows(engine, "users")}
+        assert tenants == {"Ada": None, "Bob": acme}
+        (updated,) = audit(engine, action="updated")
+        assert (updated["external_id"], updated["changes"]["tenant_id"]) == (ada, [acme, None])
+
     def test_reconcile_soft_deletes_users_missing_upstream(
         self, engine: Engine, stack_fake: StackFake
     ) -> None:

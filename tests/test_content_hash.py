@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,11 @@ def test_digest_is_pinned(build: Callable[[], UserChange], digest: str) -> None:
 
 def test_digest_follows_the_attributes() -> None:
     assert flat_profile().content_hash() != upsert("auth0|pinned", 5).content_hash()
+
+
+@pytest.mark.parametrize("build", [flat_profile, nested_profile])
+def test_a_stated_none_changes_the_digest(build: Callable[[], UserChange]) -> None:
+    change = build()
+    assert change.attributes is not None
+    stated = replace(change.attributes, stated=frozenset({"tenant_id"}))
+    assert replace(change, attributes=stated).content_hash() != change.content_hash()

@@ -120,6 +120,9 @@ def test_to_change_maps_real_shaped_users(path: Path) -> None:
     assert change.version == observed
     assert change.hash_exclude == HASH_EXCLUDE
     assert (change.raw or {}).get(TEAM_IDS_KEY) == expected["raw_team_ids"]
+    # With the memberships known, no tenant is a statement: it clears the stored one.
+    stated = {"tenant_id"} if case["team_ids"] is not None else set()
+    assert attributes["stated"] == stated
 
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c["why"])

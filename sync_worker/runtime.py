@@ -35,8 +35,7 @@ class _CollectorPause:
     an export page being decoded): collections during them would walk every one of those
     objects again and again, and free nothing. Measured: 18-24% of ``apply``, before the
     thresholds above. Reference counting still frees what dies; collections resume when the
-    last pause in any thread ends, and the collection the allocations made meanwhile call
-    for runs then.
+    last pause in any thread ends, and the allocations made meanwhile trigger one then.
     """
 
     def __init__(self) -> None:
@@ -54,28 +53,8 @@ class _CollectorPause:
     def __exit__(self, *_exc: object) -> None:
         with self._lock:
             self._depth -= 1
-            resumed = self._depth == 0 and self._resume
-            if resumed:
+            if self._depth == 0 and self._resume:
                 gc.enable()
-        if resumed:  # outside the lock: finalizers may pause again
-            _collect_due()
-
-
-def _collect_due() -> None:
-    """Run now the collection the thresholds call for, if any.
-
-    CPython would run it at the next container allocation, but a pull can go from one
-    pause to the next without allocating one (the runner pauses from reading a page until
-    it is applied): collections, and so cyclic garbage, would wait for the whole pass. Run
-    here, it meets the page already freed. Unlike CPython's own trigger, a full collection
-    does not wait for a quarter of the heap to be new: with start-up objects frozen
-    (``tune_gc``) it walks little.
-    """
-    counts, thresholds = gc.get_count(), gc.get_threshold()
-    if thresholds[0] == 0 or counts[0] <= thresholds[0]:
-        return
-    # As CPython picks: the oldest generation whose count passed its threshold.
-    gc.collect(max(g for g in range(3) if counts[g] > thresholds[g]))
 
 
 _COLLECTOR_PAUSE = _CollectorPause()

@@ -3,8 +3,8 @@
 Full sync (``full=True`` or no ``log_id`` in the cursor)::
 
     newest log_id  ->  POST /jobs/users-exports  ->  poll GET /jobs/{id}  ->  stream the
-    gzipped NDJSON from ``location``  ->  pages of ``batch_size`` (cursor None; the last page
-    complete=True with cursor {"log_id": <newest log_id read before the export>})
+    gzipped NDJSON from ``location``  ->  pages of ``batch_size`` (cursor None), then an empty
+    page, complete=True, with cursor {"log_id": <newest log_id read before the export>}
 
 The log position is read *before* the export starts, so the next incremental pull overlaps
 the export instead of leaving a gap. ``GET /users`` is never paged (1,000-result cap,
@@ -528,15 +528,12 @@ class Auth0Provider:
     def _export_pages(
         self, records: Iterator[Mapping[str, Any] | RecordError], cursor: Cursor
     ) -> Iterator[Page]:
-        # One page of lookahead: only the page known to be last may carry the cursor.
-        previous: Page | None = None
         while (page := self._next_export_page(records)) is not None:
-            if previous is not None:
-                yield previous
-            previous = page
-        last = previous if previous is not None else Page(changes=(), cursor=None)
+            yield page
         log.info("auth0_export_read", resume_log_id=cursor.get("log_id"))
-        yield replace(last, cursor=cursor, complete=True)
+        # The log position is safe to resume from only once the whole file is read: it comes
+        # on a page of its own rather than holding each decoded page back to see if it is last.
+        yield Page(changes=(), cursor=cursor, complete=True)
 
     def _next_export_page(self, records: Iterator[Mapping[str, Any] | RecordError]) -> Page | None:
         # Every record decoded here lives until the page is applied: collections meanwhile

@@ -28,6 +28,7 @@ from sync_worker.engine import BatchResult, CursorUpdate, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
 from sync_worker.plan import Outcome
 from sync_worker.readahead import read_ahead
+from sync_worker.runtime import collect_young, collector_paused
 from sync_worker.state import (
     RunStatus,
     finish_run,
@@ -139,14 +140,25 @@ class PullRunner:
         ahead = self.read_ahead_pages
         if ahead is None:
             ahead = self.provider.read_ahead_pages(full=whole)
-        for page in read_ahead(pages, ahead):
-            result = self._apply(page, report.run_id, seen, dry_run=dry_run)
-            report.add(result)
-            report.pages += 1
-            self.progress(len(page.changes) + len(page.errors))
+        pending = read_ahead(pages, ahead)
+        while True:
+            # A page's objects live from its decoding until it is applied, and reference
+            # counting frees them then: collections in between would only walk them. One
+            # runs after each page instead, when the page is gone.
+            with collector_paused():
+                page = next(pending, None)
+                if page is None:
+                    return
+                result = self._apply(page, report.run_id, seen, dry_run=dry_run)
+                report.add(result)
+                report.pages += 1
+                self.progress(len(page.changes) + len(page.errors))
+                complete = page.complete and not page.extra.get("partial_pass")
+                del page, result
+            collect_young()
             # Stack and Auth.js list every user on every pull; the adapter says when a pass
             # saw everyone (complete, and not resumed halfway), whatever the run's kind.
-            if page.complete and not page.extra.get("partial_pass"):
+            if complete:
                 report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
 
     def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:

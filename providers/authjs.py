@@ -98,6 +98,9 @@ _DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privi
 
 log = structlog.get_logger(__name__)
 
+#: The user fields an Auth.js users row states: logins come from its sessions instead.
+STATED = frozenset({"email", "email_verified", "name", "avatar_url"})
+
 
 # -- pure mapping ----------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ def to_change(
         name=optional_text(row, "name"),
         avatar_url=optional_text(row, "image"),
         created_at=created_at,
+        stated=STATED,
     )
     raw: dict[str, Any] = {
         "id": user_id,

@@ -66,7 +66,10 @@ __all__ = [
 PROVIDER = "stack"
 HASH_EXCLUDE = frozenset({"last_active_at_millis"})
 TEAM_IDS_KEY = "team_ids"
-_TENANT_STATED = frozenset({"tenant_id"})
+#: The user fields a Stack record states (no separate names, phone or login time); with
+#: the memberships read, the tenant too.
+STATED = frozenset({"email", "email_verified", "name", "avatar_url", "blocked"})
+_STATED_WITH_TENANT = STATED | {"tenant_id"}
 API_PREFIX = "/api/v1"
 
 log = structlog.get_logger(__name__)
@@ -119,7 +122,7 @@ def _attributes(raw: Mapping[str, Any], tenant_id: str | None, *, stated: bool) 
         blocked=raw.get("restricted_by_admin") is True,
         created_at=parse_timestamp(raw.get("signed_up_at_millis")),
         profile=_profile(raw.get("client_metadata")),
-        stated=_TENANT_STATED if stated else frozenset(),
+        stated=_STATED_WITH_TENANT if stated else STATED,
     )
 
 

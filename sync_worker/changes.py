@@ -28,7 +28,9 @@ class Source(StrEnum):
     CLI = "cli"
 
 
-class AuditAction(StrEnum):
+class Action(StrEnum):
+    """What applying one change did. Those in ``AUDITED`` are written to ``sync_audit``."""
+
     CREATED = "created"
     UPDATED = "updated"
     DELETED = "deleted"
@@ -37,16 +39,39 @@ class AuditAction(StrEnum):
     LOGIN = "login"
     STALE_SKIPPED = "stale_skipped"
     FAILED = "failed"
+    UNCHANGED = "unchanged"
+    SESSION_UPDATED = "session_updated"
+    UNKNOWN = "unknown"  # a deletion of an identity never seen, without a version
+
+
+AUDITED = frozenset(
+    {
+        Action.CREATED, Action.UPDATED, Action.DELETED, Action.RESTORED,
+        Action.LINKED, Action.LOGIN, Action.STALE_SKIPPED, Action.FAILED,
+    }
+)  # fmt: skip
+
+#: IdP-owned user columns a provider may state; each follows the provider when stated.
+IDP_FIELDS = (
+    "email", "email_verified", "name", "given_name", "family_name",
+    "phone", "avatar_url", "blocked", "last_login_at",
+)  # fmt: skip
+#: User columns the app may fill itself (from app_metadata, teams...): a provider states
+#: them only when it knows them, so by default they are not stated.
+OPTIONAL_FIELDS = ("role", "tenant_id")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserAttributes:
     """IdP-owned fields of a user, as the provider states them.
 
-    ``role`` and ``tenant_id`` are None when the provider says nothing about them (the stored
-    value is then kept), unless named in ``stated``. ``profile`` holds app-owned profile
-    fields (timezone, locale, ...) that a mapping derived from upstream data; they are used
-    on create only unless config lists them in ``profile.overwrite``.
+    ``stated`` names the fields the provider states for this record: for those, None (or
+    False) is the provider's word and clears the stored value. A field it does not state
+    keeps the stored value unless the record carries one (Auth.js has no ``last_login_at``
+    column, so a pass must not erase the login a session recorded). By default the nine
+    ``IDP_FIELDS`` are stated and ``role`` / ``tenant_id`` are not. ``profile`` holds
+    app-owned profile fields (timezone, locale, ...) that a mapping derived from upstream
+    data; they are used on create only unless config lists them in ``profile.overwrite``.
     """
 
     email: str | None = None
@@ -62,9 +87,11 @@ class UserAttributes:
     last_login_at: datetime | None = None
     created_at: datetime | None = None
     profile: Mapping[str, Any] = field(default_factory=dict)
-    #: Of ``role`` and ``tenant_id``, those the provider states even when None: None then
-    #: clears the stored value (Stack, whose team memberships are read in full).
-    stated: frozenset[str] = frozenset()
+    stated: frozenset[str] = frozenset(IDP_FIELDS)
+
+    def states(self, name: str) -> bool:
+        """Whether this record says something about ``name`` (a value, or a stated None)."""
+        return name in self.stated or bool(getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,7 +121,9 @@ class UserChange:
     """One change to one upstream identity.
 
     ``version`` is the upstream ``updated_at`` (or, for providers without one, the time the
-    record was observed); an older version never overwrites a newer one. ``raw`` is the
+    record was observed); an older version never overwrites a newer one. ``linked`` lists
+    every secondary identity the user holds upstream, unless ``linked_stated`` is False
+    (a webhook about the user alone): the stored ones are then kept. ``raw`` is the
     upstream record as received, kept for operators; keys in ``hash_exclude`` are left out of
     the content hash because they change without the user changing (Stack's
     ``last_active_at_millis``).
@@ -106,6 +135,7 @@ class UserChange:
     version: datetime | None = None
     attributes: UserAttributes | None = None
     linked: tuple[LinkedIdentity, ...] = ()
+    linked_stated: bool = True
     session: SessionInfo | None = None
     raw: Mapping[str, Any] | None = None
     hash_exclude: frozenset[str] = frozenset()
@@ -143,8 +173,12 @@ def _attributes_doc(attrs: UserAttributes | None) -> dict[str, Any] | None:
         del doc["stated"]
     else:
         doc = {name: getattr(attrs, name) for name in _ATTRIBUTE_FIELDS}
-    if attrs.stated:  # only then: the digests stored before the field existed still hold
-        doc["stated"] = sorted(attrs.stated)
+    # Only the optional fields' statement varies from record to record (Stack states the
+    # tenant when it read the memberships); which IdP fields a provider states is fixed by
+    # its mapper. Hashing just that part keeps every digest stored before it existed.
+    optional = attrs.stated.intersection(OPTIONAL_FIELDS)
+    if optional:
+        doc["stated"] = sorted(optional)
     return doc
 
 

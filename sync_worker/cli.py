@@ -22,6 +22,8 @@ from sqlalchemy.exc import OperationalError
 
 from db.connect import make_engine
 from db.migrate import current_revision, head_revision, upgrade
+from db.report import collect as collect_status
+from db.runs import RunStatus
 from sync_worker import __version__, status
 from sync_worker.changes import Source, as_utc
 from sync_worker.config import Settings, config_path, load_settings
@@ -29,8 +31,7 @@ from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, StoreError, SyncWorkerError
 from sync_worker.logging import configure
 from sync_worker.pull import PullReport, PullRunner, reconcile_guard_error
-from sync_worker.runtime import tune_gc
-from sync_worker.state import RunStatus
+from sync_worker.runtime import allow_collector_pauses, tune_gc
 
 log = structlog.get_logger(__name__)
 
@@ -137,7 +138,7 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     with _database(settings) as engine:
-        report = status.collect(engine)
+        report = collect_status(engine)
     print(json.dumps(report, indent=2, default=str) if args.json else status.render(report))
     return EXIT_OK
 
@@ -145,13 +146,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from providers import registry
 
+    allow_collector_pauses()  # one batch job at a time in this process
+
     provider = registry.build(args.provider, settings)
     try:
         cursor = _since_cursor(provider, args.since)
         with _database(settings) as engine, _progress(f"{args.provider} users") as progress:
             runner = PullRunner(
                 engine,
-                SyncEngine.from_settings(engine, settings),
+                SyncEngine.from_settings(settings),
                 provider,
                 max_delete_fraction=settings.sync.max_delete_fraction,
                 source=Source.BACKFILL,
@@ -167,6 +170,8 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
     from providers import registry
 
+    allow_collector_pauses()  # one batch job at a time in this process
+
     enabled = settings.enabled_providers()
     if not enabled:
         print("no provider configured: set AUTH0_*, STACK_* or AUTHJS_DATABASE_URL (see README)")
@@ -178,7 +183,7 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
             try:
                 runner = PullRunner(
                     engine,
-                    SyncEngine.from_settings(engine, settings),
+                    SyncEngine.from_settings(settings),
                     provider,
                     max_delete_fraction=settings.sync.max_delete_fraction,
                     source=Source.PULL,

@@ -11,6 +11,9 @@
     │   └── HttpStatusError         (providers.http) any other 4xx: a request we got wrong
     ├── WebhookVerificationError    the sender: bad signature, stale timestamp, missing headers
     └── StoreError                  the database: driver errors translated at the db/ boundary
+        ├── StoreUnavailable        nobody, then the operator: cannot connect, connection lost
+        ├── RecordRefused           the data: a constraint or type the database refused (one
+        │                           record; the engine isolates it and the batch goes on)
         └── GuardRefused            the operator: a safety guard (e.g. reconcile) refused to act
 
 Driver and HTTP exceptions are translated once at each boundary (`raise ... from exc`);
@@ -58,6 +61,14 @@ class WebhookVerificationError(SyncWorkerError):
 
 class StoreError(SyncWorkerError):
     """The worker's database failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached, or the connection was lost."""
+
+
+class RecordRefused(StoreError):
+    """The database refused a row (constraint, type); the message is its first line only."""
 
 
 class GuardRefused(StoreError):

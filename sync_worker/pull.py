@@ -21,22 +21,18 @@ from typing import Any, Protocol
 import structlog
 from sqlalchemy import CompoundSelect, Engine, Subquery, func, select
 
+from db.cursors import load_cursor, save_cursor
+from db.runs import RunStatus, finish_run, start_run
+from db.seen import forget_seen, mark_seen, seen_ids
+from db.snapshot import refresh_statistics
 from db.tables import user_identities
+from db.transaction import transaction
 from providers.base import Cursor, Page, Provider
 from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
-from sync_worker.engine import BatchResult, CursorUpdate, Rejected, SyncEngine
+from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
-from sync_worker.plan import Outcome
 from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collect_young, collector_paused
-from sync_worker.state import (
-    RunStatus,
-    finish_run,
-    forget_seen,
-    load_cursor,
-    seen_ids,
-    start_run,
-)
 
 log = structlog.get_logger(__name__)
 
@@ -162,26 +158,29 @@ class PullRunner:
                 report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
 
     def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:
-        cursor = (
-            CursorUpdate(provider=self.provider.name, cursor=page.cursor)
-            if page.cursor is not None
-            else None
-        )
+        """The page's batch, its seen ids and its cursor in one transaction."""
         rejected = [
             Rejected(provider=self.provider.name, external_id=e.external_id, reason=e.reason)
             for e in page.errors
         ]
-        result = self.engine.apply(
-            page.changes,
-            source=self.source,
-            run_id=run_id,
-            cursor=cursor,
-            rejected=rejected,
-            seen=seen.ids_to_store(page.seen_ids),
-            dry_run=dry_run,
-        )
+        with transaction(self.db, rollback=dry_run) as conn:
+            result = self.engine.apply(
+                conn, page.changes, source=self.source, run_id=run_id, rejected=rejected
+            )
+            ids = seen.ids_to_store(page.seen_ids)
+            if ids:
+                mark_seen(conn, run_id, ids)
+            if page.cursor is not None:
+                save_cursor(conn, self.provider.name, page.cursor, utcnow())
         seen.remember(page.seen_ids)
+        if result.created and not dry_run:
+            self._refresh_statistics()
         return result
+
+    def _refresh_statistics(self) -> None:
+        # New users grow the tables the next batch looks up: keep the planner informed.
+        with transaction(self.db) as conn:
+            refresh_statistics(conn)
 
     def _reconcile(self, report: PullReport, seen: _Seen, *, dry_run: bool) -> ReconcileReport:
         live, missing = seen.count(self.db, self.provider.name)
@@ -206,9 +205,10 @@ class PullRunner:
                 )
                 for e in batch
             ]
-            result = self.engine.apply(
-                deletions, source=self.source, run_id=report.run_id, dry_run=dry_run
-            )
+            with transaction(self.db, rollback=dry_run) as conn:
+                result = self.engine.apply(
+                    conn, deletions, source=self.source, run_id=report.run_id
+                )
             report.add(result)
             deleted += result.counts.get("deleted", 0)
         log.info("reconciled", provider=self.provider.name, live=live, deleted=deleted)

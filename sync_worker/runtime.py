@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import gc
 import threading
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: A young collection every 10,000 net container allocations instead of every 700. At
 #: 100,000 the rarer full collections let garbage pile up: a backfill's peak RSS grew with
@@ -36,21 +37,28 @@ class _CollectorPause:
     objects again and again, and free nothing. Measured: 18-24% of ``apply``, before the
     thresholds above. Reference counting still frees what dies; collections resume when the
     last pause in any thread ends, and the allocations made meanwhile trigger one then.
+
+    The collector is process-wide, so a pause in one thread stops it for all: only a
+    process that does one batch job at a time may pause it (``allow_collector_pauses``,
+    called by the one-shot CLI commands). In the daemon, where a web server, the drainer
+    and the scheduler run side by side, busy batches could keep it off for good; pauses
+    do nothing there unless allowed.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._depth = 0
         self._resume = False
+        self.allowed = False
 
-    def __enter__(self) -> None:
+    def enter(self) -> None:
         with self._lock:
             if self._depth == 0:
                 self._resume = gc.isenabled()
                 gc.disable()
             self._depth += 1
 
-    def __exit__(self, *_exc: object) -> None:
+    def exit(self) -> None:
         with self._lock:
             self._depth -= 1
             if self._depth == 0 and self._resume:
@@ -60,9 +68,22 @@ class _CollectorPause:
 _COLLECTOR_PAUSE = _CollectorPause()
 
 
-def collector_paused() -> AbstractContextManager[None]:
-    """The process-wide pause: nest and overlap it freely, across threads."""
-    return _COLLECTOR_PAUSE
+def allow_collector_pauses(allowed: bool = True) -> None:
+    """Let ``collector_paused`` switch the collector off: for one-shot batch processes only."""
+    _COLLECTOR_PAUSE.allowed = allowed
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The process-wide pause, where allowed: nest and overlap it freely, across threads."""
+    if not _COLLECTOR_PAUSE.allowed:
+        yield
+        return
+    _COLLECTOR_PAUSE.enter()
+    try:
+        yield
+    finally:
+        _COLLECTOR_PAUSE.exit()
 
 
 def collect_young() -> None:

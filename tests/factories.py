@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, select
+from sqlalchemy import Engine as SAEngine
 
+from db.cursors import save_cursor
 from db.tables import metadata, sync_audit
+from db.transaction import transaction
 from sync_worker.changes import (
     ChangeKind,
     LinkedIdentity,
     SessionInfo,
+    Source,
     UserAttributes,
     UserChange,
 )
+from sync_worker.engine import BatchResult, PlanSettings, SyncEngine
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -126,3 +132,31 @@ def audit(engine: Engine, **where: Any) -> list[dict[str, Any]]:
         stmt = stmt.where(sync_audit.c[column] == value)
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+class BoundEngine:
+    """The engine bound to a database: each ``apply`` in a transaction of its own.
+
+    The engine works inside its caller's transaction; callers (pull runner, drainer) own
+    it. Tests of the engine rules do what a caller does: open one, apply, save the cursor
+    with the batch, commit (or roll back, for a dry run).
+    """
+
+    def __init__(self, db: SAEngine, settings: PlanSettings | None = None, **kw: Any) -> None:
+        self.db = db
+        self.engine = SyncEngine(settings or PlanSettings(), **kw)
+
+    def apply(
+        self,
+        changes: Sequence[UserChange],
+        *,
+        source: Source,
+        cursor: tuple[str, dict[str, Any]] | None = None,
+        dry_run: bool = False,
+        **kw: Any,
+    ) -> BatchResult:
+        with transaction(self.db, rollback=dry_run) as conn:
+            result = self.engine.apply(conn, list(changes), source=source, **kw)
+            if cursor is not None:
+                save_cursor(conn, cursor[0], cursor[1], T0)
+        return result

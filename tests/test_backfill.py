@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from db.connect import make_engine
+from db.cursors import load_cursor
 from db.migrate import upgrade
 from db.tables import sync_runs
 from providers.auth0 import Auth0Provider
@@ -28,13 +29,11 @@ from sync_worker.changes import (
     utcnow,
 )
 from sync_worker.config import Auth0Settings, AuthjsSettings, DatabaseSettings, StackSettings
-from sync_worker.engine import SyncEngine
+from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.errors import UpstreamUnavailable
-from sync_worker.plan import PlanSettings
 from sync_worker.pull import PullRunner
-from sync_worker.state import load_cursor
 from tests.conftest import sqlalchemy_url
-from tests.factories import audit, rows
+from tests.factories import BoundEngine, audit, rows
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import make_loader
 from tests.fakes.stack import USERS_PATH, StackFake
@@ -62,7 +61,7 @@ def stack_provider(fake: StackFake, page_size: int = 5) -> StackProvider:
 
 
 def runner(engine: Engine, provider: Provider, **kw: Any) -> PullRunner:
-    return PullRunner(engine, SyncEngine(engine, PlanSettings()), provider, **kw)
+    return PullRunner(engine, SyncEngine(PlanSettings()), provider, **kw)
 
 
 def live_users(engine: Engine) -> list[dict[str, Any]]:
@@ -183,7 +182,7 @@ class TestStack:
         runner(engine, stack_provider(stack_fake)).run(full=True)
         stack_fake.delete_user(ids[2])
         stack_fake.delete_user(ids[9])
-        sync = SyncEngine(engine, PlanSettings())
+        sync = BoundEngine(engine, PlanSettings())
 
         def webhook() -> None:
             now = utcnow()

@@ -5,20 +5,19 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, update
 
+from db.cursors import load_cursor
 from db.tables import profiles, users
 from sync_worker.changes import LinkedIdentity, Source
-from sync_worker.engine import CursorUpdate, SyncEngine
-from sync_worker.plan import PlanSettings
-from sync_worker.state import load_cursor
-from tests.factories import at, audit, delete, dump, login, rows, upsert
+from sync_worker.engine import PlanSettings
+from tests.factories import BoundEngine, at, audit, delete, dump, login, rows, upsert
 
 
 @pytest.fixture
-def sync(engine: Engine) -> SyncEngine:
-    return SyncEngine(engine, PlanSettings())
+def sync(engine: Engine) -> BoundEngine:
+    return BoundEngine(engine, PlanSettings())
 
 
-def apply(sync: SyncEngine, *changes, **kw):  # type: ignore[no-untyped-def]
+def apply(sync: BoundEngine, *changes, **kw):  # type: ignore[no-untyped-def]
     return sync.apply(list(changes), source=Source.PULL, **kw)
 
 
@@ -28,7 +27,7 @@ def only(items: list[dict]) -> dict:  # type: ignore[type-arg]
 
 
 class TestCreate:
-    def test_creates_user_profile_identity_and_audit_together(self, sync: SyncEngine) -> None:
+    def test_creates_user_profile_identity_and_audit_together(self, sync: BoundEngine) -> None:
         result = apply(sync, upsert("auth0|1", name="Ada Lovelace", avatar_url="https://img/1"))
         assert result.counts == {"created": 1}
         user = only(rows(sync.db, "users"))
@@ -54,7 +53,7 @@ class TestCreate:
 
     def test_profile_defaults_come_from_settings(self, engine: Engine) -> None:
         settings = PlanSettings(profile_defaults={"timezone": "Europe/Berlin", "currency": "EUR"})
-        SyncEngine(engine, settings).apply([upsert("auth0|1")], source=Source.CLI)
+        BoundEngine(engine, settings).apply([upsert("auth0|1")], source=Source.CLI)
         profile = only(rows(engine, "profiles"))
         assert (profile["timezone"], profile["currency"], profile["locale"]) == (
             "Europe/Berlin",
@@ -62,17 +61,17 @@ class TestCreate:
             "en",
         )
 
-    def test_mapped_profile_fields_are_used_on_create(self, sync: SyncEngine) -> None:
+    def test_mapped_profile_fields_are_used_on_create(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", profile={"locale": "es-ES"}))
         assert only(rows(sync.db, "profiles"))["locale"] == "es-ES"
 
-    def test_audit_carries_event_id(self, sync: SyncEngine) -> None:
+    def test_audit_carries_event_id(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", event_id="evt_1"))
         assert only(audit(sync.db))["event_id"] == "evt_1"
 
 
 class TestIdempotence:
-    def test_applying_twice_changes_nothing(self, sync: SyncEngine) -> None:
+    def test_applying_twice_changes_nothing(self, sync: BoundEngine) -> None:
         batch = [upsert(f"auth0|{i}", i) for i in range(20)]
         apply(sync, *batch)
         before, audit_before = dump(sync.db), audit(sync.db)
@@ -82,14 +81,14 @@ class TestIdempotence:
         assert audit(sync.db) == audit_before
         assert len(audit_before) == 20
 
-    def test_unchanged_record_touches_no_row(self, sync: SyncEngine) -> None:
+    def test_unchanged_record_touches_no_row(self, sync: BoundEngine) -> None:
         apply(sync, upsert("s-1", 0, provider="stack", raw={"id": "s-1"}))
         identity = only(rows(sync.db, "user_identities"))
         # Re-observed later with the same content (Stack has no updated_at): nothing is written.
         apply(sync, upsert("s-1", 5, provider="stack", raw={"id": "s-1"}))
         assert only(rows(sync.db, "user_identities")) == identity
 
-    def test_each_real_change_gets_one_audit_row(self, sync: SyncEngine) -> None:
+    def test_each_real_change_gets_one_audit_row(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0, name="A"))
         apply(sync, upsert("auth0|1", 1, name="B"))
         apply(sync, upsert("auth0|1", 1, name="B"))
@@ -100,7 +99,7 @@ class TestIdempotence:
 
 
 class TestVersionGuard:
-    def test_older_after_newer_changes_nothing(self, sync: SyncEngine) -> None:
+    def test_older_after_newer_changes_nothing(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 10, name="Newest"))
         before = dump(sync.db)
         result = apply(sync, upsert("auth0|1", 5, name="Older"))
@@ -108,19 +107,19 @@ class TestVersionGuard:
         assert dump(sync.db) == before
         assert only(rows(sync.db, "users"))["name"] == "Newest"
 
-    def test_stale_event_is_audited_once(self, sync: SyncEngine) -> None:
+    def test_stale_event_is_audited_once(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 10))
         apply(sync, upsert("auth0|1", 5, name="Old", event_id="evt_old"))
         apply(sync, upsert("auth0|1", 5, name="Old", event_id="evt_old"))
         stale = audit(sync.db, action="stale_skipped")
         assert [a["event_id"] for a in stale] == ["evt_old"]
 
-    def test_delete_older_than_stored_version_is_ignored(self, sync: SyncEngine) -> None:
+    def test_delete_older_than_stored_version_is_ignored(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 10))
         assert apply(sync, delete("auth0|1", 5)).counts == {"stale_skipped": 1}
         assert only(rows(sync.db, "users"))["deleted_at"] is None
 
-    def test_newest_in_batch_wins(self, sync: SyncEngine) -> None:
+    def test_newest_in_batch_wins(self, sync: BoundEngine) -> None:
         result = apply(
             sync,
             upsert("auth0|1", 1, name="v1"),
@@ -133,7 +132,7 @@ class TestVersionGuard:
 
 
 class TestLinking:
-    def test_links_new_identity_by_verified_email(self, sync: SyncEngine) -> None:
+    def test_links_new_identity_by_verified_email(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", email="Ada@Example.org", email_verified=True))
         result = apply(
             sync, upsert("s-1", provider="stack", email="ada@example.org", email_verified=True)
@@ -145,7 +144,7 @@ class TestLinking:
             "stack",
         }
 
-    def test_never_links_by_unverified_email(self, sync: SyncEngine) -> None:
+    def test_never_links_by_unverified_email(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", email="ada@example.org", email_verified=True))
         result = apply(
             sync, upsert("s-1", provider="stack", email="ada@example.org", email_verified=False)
@@ -153,18 +152,18 @@ class TestLinking:
         assert result.counts == {"created": 1}
         assert len(rows(sync.db, "users")) == 2
 
-    def test_never_links_to_a_user_whose_email_is_unverified(self, sync: SyncEngine) -> None:
+    def test_never_links_to_a_user_whose_email_is_unverified(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", email="ada@example.org", email_verified=False))
         apply(sync, upsert("s-1", provider="stack", email="ada@example.org", email_verified=True))
         assert len(rows(sync.db, "users")) == 2
 
     def test_linking_can_be_switched_off(self, engine: Engine) -> None:
-        sync = SyncEngine(engine, PlanSettings(link_by_verified_email=False))
+        sync = BoundEngine(engine, PlanSettings(link_by_verified_email=False))
         apply(sync, upsert("auth0|1", email="ada@example.org"))
         apply(sync, upsert("s-1", provider="stack", email="ada@example.org"))
         assert len(rows(engine, "users")) == 2
 
-    def test_links_within_one_batch(self, sync: SyncEngine) -> None:
+    def test_links_within_one_batch(self, sync: BoundEngine) -> None:
         result = apply(
             sync,
             upsert("auth0|1", email="ada@example.org"),
@@ -173,7 +172,7 @@ class TestLinking:
         assert sorted(result.counts) == ["created", "linked"]
         assert len(rows(sync.db, "users")) == 1
 
-    def test_linked_accounts_become_identities_and_follow_upstream(self, sync: SyncEngine) -> None:
+    def test_linked_accounts_become_identities_and_follow_upstream(self, sync: BoundEngine) -> None:
         github = LinkedIdentity(provider="authjs:github", external_id="gh-7")
         google = LinkedIdentity(provider="authjs:google", external_id="go-9")
         apply(sync, upsert("42", 0, provider="authjs", linked=(github, google)))
@@ -190,7 +189,7 @@ class TestLinking:
 
 
 class TestSoftDelete:
-    def test_delete_soft_deletes_and_revokes_sessions(self, sync: SyncEngine) -> None:
+    def test_delete_soft_deletes_and_revokes_sessions(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0), login("auth0|1", "sess-1", 1))
         result = apply(sync, delete("auth0|1", 2))
         assert result.counts == {"deleted": 1}
@@ -199,13 +198,13 @@ class TestSoftDelete:
         assert only(rows(sync.db, "user_sessions"))["revoked_at"] is not None
         assert len(rows(sync.db, "profiles")) == 1  # soft, not hard
 
-    def test_deleting_twice_writes_once(self, sync: SyncEngine) -> None:
+    def test_deleting_twice_writes_once(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0))
         apply(sync, delete("auth0|1", 2))
         assert apply(sync, delete("auth0|1", 2)).counts == {"unchanged": 1}
         assert len(audit(sync.db, action="deleted")) == 1
 
-    def test_restore_when_identity_reappears(self, sync: SyncEngine) -> None:
+    def test_restore_when_identity_reappears(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0))
         apply(sync, delete("auth0|1", 2))
         result = apply(sync, upsert("auth0|1", 3))
@@ -213,13 +212,13 @@ class TestSoftDelete:
         assert only(rows(sync.db, "users"))["deleted_at"] is None
         assert only(rows(sync.db, "user_identities"))["deleted_at"] is None
 
-    def test_user_with_another_live_identity_stays(self, sync: SyncEngine) -> None:
+    def test_user_with_another_live_identity_stays(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0, email="ada@example.org"))
         apply(sync, upsert("s-1", provider="stack", email="ada@example.org"))
         apply(sync, delete("auth0|1", 1))
         assert only(rows(sync.db, "users"))["deleted_at"] is None
 
-    def test_delete_before_create_leaves_a_tombstone(self, sync: SyncEngine) -> None:
+    def test_delete_before_create_leaves_a_tombstone(self, sync: BoundEngine) -> None:
         assert apply(sync, delete("stack-1", 5, provider="stack")).counts == {"deleted": 1}
         assert apply(sync, upsert("stack-1", 4, provider="stack")).counts == {"stale_skipped": 1}
         assert only(rows(sync.db, "users"))["deleted_at"] is not None
@@ -227,7 +226,7 @@ class TestSoftDelete:
         user = only(rows(sync.db, "users"))
         assert (user["deleted_at"], user["email"]) == (None, "stack-1@example.org")
 
-    def test_unversioned_delete_of_unknown_identity_writes_nothing(self, sync: SyncEngine) -> None:
+    def test_unversioned_delete_of_unknown_identity_writes_nothing(self, sync: BoundEngine) -> None:
         change = delete("auth0|404", 1)
         unversioned = type(change)(provider="auth0", external_id="auth0|404", kind=change.kind)
         assert apply(sync, unversioned).counts == {"unknown": 1}
@@ -235,7 +234,7 @@ class TestSoftDelete:
 
 
 class TestOwnership:
-    def test_app_owned_profile_fields_are_never_clobbered(self, sync: SyncEngine) -> None:
+    def test_app_owned_profile_fields_are_never_clobbered(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0, name="Ada", profile={"locale": "en-GB"}))
         with sync.db.begin() as conn:  # the app edits its own fields
             conn.execute(
@@ -253,12 +252,12 @@ class TestOwnership:
         assert (profile["locale"], profile["settings"]) == ("en-GB", {"theme": "dark"})
 
     def test_configured_overwrite_follows_upstream(self, engine: Engine) -> None:
-        sync = SyncEngine(engine, PlanSettings(profile_overwrite=frozenset({"locale"})))
+        sync = BoundEngine(engine, PlanSettings(profile_overwrite=frozenset({"locale"})))
         apply(sync, upsert("auth0|1", 0, profile={"locale": "en-GB"}))
         apply(sync, upsert("auth0|1", 1, profile={"locale": "fr-FR"}))
         assert only(rows(engine, "profiles"))["locale"] == "fr-FR"
 
-    def test_role_set_by_app_survives_when_provider_states_none(self, sync: SyncEngine) -> None:
+    def test_role_set_by_app_survives_when_provider_states_none(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0))
         with sync.db.begin() as conn:
             conn.execute(update(users).values(role="admin"))
@@ -269,11 +268,11 @@ class TestOwnership:
 
 
 class TestPoisonRecords:
-    def test_bad_records_are_isolated_and_the_rest_commits(self, sync: SyncEngine) -> None:
+    def test_bad_records_are_isolated_and_the_rest_commits(self, sync: BoundEngine) -> None:
         batch = [upsert(f"auth0|{i}", 0) for i in range(10)]
         batch[3] = upsert("auth0|3", 0, email="not-an-email")  # violates a constraint
         batch[7] = upsert("auth0|7", 0, name="bad\x00name")  # malformed field
-        result = apply(sync, *batch, cursor=CursorUpdate(provider="auth0", cursor={"log_id": "9"}))
+        result = apply(sync, *batch, cursor=("auth0", {"log_id": "9"}))
         assert result.counts == {"created": 8, "failed": 2}
         assert len(rows(sync.db, "users")) == 8
         failed = {a["external_id"]: a["error"] for a in audit(sync.db, action="failed")}
@@ -282,7 +281,7 @@ class TestPoisonRecords:
         assert "NUL" in failed["auth0|7"]
         assert load_cursor(sync.db, "auth0") == {"log_id": "9"}
 
-    def test_a_batch_of_only_bad_records_commits_their_failures(self, sync: SyncEngine) -> None:
+    def test_a_batch_of_only_bad_records_commits_their_failures(self, sync: BoundEngine) -> None:
         result = apply(sync, upsert("auth0|1", email="x"), upsert("auth0|2", email="y"))
         assert result.counts == {"failed": 2}
         assert rows(sync.db, "users") == []
@@ -290,17 +289,15 @@ class TestPoisonRecords:
 
 
 class TestTransactions:
-    def test_cursor_is_saved_with_the_batch(self, sync: SyncEngine) -> None:
-        apply(
-            sync, upsert("auth0|1"), cursor=CursorUpdate(provider="auth0", cursor={"log_id": "5"})
-        )
+    def test_cursor_is_saved_with_the_batch(self, sync: BoundEngine) -> None:
+        apply(sync, upsert("auth0|1"), cursor=("auth0", {"log_id": "5"}))
         assert load_cursor(sync.db, "auth0") == {"log_id": "5"}
 
-    def test_dry_run_writes_nothing(self, sync: SyncEngine) -> None:
+    def test_dry_run_writes_nothing(self, sync: BoundEngine) -> None:
         result = apply(
             sync,
             upsert("auth0|1"),
-            cursor=CursorUpdate(provider="auth0", cursor={"log_id": "5"}),
+            cursor=("auth0", {"log_id": "5"}),
             dry_run=True,
         )
         assert result.counts == {"created": 1}
@@ -308,7 +305,7 @@ class TestTransactions:
         assert audit(sync.db) == []
         assert load_cursor(sync.db, "auth0") is None
 
-    def test_large_batch_stays_under_bind_parameter_limits(self, sync: SyncEngine) -> None:
+    def test_large_batch_stays_under_bind_parameter_limits(self, sync: BoundEngine) -> None:
         batch = [upsert(f"auth0|{i}", 0) for i in range(5000)]
         assert apply(sync, *batch).counts == {"created": 5000}
         changed = [upsert(f"auth0|{i}", 1, name=f"N{i}") for i in range(5000)]
@@ -316,7 +313,7 @@ class TestTransactions:
 
 
 class TestLogins:
-    def test_login_records_session_and_last_login(self, sync: SyncEngine) -> None:
+    def test_login_records_session_and_last_login(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0))
         result = apply(sync, login("auth0|1", "log-1", 5, expires_in_minutes=60))
         assert result.counts == {"login": 1}
@@ -324,11 +321,11 @@ class TestLogins:
         assert (session["external_session_id"], session["expires_at"]) == ("log-1", at(65))
         assert only(rows(sync.db, "users"))["last_login_at"] == at(5)
 
-    def test_same_login_twice_writes_once(self, sync: SyncEngine) -> None:
+    def test_same_login_twice_writes_once(self, sync: BoundEngine) -> None:
         apply(sync, upsert("auth0|1", 0))
         apply(sync, login("auth0|1", "log-1", 5))
         assert apply(sync, login("auth0|1", "log-1", 5)).counts == {"unchanged": 1}
         assert len(audit(sync.db, action="login")) == 1
 
-    def test_login_of_unknown_identity_is_recorded_as_failed(self, sync: SyncEngine) -> None:
+    def test_login_of_unknown_identity_is_recorded_as_failed(self, sync: BoundEngine) -> None:
         assert apply(sync, login("auth0|404", "log-1", 5)).counts == {"failed": 1}

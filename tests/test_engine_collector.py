@@ -14,21 +14,34 @@ from sqlalchemy import Engine
 
 from providers.base import Cursor, Page
 from sync_worker.changes import Source
-from sync_worker.engine import SyncEngine
-from sync_worker.plan import PlanSettings
+from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.pull import PullRunner
-from sync_worker.runtime import collector_paused
-from tests.factories import T0, upsert
+from sync_worker.runtime import allow_collector_pauses, collector_paused
+from tests.factories import T0, BoundEngine, upsert
 from tests.test_readahead import ThreadRecordingProvider
 
 
 @pytest.fixture
 def collector_state() -> Iterator[None]:
+    """The collector as it was, and pauses allowed as in a one-shot CLI process."""
     was = gc.isenabled()
+    allow_collector_pauses(True)
     yield
+    allow_collector_pauses(False)
     if was:
         gc.enable()
     else:
+        gc.disable()
+
+
+@pytest.fixture
+def daemon_process() -> Iterator[None]:
+    """Pauses not allowed, as in the daemon (web server, drainer and scheduler threads)."""
+    was = gc.isenabled()
+    allow_collector_pauses(False)
+    gc.enable()
+    yield
+    if not was:
         gc.disable()
 
 
@@ -45,7 +58,7 @@ def test_apply_restores_the_collector_as_it_found_it(engine: Engine, enabled: bo
         seen.append(gc.isenabled())
         return T0
 
-    sync = SyncEngine(engine, PlanSettings(), clock=clock)
+    sync = BoundEngine(engine, PlanSettings(), clock=clock)
     sync.apply([upsert("auth0|1")], source=Source.PULL)
     assert seen == [False]  # off while the batch ran
     assert gc.isenabled() is enabled
@@ -102,8 +115,37 @@ def test_a_pull_pauses_collections_within_a_page_and_collects_between_pages(
 ) -> None:
     gc.enable()
     provider = CollectorRecordingProvider()
-    report = PullRunner(engine, SyncEngine(engine, PlanSettings()), provider).run()
+    report = PullRunner(engine, SyncEngine(PlanSettings()), provider).run()
     assert report.counts["created"] == 2
     assert provider.collecting == [False, False]  # off from reading a page to applying it
     assert provider.cycle_freed  # the page's garbage cycle was collected after it
     assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("daemon_process")
+def test_without_allowance_a_batch_leaves_the_collector_on_for_every_thread(
+    engine: Engine,
+) -> None:
+    seen: list[bool] = []
+
+    def clock() -> datetime:  # called once per batch, inside it
+        seen.append(gc.isenabled())
+        return T0
+
+    BoundEngine(engine, PlanSettings(), clock=clock).apply([upsert("auth0|1")], source=Source.PULL)
+    assert seen == [True]
+    inside, release = threading.Barrier(2), threading.Event()
+
+    def batch() -> None:
+        with collector_paused():
+            inside.wait()
+            release.wait()
+
+    other = threading.Thread(target=batch)
+    other.start()
+    inside.wait()
+    try:
+        assert gc.isenabled()  # another thread's pause does not stop this one's collections
+    finally:
+        release.set()
+        other.join()

@@ -13,9 +13,8 @@ from sqlalchemy import Engine, select
 
 from db.tables import user_identities, users
 from sync_worker.changes import Source, UserChange
-from sync_worker.engine import SyncEngine
-from sync_worker.plan import PlanSettings
-from tests.factories import delete, upsert
+from sync_worker.engine import PlanSettings
+from tests.factories import BoundEngine, delete, upsert
 
 NAMES = st.sampled_from(["Ada", "Grace", "Edsger", "Barbara", "Alan"])
 
@@ -59,7 +58,7 @@ def test_any_order_converges_to_the_newest_versions(engine: Engine, events, data
     ]
     order = data.draw(st.permutations(changes))
     cut = data.draw(st.integers(1, len(order)))
-    sync = SyncEngine(engine, PlanSettings(link_by_verified_email=False))
+    sync = BoundEngine(engine, PlanSettings(link_by_verified_email=False))
     for start in range(0, len(order), cut):
         sync.apply(list(order[start : start + cut]), source=Source.PULL)
 
@@ -76,7 +75,7 @@ def test_any_order_converges_to_the_newest_versions(engine: Engine, events, data
 @pytest.mark.postgres
 def test_concurrent_applies_of_a_new_identity_create_one_user(pg_engine: Engine) -> None:
     """A webhook and a backfill racing on the same new user must not create two."""
-    sync = SyncEngine(pg_engine, PlanSettings())
+    sync = BoundEngine(pg_engine, PlanSettings())
     barrier = threading.Barrier(4)
     errors: list[BaseException] = []
 

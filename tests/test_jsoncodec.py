@@ -11,9 +11,8 @@ from sqlalchemy import Engine
 
 from db import jsoncodec
 from sync_worker.changes import Source
-from sync_worker.engine import SyncEngine
-from sync_worker.plan import PlanSettings
-from tests.factories import rows, upsert
+from sync_worker.engine import PlanSettings
+from tests.factories import BoundEngine, rows, upsert
 
 ODD = {
     "seen": datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC),
@@ -58,7 +57,7 @@ def test_loads_reads_what_the_standard_library_wrote() -> None:
 def test_raw_records_of_any_shape_are_stored(engine: Engine) -> None:
     # Upstream records are JSON objects, so their keys are strings (the content hash needs that).
     raw = {**{k: v for k, v in ODD.items() if isinstance(k, str)}, "huge": 2**70, "name": "Zoë"}
-    result = SyncEngine(engine, PlanSettings()).apply(
+    result = BoundEngine(engine, PlanSettings()).apply(
         [upsert("auth0|odd", raw=raw)], source=Source.CLI
     )
     assert result.counts == {"created": 1}

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from providers.auth0 import EXPORT_FIELDS, Auth0Provider, plan_logs, to_change
 from providers.base import Page
 from providers.http import HttpPolicy, HttpStatusError
-from sync_worker.changes import ChangeKind, parse_timestamp
+from sync_worker.changes import IDP_FIELDS, ChangeKind, parse_timestamp
 from sync_worker.config import Auth0Settings
 from sync_worker.errors import (
     ConfigError,
@@ -91,8 +91,9 @@ def test_to_change(case: dict[str, Any]) -> None:
     assert change.external_id == expected["external_id"]
     assert change.version == parse_timestamp(expected["version"])
     attributes = asdict(change.attributes) if change.attributes else {}
-    # A missing role or tenant leaves the stored one: app_metadata is the app's to fill.
-    assert attributes.pop("stated") == frozenset()
+    # Auth0 states every IdP-owned field; a missing role or tenant leaves the stored one:
+    # app_metadata is the app's to fill.
+    assert attributes.pop("stated") == frozenset(IDP_FIELDS)
     for key in ("last_login_at", "created_at"):
         expected["attributes"][key] = parse_timestamp(expected["attributes"][key])
     assert attributes == expected["attributes"]

@@ -713,8 +713,9 @@ def test_the_same_database_as_the_worker(
     from db.connect import make_engine
     from db.migrate import upgrade
     from sync_worker.changes import Source
-    from sync_worker.config import DatabaseSettings, settings_from_mapping
-    from sync_worker.engine import SyncEngine
+    from sync_worker.config import DatabaseSettings
+    from sync_worker.engine import PlanSettings
+    from tests.factories import BoundEngine
 
     sa_url = pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
     worker = make_engine(DatabaseSettings.model_validate({"url": sa_url, "schema": "identity"}))
@@ -730,9 +731,7 @@ def test_the_same_database_as_the_worker(
         assert sorted(own[-1].seen_ids + own[0].seen_ids + own[1].seen_ids) == sorted(
             str(u.id) for u in users
         )
-        engine = SyncEngine.from_settings(
-            worker, settings_from_mapping({"database": {"url": sa_url}})
-        )
+        engine = BoundEngine(worker, PlanSettings())
         first = [engine.apply(p.changes, source=Source.PULL) for p in own]
         assert not any(r.failures for r in first)
         with worker.connect() as conn:

@@ -120,9 +120,13 @@ def test_to_change_maps_real_shaped_users(path: Path) -> None:
     assert change.version == observed
     assert change.hash_exclude == HASH_EXCLUDE
     assert (change.raw or {}).get(TEAM_IDS_KEY) == expected["raw_team_ids"]
-    # With the memberships known, no tenant is a statement: it clears the stored one.
-    stated = {"tenant_id"} if case["team_ids"] is not None else set()
-    assert attributes["stated"] == stated
+    # With the memberships known, no tenant is a statement: it clears the stored one. Names,
+    # phone and login time are not Stack's to state: a pass keeps what is stored.
+    tenant = {"tenant_id"} if case["team_ids"] is not None else set()
+    assert (
+        attributes["stated"]
+        == {"email", "email_verified", "name", "avatar_url", "blocked"} | tenant
+    )
 
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c["why"])

@@ -11,13 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from db.cursors import load_cursor
 from providers.base import Cursor, Page
 from sync_worker.changes import UserChange
-from sync_worker.engine import SyncEngine
-from sync_worker.plan import PlanSettings
+from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.pull import PullRunner
 from sync_worker.readahead import read_ahead
-from sync_worker.state import load_cursor
 from tests.factories import upsert
 
 WAIT = 5.0
@@ -156,7 +155,7 @@ class ThreadRecordingProvider:
 @pytest.mark.parametrize(("ahead", "reader"), [(0, "MainThread"), (1, "pull-read-ahead")])
 def test_the_pull_reads_ahead_as_the_provider_asks(engine: Engine, ahead: int, reader: str) -> None:
     provider = ThreadRecordingProvider(ahead)
-    report = PullRunner(engine, SyncEngine(engine, PlanSettings()), provider).run(full=False)
+    report = PullRunner(engine, SyncEngine(PlanSettings()), provider).run(full=False)
     assert report.counts["created"] == 2
     assert provider.threads == [reader, reader]
     assert load_cursor(engine, "stack") == {"n": 1}

@@ -6,7 +6,7 @@ import uuid
 
 from sqlalchemy import Engine
 
-from sync_worker.state import forget_seen, mark_seen, seen_ids
+from db.seen import forget_seen, mark_seen, seen_ids
 
 
 def stored(engine: Engine, run_id: uuid.UUID) -> list[str]:

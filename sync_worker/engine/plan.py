@@ -1,34 +1,45 @@
 """Deciding what a batch of changes does to the database: pure, no I/O.
 
-``plan(changes, snapshot, settings, now)`` takes the batch (already validated and deduplicated)
-and the current rows it touches, and returns every row to insert or update and every audit row
-to append. The engine loads the snapshot and executes the plan; this module holds the rules.
+``plan(changes, snapshot, settings, now, new_id)`` takes the batch (already validated and
+deduplicated) and the current rows it touches, and returns every row to insert or update and
+every audit row to append, with one outcome per change. It reads its snapshot and never
+changes it; new ids come from ``new_id``. The engine loads the snapshot and executes the
+writes; this module holds the rules.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sync_worker.changes import AuditAction, ChangeKind, UserAttributes, UserChange
+from db.rows import (
+    AuditRow,
+    IdentityRow,
+    Key,
+    ProfileRow,
+    SessionRow,
+    Snapshot,
+    UpdateGroup,
+    UserRow,
+    Writes,
+)
+from sync_worker.changes import (
+    IDP_FIELDS,
+    OPTIONAL_FIELDS,
+    Action,
+    ChangeKind,
+    UserAttributes,
+    UserChange,
+)
 
-Row = dict[str, Any]
-Key = tuple[str, str]
-
-# IdP-owned user columns: they follow the provider on every real change.
-USER_FIELDS = (
-    "email", "email_verified", "name", "given_name", "family_name",
-    "phone", "avatar_url", "blocked", "last_login_at",
-)  # fmt: skip
-# Set from the provider only when it states them (a value, or None named in
-# ``UserAttributes.stated``); otherwise the stored value stays.
-OPTIONAL_USER_FIELDS = ("role", "tenant_id")
 PROFILE_IDP_FIELDS = {"display_name": "name", "avatar_url": "avatar_url"}
 APP_PROFILE_FIELDS = ("timezone", "currency", "locale", "settings")
+_USER_FIELDS = (*IDP_FIELDS, *OPTIONAL_FIELDS)
+Diff = dict[str, list[Any]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,62 +52,56 @@ class PlanSettings:
     default_role: str = "member"
 
 
-@dataclass(slots=True, kw_only=True)
-class Snapshot:
-    """Current rows for the identities and users a batch touches."""
-
-    identities: dict[Key, Row] = field(default_factory=dict)
-    users: dict[uuid.UUID, Row] = field(default_factory=dict)
-    profiles: dict[uuid.UUID, Row] = field(default_factory=dict)
-    verified_email_owner: dict[str, uuid.UUID] = field(default_factory=dict)
-    sessions: dict[Key, Row] = field(default_factory=dict)
-    stale_audited: set[tuple[str, str, str]] = field(default_factory=set)
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     provider: str
     external_id: str
-    action: str  # an AuditAction value, or "unchanged" / "unknown"
+    action: Action
     user_id: uuid.UUID | None = None
     error: str | None = None
     changes: Mapping[str, Any] | None = None
+    #: For a login: its upstream session id (sessions are counted apart from users).
+    session_id: str | None = None
 
+    @classmethod
+    def of(
+        cls,
+        change: UserChange,
+        action: Action,
+        user_id: uuid.UUID | None = None,
+        *,
+        error: str | None = None,
+        diff: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        session = change.session.external_session_id if change.session else None
+        return cls(change.provider, change.external_id, action, user_id, error, diff, session)
 
-@dataclass(frozen=True, slots=True)
-class UpdateGroup:
-    """Rows that change the same set of columns: one multi-row upsert."""
-
-    columns: tuple[str, ...]
-    rows: list[Row]
+    @property
+    def is_session(self) -> bool:
+        return self.session_id is not None
 
 
 @dataclass(slots=True, kw_only=True)
 class Plan:
-    new_users: list[Row] = field(default_factory=list)
-    user_updates: list[UpdateGroup] = field(default_factory=list)
-    new_profiles: list[Row] = field(default_factory=list)
-    profile_updates: list[UpdateGroup] = field(default_factory=list)
-    new_identities: list[Row] = field(default_factory=list)
-    identity_updates: list[Row] = field(default_factory=list)
-    sessions: list[Row] = field(default_factory=list)
-    revoke_sessions_of: list[tuple[str, uuid.UUID]] = field(default_factory=list)
-    audit: list[Row] = field(default_factory=list)
+    writes: Writes = field(default_factory=Writes)
     outcomes: list[Outcome] = field(default_factory=list)
 
-    @property
-    def writes_nothing(self) -> bool:
-        return not (
-            self.new_users or self.user_updates or self.new_profiles or self.profile_updates
-            or self.new_identities or self.identity_updates or self.sessions
-            or self.revoke_sessions_of or self.audit
-        )  # fmt: skip
+
+def plan(
+    changes: Sequence[UserChange],
+    snapshot: Snapshot,
+    settings: PlanSettings,
+    now: datetime,
+    new_id: Callable[[], uuid.UUID] = uuid.uuid4,
+) -> Plan:
+    """Decide the writes for a validated, deduplicated batch."""
+    return _Planner(snapshot, settings, now, new_id).run(changes)
 
 
 def dedupe(changes: Iterable[UserChange]) -> list[UserChange]:
     """Keep the newest upsert/delete per identity (later wins a tie) and each session once."""
     latest: dict[Key, UserChange] = {}
-    logins: dict[tuple[str, str], UserChange] = {}
+    logins: dict[Key, UserChange] = {}
     for change in changes:
         if change.kind is ChangeKind.LOGIN:
             assert change.session is not None
@@ -104,26 +109,74 @@ def dedupe(changes: Iterable[UserChange]) -> list[UserChange]:
             continue
         key = (change.provider, change.external_id)
         held = latest.get(key)
-        if held is None or not _older(change.version, held.version):
+        if held is None or not older(change.version, held.version):
             latest[key] = change
     return [*latest.values(), *logins.values()]
 
 
-def _older(candidate: datetime | None, held: datetime | None) -> bool:
+def unchanged(change: UserChange, held: IdentityRow | None, digest: str | None = None) -> bool:
+    """An upsert whose content is already stored, and not older: it writes nothing at all.
+
+    The engine sets these aside before loading anything else (most of a full pass).
+    ``digest`` is the change's content hash when the caller has it already.
+    """
+    return (
+        change.kind is ChangeKind.UPSERT
+        and held is not None
+        and held["deleted_at"] is None
+        and held["content_hash"] == (digest or change.content_hash())
+        and not older(change.version, held["upstream_updated_at"])
+    )
+
+
+def older(candidate: datetime | None, held: datetime | None) -> bool:
     return candidate is not None and held is not None and candidate < held
 
 
-class _Planner:
-    """Walks a batch once, keeping a working image of every row it touches."""
+def audit_row(
+    change: UserChange,
+    action: Action,
+    user_id: uuid.UUID | None,
+    diff: Mapping[str, Any] | None,
+    error: str | None = None,
+) -> AuditRow:
+    return {
+        "provider": change.provider,
+        "external_id": change.external_id,
+        "user_id": user_id,
+        "action": str(action),
+        "changes": diff,
+        "event_id": change.event_id,
+        "error": error,
+    }
 
-    def __init__(self, snapshot: Snapshot, settings: PlanSettings, now: datetime) -> None:
-        self.snap = snapshot
+
+def failure(change: UserChange, reason: str) -> tuple[Outcome, AuditRow]:
+    """The outcome and audit row of a change isolated before (or while) it reached the database."""
+    outcome = Outcome.of(change, Action.FAILED, error=reason)
+    return outcome, audit_row(change, Action.FAILED, None, None, error=reason)
+
+
+class _Planner:
+    """Walks a batch once, keeping a working copy of every row it touches."""
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        settings: PlanSettings,
+        now: datetime,
+        new_id: Callable[[], uuid.UUID],
+    ) -> None:
         self.settings = settings
         self.now = now
-        self.plan = Plan()
-        self.users = {k: dict(v) for k, v in snapshot.users.items()}
-        self.profiles = {k: dict(v) for k, v in snapshot.profiles.items()}
-        self.identities = {k: dict(v) for k, v in snapshot.identities.items()}
+        self.new_id = new_id
+        self.writes = Writes()
+        self.outcomes: list[Outcome] = []
+        self.users = {k: UserRow(**v) for k, v in snapshot.users.items()}
+        self.profiles = {k: ProfileRow(**v) for k, v in snapshot.profiles.items()}
+        self.identities = {k: IdentityRow(**v) for k, v in snapshot.identities.items()}
+        self.sessions = dict(snapshot.sessions)
+        self.stale_audited = set(snapshot.stale_audited)
         self.by_user: dict[uuid.UUID, set[Key]] = defaultdict(set)
         for key, row in self.identities.items():
             self.by_user[row["user_id"]].add(key)
@@ -131,6 +184,7 @@ class _Planner:
         self.new_user_ids: set[uuid.UUID] = set()
         self.user_cols: dict[uuid.UUID, set[str]] = defaultdict(set)
         self.profile_cols: dict[uuid.UUID, set[str]] = defaultdict(set)
+        self.new_profile_ids: set[uuid.UUID] = set()
         # Insertion-ordered sets (dicts): membership tests stay O(1) in large batches.
         self.new_identity_keys: dict[Key, None] = {}
         self.changed_identity_keys: dict[Key, None] = {}
@@ -147,7 +201,7 @@ class _Planner:
             else:
                 self._login(change)
         self._emit()
-        return self.plan
+        return Plan(writes=self.writes, outcomes=self.outcomes)
 
     # -- upserts -----------------------------------------------------------------------
 
@@ -160,8 +214,8 @@ class _Planner:
             return
         if self._stale(change, held):
             return
-        if held["content_hash"] == digest and held["deleted_at"] is None:
-            self._outcome(change, "unchanged", held["user_id"])
+        if unchanged(change, held, digest):
+            self._outcome(change, Action.UNCHANGED, held["user_id"])
             return
         user_id = held["user_id"]
         restoring = held["deleted_at"] is not None
@@ -172,10 +226,9 @@ class _Planner:
             diff.update(self._restore(user_id))
         self._touch_identity(key, change, digest, user_id)
         if not diff:
-            self._outcome(change, "unchanged", user_id)
+            self._outcome(change, Action.UNCHANGED, user_id)
             return
-        action = AuditAction.RESTORED if restoring else AuditAction.UPDATED
-        self._audit(change, action, user_id, diff)
+        self._audit(change, Action.RESTORED if restoring else Action.UPDATED, user_id, diff)
 
     def _create_or_link(self, change: UserChange, digest: str) -> None:
         attrs = change.attributes
@@ -186,13 +239,14 @@ class _Planner:
             diff["identity"] = [None, f"{change.provider}:{change.external_id}"]
             diff.update(self._sync_linked(change, owner))
             self._new_identity(change, digest, owner)
-            self._audit(change, AuditAction.LINKED, owner, diff)
+            self._audit(change, Action.LINKED, owner, diff)
             return
         user_id = self._new_user(attrs)
         self._new_identity(change, digest, user_id)
-        diff = {f: [None, _json(v)] for f, v in self.users[user_id].items() if f in _AUDITED}
+        user = _fields(self.users[user_id])
+        diff = {f: [None, _json(user[f])] for f in _USER_FIELDS}
         diff.update(self._sync_linked(change, user_id))
-        self._audit(change, AuditAction.CREATED, user_id, _compact(diff))
+        self._audit(change, Action.CREATED, user_id, _compact(diff))
 
     def _link_target(self, attrs: UserAttributes) -> uuid.UUID | None:
         if not (self.settings.link_by_verified_email and attrs.email and attrs.email_verified):
@@ -200,27 +254,35 @@ class _Planner:
         return self.email_owner.get(attrs.email.lower())
 
     def _new_user(self, attrs: UserAttributes) -> uuid.UUID:
-        user_id = uuid.uuid4()
-        row: Row = {f: getattr(attrs, f) for f in USER_FIELDS}
-        row.update(
-            id=user_id,
-            role=attrs.role or self.settings.default_role,
-            tenant_id=attrs.tenant_id,
-            created_at=attrs.created_at or self.now,
-            updated_at=self.now,
-            deleted_at=None,
-        )
-        self.users[user_id] = row
+        user_id = self.new_id()
+        self.users[user_id] = {
+            "id": user_id,
+            "email": attrs.email,
+            "email_verified": attrs.email_verified,
+            "name": attrs.name,
+            "given_name": attrs.given_name,
+            "family_name": attrs.family_name,
+            "phone": attrs.phone,
+            "avatar_url": attrs.avatar_url,
+            "role": attrs.role or self.settings.default_role,
+            "tenant_id": attrs.tenant_id,
+            "blocked": attrs.blocked,
+            "last_login_at": attrs.last_login_at,
+            "created_at": attrs.created_at or self.now,
+            "updated_at": self.now,
+            "deleted_at": None,
+        }
         self.new_user_ids.add(user_id)
         self.profiles[user_id] = self._new_profile(user_id, attrs)
         if attrs.email and attrs.email_verified:
             self.email_owner.setdefault(attrs.email.lower(), user_id)
         return user_id
 
-    def _new_profile(self, user_id: uuid.UUID, attrs: UserAttributes) -> Row:
+    def _new_profile(self, user_id: uuid.UUID, attrs: UserAttributes) -> ProfileRow:
         app = {**self.settings.profile_defaults, **dict(attrs.profile)}
+        self.new_profile_ids.add(user_id)
         return {
-            "id": uuid.uuid4(),
+            "id": self.new_id(),
             "user_id": user_id,
             "display_name": attrs.name,
             "avatar_url": attrs.avatar_url,
@@ -234,61 +296,46 @@ class _Planner:
 
     def _apply_attributes(
         self, user_id: uuid.UUID, attrs: UserAttributes | None, *, fill_only: bool
-    ) -> dict[str, list[Any]]:
-        """Bring the user's IdP-owned fields and profile in line with ``attrs``; return the diff."""
+    ) -> Diff:
+        """Bring the user's IdP-owned fields and profile in line with ``attrs``; return the diff.
+
+        Only the fields the record states are written: the rest keep their stored values.
+        """
         if attrs is None:
             return {}
-        user = self.users[user_id]
-        wanted: Row = {f: getattr(attrs, f) for f in USER_FIELDS}
-        wanted.update(
-            {
-                f: getattr(attrs, f)
-                for f in OPTIONAL_USER_FIELDS
-                if getattr(attrs, f) or f in attrs.stated
-            }
-        )
+        user = _fields(self.users[user_id])
+        wanted = {f: getattr(attrs, f) for f in _USER_FIELDS if attrs.states(f)}
         if fill_only:
             wanted = {f: v for f, v in wanted.items() if user.get(f) in (None, False) and v}
-        diff = self._set(user, self.user_cols[user_id], wanted, "")
+        diff = _set(user, self.user_cols[user_id], wanted, "")
         if diff:
             self._mark_user(user_id, "updated_at")
         diff.update(self._apply_profile(user_id, attrs, fill_only=fill_only))
         return diff
 
-    def _apply_profile(
-        self, user_id: uuid.UUID, attrs: UserAttributes, *, fill_only: bool
-    ) -> dict[str, list[Any]]:
-        profile = self.profiles.get(user_id)
-        if profile is None:  # an app deleted the profile: recreate it rather than fail
-            profile = self.profiles[user_id] = self._new_profile(user_id, attrs)
-            self.profile_cols[user_id].add("*new*")
+    def _apply_profile(self, user_id: uuid.UUID, attrs: UserAttributes, *, fill_only: bool) -> Diff:
+        if user_id not in self.profiles:  # an app deleted the profile: recreate it, not fail
+            self.profiles[user_id] = self._new_profile(user_id, attrs)
             return {}
-        wanted: Row = {col: getattr(attrs, src) for col, src in PROFILE_IDP_FIELDS.items()}
+        profile = _fields(self.profiles[user_id])
+        wanted = {col: getattr(attrs, src) for col, src in PROFILE_IDP_FIELDS.items()}
+        wanted = {col: v for col, v in wanted.items() if attrs.states(PROFILE_IDP_FIELDS[col])}
         for name in self.settings.profile_overwrite:
             if name in attrs.profile:
                 wanted[name] = attrs.profile[name]
         if fill_only:
             wanted = {f: v for f, v in wanted.items() if profile.get(f) is None and v}
-        diff = self._set(profile, self.profile_cols[user_id], wanted, "profile.")
+        diff = _set(profile, self.profile_cols[user_id], wanted, "profile.")
         if diff:
             profile["updated_at"] = self.now
             self.profile_cols[user_id].add("updated_at")
-        return diff
-
-    def _set(self, row: Row, cols: set[str], wanted: Row, prefix: str) -> dict[str, list[Any]]:
-        diff: dict[str, list[Any]] = {}
-        for name, value in wanted.items():
-            if row.get(name) != value:
-                diff[prefix + name] = [_json(row.get(name)), _json(value)]
-                row[name] = value
-                cols.add(name)
         return diff
 
     def _mark_user(self, user_id: uuid.UUID, *cols: str) -> None:
         self.users[user_id]["updated_at"] = self.now
         self.user_cols[user_id].update(cols)
 
-    def _restore(self, user_id: uuid.UUID) -> dict[str, list[Any]]:
+    def _restore(self, user_id: uuid.UUID) -> Diff:
         user = self.users[user_id]
         if user["deleted_at"] is None:
             return {}
@@ -299,7 +346,9 @@ class _Planner:
 
     # -- linked (secondary) identities ---------------------------------------------------
 
-    def _sync_linked(self, change: UserChange, user_id: uuid.UUID) -> dict[str, list[Any]]:
+    def _sync_linked(self, change: UserChange, user_id: uuid.UUID) -> Diff:
+        if not change.linked_stated:  # the source did not say: keep what is stored
+            return {}
         prefix = f"{change.provider}:"
         current = {
             k for k in self.by_user[user_id]
@@ -323,10 +372,12 @@ class _Planner:
             return
         self.by_user[row["user_id"]].discard(key)
         self.by_user[user_id].add(key)
-        row.update(user_id=user_id, email=email, deleted_at=None, last_synced_at=self.now)
+        row.update(
+            {"user_id": user_id, "email": email, "deleted_at": None, "last_synced_at": self.now}
+        )
         self._changed_identity(key)
 
-    def _add_identity(self, row: Row) -> None:
+    def _add_identity(self, row: IdentityRow) -> None:
         key = (row["provider"], row["external_id"])
         self.identities[key] = row
         self.by_user[row["user_id"]].add(key)
@@ -334,32 +385,36 @@ class _Planner:
 
     # -- identities --------------------------------------------------------------------
 
-    def _identity_row(self, key: Key, user_id: uuid.UUID, **values: Any) -> Row:
-        row: Row = {
+    def _identity_row(
+        self,
+        key: Key,
+        user_id: uuid.UUID,
+        *,
+        email: str | None = None,
+        version: datetime | None = None,
+        digest: str | None = None,
+        raw: Mapping[str, Any] | None = None,
+        deleted_at: datetime | None = None,
+    ) -> IdentityRow:
+        return {
             "provider": key[0],
             "external_id": key[1],
             "user_id": user_id,
-            "email": None,
-            "upstream_updated_at": None,
-            "content_hash": None,
-            "raw": None,
+            "email": email,
+            "upstream_updated_at": version,
+            "content_hash": digest,
+            "raw": raw,  # encoded by db.jsoncodec on the way out
             "first_seen_at": self.now,
             "last_synced_at": self.now,
-            "deleted_at": None,
+            "deleted_at": deleted_at,
         }
-        row.update(values)
-        return row
 
     def _new_identity(self, change: UserChange, digest: str, user_id: uuid.UUID) -> None:
         key = (change.provider, change.external_id)
+        email = change.attributes.email if change.attributes else None
         self._add_identity(
             self._identity_row(
-                key,
-                user_id,
-                email=change.attributes.email if change.attributes else None,
-                upstream_updated_at=change.version,
-                content_hash=digest,
-                raw=change.raw,  # encoded by db.jsoncodec on the way out
+                key, user_id, email=email, version=change.version, digest=digest, raw=change.raw
             )
         )
 
@@ -367,9 +422,9 @@ class _Planner:
         self, key: Key, change: UserChange, digest: str | None, user_id: uuid.UUID
     ) -> None:
         row = self.identities[key]
-        row.update(user_id=user_id, last_synced_at=self.now, deleted_at=None)
+        row.update({"user_id": user_id, "last_synced_at": self.now, "deleted_at": None})
         if digest is not None:
-            row.update(content_hash=digest, raw=change.raw)
+            row.update({"content_hash": digest, "raw": change.raw})
             if change.attributes is not None:
                 row["email"] = change.attributes.email
         row["upstream_updated_at"] = _newest(row["upstream_updated_at"], change.version)
@@ -379,16 +434,18 @@ class _Planner:
         if key not in self.new_identity_keys and key not in self.changed_identity_keys:
             self.changed_identity_keys[key] = None
 
-    def _stale(self, change: UserChange, held: Row) -> bool:
-        if not _older(change.version, held["upstream_updated_at"]):
+    def _stale(self, change: UserChange, held: IdentityRow) -> bool:
+        if not older(change.version, held["upstream_updated_at"]):
             return False
-        self._outcome(change, AuditAction.STALE_SKIPPED, held["user_id"])
+        self._outcome(change, Action.STALE_SKIPPED, held["user_id"])
         marker = (change.provider, change.external_id, change.event_id or "")
-        if change.event_id and marker not in self.snap.stale_audited:
-            self.snap.stale_audited.add(marker)
+        if change.event_id and marker not in self.stale_audited:
+            self.stale_audited.add(marker)
             seen = _json(held["upstream_updated_at"])
-            self._audit_row(change, AuditAction.STALE_SKIPPED, held["user_id"],
-                            {"upstream_updated_at": [seen, _json(change.version)]})  # fmt: skip
+            self.writes.audit.append(
+                audit_row(change, Action.STALE_SKIPPED, held["user_id"],
+                          {"upstream_updated_at": [seen, _json(change.version)]})
+            )  # fmt: skip
         return True
 
     # -- deletes -----------------------------------------------------------------------
@@ -404,19 +461,18 @@ class _Planner:
         user_id = held["user_id"]
         if held["deleted_at"] is not None:
             self._advance_version(key, change.version)
-            self._outcome(change, "unchanged", user_id)
+            self._outcome(change, Action.UNCHANGED, user_id)
             return
         self._touch_identity(key, change, None, user_id)
-        held = self.identities[key]
-        held["deleted_at"] = self.now
+        self.identities[key]["deleted_at"] = self.now
         self._sync_linked(_without_linked(change), user_id)
-        diff: dict[str, list[Any]] = {"identity.deleted_at": [None, _json(self.now)]}
+        diff: Diff = {"identity.deleted_at": [None, _json(self.now)]}
         if not self._live_identities(user_id) and self.users[user_id]["deleted_at"] is None:
             self.users[user_id]["deleted_at"] = self.now
             self._mark_user(user_id, "deleted_at", "updated_at")
             diff = {"deleted_at": [None, _json(self.now)]}
-        self.plan.revoke_sessions_of.append((change.provider, user_id))
-        self._audit(change, AuditAction.DELETED, user_id, diff)
+        self.writes.revoke_sessions_of.append((change.provider, user_id))
+        self._audit(change, Action.DELETED, user_id, diff)
 
     def _advance_version(self, key: Key, version: datetime | None) -> None:
         """A newer deletion of a deleted identity: keep its version, or an older upsert
@@ -431,17 +487,15 @@ class _Planner:
         """Remember a versioned deletion of an identity never seen, so that an older create
         arriving after it (webhooks are unordered) cannot bring the user to life."""
         if change.version is None:
-            self._outcome(change, "unknown")
+            self._outcome(change, Action.UNKNOWN)
             return
         user_id = self._new_user(UserAttributes())
         self.users[user_id]["deleted_at"] = self.now
         key = (change.provider, change.external_id)
         self._add_identity(
-            self._identity_row(
-                key, user_id, upstream_updated_at=change.version, deleted_at=self.now
-            )
+            self._identity_row(key, user_id, version=change.version, deleted_at=self.now)
         )
-        self._audit(change, AuditAction.DELETED, user_id, {"deleted_at": [None, _json(self.now)]})
+        self._audit(change, Action.DELETED, user_id, {"deleted_at": [None, _json(self.now)]})
 
     def _live_identities(self, user_id: uuid.UUID) -> list[Key]:
         return [
@@ -461,114 +515,99 @@ class _Planner:
         user_id = held["user_id"]
         key = (change.provider, session.external_session_id)
         seen_at = session.created_at or change.version or self.now
-        row = self.snap.sessions.get(key)
-        wanted: Row = {
+        row = self.sessions.get(key)
+        wanted = {
             "last_seen_at": session.last_seen_at or seen_at,
             "expires_at": session.expires_at,
             "revoked_at": session.revoked_at,
             "ip": session.ip,
             "user_agent": session.user_agent,
         }
-        if row is not None and all(row.get(k) == v for k, v in wanted.items()):
-            self._outcome(change, "unchanged", user_id)
+        if row is not None and all(_fields(row).get(k) == v for k, v in wanted.items()):
+            self._outcome(change, Action.UNCHANGED, user_id)
             return
         new = row is None
-        row = {**(row or {"id": uuid.uuid4(), "created_at": seen_at}), **wanted}
-        row.update(user_id=user_id, provider=change.provider,
-                   external_session_id=session.external_session_id)  # fmt: skip
-        self.snap.sessions[key] = row
-        self.plan.sessions.append(row)
-        diff = self._set(self.users[user_id], self.user_cols[user_id],
-                         {"last_login_at": _newest(self.users[user_id]["last_login_at"], seen_at)},
-                         "")  # fmt: skip
+        row = self._session_row(row, change, user_id, seen_at)
+        _fields(row).update(wanted)
+        self.sessions[key] = row
+        self.writes.sessions.append(row)
+        latest = _newest(self.users[user_id]["last_login_at"], seen_at)
+        diff = _set(
+            _fields(self.users[user_id]), self.user_cols[user_id], {"last_login_at": latest}, ""
+        )
         if diff:
             self._mark_user(user_id, "updated_at")
         if new:
             diff["session"] = [None, session.external_session_id]
-            self._audit(change, AuditAction.LOGIN, user_id, diff)
+            self._audit(change, Action.LOGIN, user_id, diff)
         else:
-            self._outcome(change, "session_updated", user_id)
+            self._outcome(change, Action.SESSION_UPDATED, user_id)
+
+    def _session_row(
+        self, held: SessionRow | None, change: UserChange, user_id: uuid.UUID, seen_at: datetime
+    ) -> SessionRow:
+        assert change.session is not None
+        return {
+            "id": held["id"] if held else self.new_id(),
+            "user_id": user_id,
+            "provider": change.provider,
+            "external_session_id": change.session.external_session_id,
+            "ip": None,
+            "user_agent": None,
+            "created_at": held["created_at"] if held else seen_at,
+            "last_seen_at": None,
+            "expires_at": None,
+            "revoked_at": None,
+        }
 
     # -- results -----------------------------------------------------------------------
 
     def _fail(self, change: UserChange, reason: str) -> None:
         outcome, row = failure(change, reason)
-        self.plan.outcomes.append(outcome)
-        self.plan.audit.append(row)
+        self.outcomes.append(outcome)
+        self.writes.audit.append(row)
 
-    def _outcome(self, change: UserChange, action: str, user_id: uuid.UUID | None = None) -> None:
-        self.plan.outcomes.append(
-            Outcome(change.provider, change.external_id, str(action), user_id)
-        )
-
-    def _audit(
-        self, change: UserChange, action: AuditAction, user_id: uuid.UUID, diff: Mapping[str, Any]
+    def _outcome(
+        self, change: UserChange, action: Action, user_id: uuid.UUID | None = None
     ) -> None:
-        self.plan.outcomes.append(
-            Outcome(change.provider, change.external_id, str(action), user_id, None, dict(diff))
-        )
-        self._audit_row(change, action, user_id, dict(diff))
+        self.outcomes.append(Outcome.of(change, action, user_id))
 
-    def _audit_row(
-        self,
-        change: UserChange,
-        action: AuditAction,
-        user_id: uuid.UUID | None,
-        diff: dict[str, Any] | None,
-    ) -> None:
-        self.plan.audit.append(audit_row(change, action, user_id, diff))
+    def _audit(self, change: UserChange, action: Action, user_id: uuid.UUID, diff: Diff) -> None:
+        self.outcomes.append(Outcome.of(change, action, user_id, diff=dict(diff)))
+        self.writes.audit.append(audit_row(change, action, user_id, dict(diff)))
 
     def _emit(self) -> None:
-        plan = self.plan
-        plan.new_users = [self.users[u] for u in self.new_user_ids]
-        plan.user_updates = _groups(
+        writes = self.writes
+        writes.new_users = [self.users[u] for u in self.new_user_ids]
+        writes.user_updates = _groups(
             self.users, {u: c for u, c in self.user_cols.items() if u not in self.new_user_ids}
         )
-        new_profiles = self.new_user_ids | {u for u, c in self.profile_cols.items() if "*new*" in c}
-        plan.new_profiles = [self.profiles[u] for u in new_profiles]
-        plan.profile_updates = _groups(
-            self.profiles, {u: c for u, c in self.profile_cols.items() if u not in new_profiles}
+        writes.new_profiles = [self.profiles[u] for u in self.new_profile_ids]
+        writes.profile_updates = _groups(
+            self.profiles,
+            {u: c for u, c in self.profile_cols.items() if u not in self.new_profile_ids},
         )
-        plan.new_identities = [self.identities[k] for k in self.new_identity_keys]
-        plan.identity_updates = [self.identities[k] for k in self.changed_identity_keys]
+        writes.new_identities = [self.identities[k] for k in self.new_identity_keys]
+        writes.identity_updates = [self.identities[k] for k in self.changed_identity_keys]
 
 
-_AUDITED = frozenset((*USER_FIELDS, *OPTIONAL_USER_FIELDS))
+def _fields(row: Any) -> dict[str, Any]:
+    """A row by column name, for the rules that walk columns by name (rows are dicts)."""
+    return cast(dict[str, Any], row)
 
 
-def plan(
-    changes: Sequence[UserChange], snapshot: Snapshot, settings: PlanSettings, now: datetime
-) -> Plan:
-    """Decide the writes for a validated, deduplicated batch."""
-    return _Planner(snapshot, settings, now).run(changes)
+def _set(row: dict[str, Any], cols: set[str], wanted: Mapping[str, Any], prefix: str) -> Diff:
+    diff: Diff = {}
+    for name, value in wanted.items():
+        if row.get(name) != value:
+            diff[prefix + name] = [_json(row.get(name)), _json(value)]
+            row[name] = value
+            cols.add(name)
+    return diff
 
 
-def audit_row(
-    change: UserChange,
-    action: AuditAction,
-    user_id: uuid.UUID | None,
-    diff: dict[str, Any] | None,
-    error: str | None = None,
-) -> Row:
-    return {
-        "provider": change.provider,
-        "external_id": change.external_id,
-        "user_id": user_id,
-        "action": str(action),
-        "changes": diff,
-        "event_id": change.event_id,
-        "error": error,
-    }
-
-
-def failure(change: UserChange, reason: str) -> tuple[Outcome, Row]:
-    """The outcome and audit row of a change isolated before (or while) it reached the database."""
-    outcome = Outcome(change.provider, change.external_id, str(AuditAction.FAILED), None, reason)
-    return outcome, audit_row(change, AuditAction.FAILED, None, None, error=reason)
-
-
-def _groups(rows: Mapping[Any, Row], cols: Mapping[Any, set[str]]) -> list[UpdateGroup]:
-    grouped: dict[tuple[str, ...], list[Row]] = defaultdict(list)
+def _groups(rows: Mapping[uuid.UUID, Any], cols: Mapping[uuid.UUID, set[str]]) -> list[Any]:
+    grouped: dict[tuple[str, ...], list[Any]] = defaultdict(list)
     for key, changed in cols.items():
         if changed:
             grouped[tuple(sorted(changed))].append(rows[key])
@@ -585,7 +624,7 @@ def _newest(a: datetime | None, b: datetime | None) -> datetime | None:
     return max(a, b)
 
 
-def _compact(diff: dict[str, list[Any]]) -> dict[str, list[Any]]:
+def _compact(diff: Diff) -> Diff:
     return {k: v for k, v in diff.items() if v[1] not in (None, False)}
 
 

@@ -1,18 +1,22 @@
-"""Loading the current rows a batch touches: a handful of set queries, never one per change."""
+"""Loading the current rows a batch touches: a handful of set queries, never one per change.
+
+Part of the store: the engine asks for a ``Snapshot`` and plans on it.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, func, select, text
 
+from db.errors import translated
 from db.lookup import among
+from db.rows import IdentityRow, Key, ProfileRow, SessionRow, Snapshot, UserRow
 from db.tables import profiles, sync_audit, user_identities, user_sessions, users
-from sync_worker.changes import AuditAction, ChangeKind, UserChange
-from sync_worker.plan import Key, Outcome, Row, Snapshot
+from sync_worker.changes import Action, ChangeKind, UserChange
 
 IN_CHUNK = 5000
 _TRIAGE_COLUMNS = [c for c in user_identities.columns if c.name != "raw"]
@@ -23,14 +27,7 @@ _LOCK = text(
 )
 
 
-@dataclass(slots=True, kw_only=True)
-class Triage:
-    """Changes split into those that certainly write nothing and those that need a plan."""
-
-    noop: list[Outcome] = field(default_factory=list)
-    todo: list[UserChange] = field(default_factory=list)
-
-
+@translated
 def lock_writers(conn: Connection) -> None:
     """Serialize engine writers on PostgreSQL with one transaction-scoped advisory lock.
 
@@ -44,6 +41,7 @@ def lock_writers(conn: Connection) -> None:
         conn.execute(_LOCK, {"key": WRITER_LOCK})
 
 
+@translated
 def refresh_statistics(conn: Connection) -> None:
     """ANALYZE the looked-up tables that have more than doubled since their last ANALYZE.
 
@@ -72,7 +70,8 @@ _STALE = text(
 ).bindparams(bindparam("names", expanding=True))
 
 
-def load_identities(conn: Connection, changes: Iterable[UserChange]) -> dict[Key, Row]:
+@translated
+def load_identities(conn: Connection, changes: Iterable[UserChange]) -> dict[Key, IdentityRow]:
     """The batch's identities, without ``raw``: enough to triage, cheap to fetch.
 
     Most changes of a full pass are unchanged, and decoding each stored ~1 KB record only to
@@ -81,7 +80,7 @@ def load_identities(conn: Connection, changes: Iterable[UserChange]) -> dict[Key
     by_provider: dict[str, set[str]] = defaultdict(set)
     for change in changes:
         by_provider[change.provider].add(change.external_id)
-    found: dict[Key, Row] = {}
+    found: dict[Key, IdentityRow] = {}
     for provider, ids in by_provider.items():
         for chunk in _chunks(sorted(ids)):
             stmt = select(*_TRIAGE_COLUMNS).where(
@@ -92,59 +91,48 @@ def load_identities(conn: Connection, changes: Iterable[UserChange]) -> dict[Key
     return found
 
 
-def triage(changes: Sequence[UserChange], identities: dict[Key, Row]) -> Triage:
-    """Set aside upserts whose content is already stored: they write nothing at all."""
-    result = Triage()
-    for change in changes:
-        held = identities.get((change.provider, change.external_id))
-        if (
-            change.kind is ChangeKind.UPSERT
-            and held is not None
-            and held["deleted_at"] is None
-            and held["content_hash"] == change.content_hash()
-            and not _older(change, held)
-        ):
-            result.noop.append(
-                Outcome(change.provider, change.external_id, "unchanged", held["user_id"])
-            )
-        else:
-            result.todo.append(change)
-    return result
-
-
+@translated
 def load_snapshot(
     conn: Connection,
     changes: Sequence[UserChange],
-    identities: dict[Key, Row],
+    identities: Mapping[Key, IdentityRow],
     *,
     link_by_email: bool,
+    stale: Sequence[UserChange] = (),
 ) -> Snapshot:
-    snap = Snapshot(identities=dict(identities))
+    """The rows ``changes`` touch; ``stale`` are the changes older than their stored identity,
+    whose earlier stale-skip audit rows are looked up (a redelivery is audited once)."""
+    held = dict(identities)
     user_ids = {row["user_id"] for row in identities.values()}
-    if link_by_email:
-        snap.verified_email_owner = _email_owners(conn, changes, identities)
-        user_ids |= set(snap.verified_email_owner.values())
+    owners = _email_owners(conn, changes, identities) if link_by_email else {}
+    user_ids |= set(owners.values())
+    found_users: dict[uuid.UUID, UserRow] = {}
+    found_profiles: dict[uuid.UUID, ProfileRow] = {}
     for chunk in _chunks(sorted(user_ids)):
-        snap.users.update(
-            (r["id"], dict(r))
-            for r in conn.execute(select(users).where(among(conn, users.c.id, chunk))).mappings()
-        )
-        snap.profiles.update(
-            (r["user_id"], dict(r))
-            for r in conn.execute(
-                select(profiles).where(among(conn, profiles.c.user_id, chunk))
-            ).mappings()
-        )
+        found_users.update(_by(conn, users, users.c.id, chunk, "id"))
+        found_profiles.update(_by(conn, profiles, profiles.c.user_id, chunk, "user_id"))
         stmt = select(user_identities).where(among(conn, user_identities.c.user_id, chunk))
         # Full rows (with raw) replace the triage rows of the same identities.
-        snap.identities.update(_keyed(conn.execute(stmt).mappings()))
-    snap.sessions = _sessions(conn, changes)
-    snap.stale_audited = _stale_audited(conn, changes, identities)
-    return snap
+        held.update(_keyed(conn.execute(stmt).mappings()))
+    return Snapshot(
+        identities=held,
+        users=found_users,
+        profiles=found_profiles,
+        verified_email_owner=owners,
+        sessions=_sessions(conn, changes),
+        stale_audited=_stale_audited(conn, stale),
+    )
+
+
+def _by(
+    conn: Connection, table: Any, column: Any, values: list[Any], key: str
+) -> Iterable[tuple[uuid.UUID, Any]]:
+    rows = conn.execute(select(table).where(among(conn, column, values))).mappings()
+    return ((r[key], dict(r)) for r in rows)
 
 
 def _email_owners(
-    conn: Connection, changes: Sequence[UserChange], identities: dict[Key, Row]
+    conn: Connection, changes: Sequence[UserChange], identities: Mapping[Key, IdentityRow]
 ) -> dict[str, uuid.UUID]:
     emails = {
         c.attributes.email.lower()
@@ -172,12 +160,12 @@ def _email_owners(
     return owners
 
 
-def _sessions(conn: Connection, changes: Sequence[UserChange]) -> dict[Key, Row]:
+def _sessions(conn: Connection, changes: Sequence[UserChange]) -> dict[Key, SessionRow]:
     wanted: dict[str, set[str]] = defaultdict(set)
     for change in changes:
         if change.kind is ChangeKind.LOGIN and change.session is not None:
             wanted[change.provider].add(change.session.external_session_id)
-    found: dict[Key, Row] = {}
+    found: dict[Key, SessionRow] = {}
     for provider, ids in wanted.items():
         for chunk in _chunks(sorted(ids)):
             stmt = select(user_sessions).where(
@@ -185,38 +173,30 @@ def _sessions(conn: Connection, changes: Sequence[UserChange]) -> dict[Key, Row]
                 among(conn, user_sessions.c.external_session_id, chunk),
             )
             found.update(
-                ((provider, r["external_session_id"]), dict(r))
+                ((provider, r["external_session_id"]), dict(r))  # type: ignore[misc]
                 for r in conn.execute(stmt).mappings()
             )
     return found
 
 
 def _stale_audited(
-    conn: Connection, changes: Sequence[UserChange], identities: dict[Key, Row]
-) -> set[tuple[str, str, str]]:
-    stale = [
-        c for c in changes
-        if c.event_id and (held := identities.get((c.provider, c.external_id))) and _older(c, held)
-    ]  # fmt: skip
-    if not stale:
-        return set()
+    conn: Connection, stale: Sequence[UserChange]
+) -> frozenset[tuple[str, str, str]]:
+    event_ids = sorted({c.event_id for c in stale if c.event_id})
+    if not event_ids:
+        return frozenset()
     stmt = select(sync_audit.c.provider, sync_audit.c.external_id, sync_audit.c.event_id).where(
         and_(
-            sync_audit.c.action == str(AuditAction.STALE_SKIPPED),
+            sync_audit.c.action == str(Action.STALE_SKIPPED),
             sync_audit.c.event_id.in_(bindparam("ids", expanding=True)),
         )
     )
-    rows = conn.execute(stmt, {"ids": sorted({c.event_id for c in stale if c.event_id})})
-    return {(r.provider, r.external_id, r.event_id) for r in rows}
+    rows = conn.execute(stmt, {"ids": event_ids})
+    return frozenset((r.provider, r.external_id, r.event_id) for r in rows)
 
 
-def _older(change: UserChange, held: Row) -> bool:
-    stored = held["upstream_updated_at"]
-    return change.version is not None and stored is not None and change.version < stored
-
-
-def _keyed(rows: Iterable[object]) -> dict[Key, Row]:
-    out: dict[Key, Row] = {}
+def _keyed(rows: Iterable[object]) -> dict[Key, IdentityRow]:
+    out: dict[Key, IdentityRow] = {}
     for row in rows:
         data = dict(row)  # type: ignore[call-overload]
         out[(data["provider"], data["external_id"])] = data

@@ -1,0 +1,195 @@
+"""The profile-sync engine: applies a batch of normalized changes inside its caller's transaction.
+
+Every path (pulls, webhooks, CLI) ends in ``SyncEngine.apply(conn, changes, ...)``. The
+caller owns the transaction, so it can commit what belongs with the batch in the same one (a
+pull's cursor, a drainer's inbox rows). A batch is validated and deduplicated; unchanged
+upserts are set aside on a cheap read; the rows the rest touch are loaded with a few set
+queries (``db.snapshot``), ``plan`` decides the writes and ``db.writes`` runs them as a few
+multi-row statements. A record the database refuses is isolated by bisecting the batch
+inside savepoints; it is recorded as failed and the rest commits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+from sqlalchemy import Connection
+
+from db import snapshot as store
+from db.rows import AuditRow, IdentityRow, Key
+from db.writes import Stamp, append_audit, write
+from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
+from sync_worker.config import Settings
+from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, unchanged
+from sync_worker.engine.validate import problem
+from sync_worker.errors import RecordRefused
+from sync_worker.runtime import collector_paused
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    outcomes: tuple[Outcome, ...]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(str(o.action) for o in self.outcomes))
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.action is Action.FAILED]
+
+    @property
+    def created(self) -> int:
+        return sum(1 for o in self.outcomes if o.action is Action.CREATED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejected:
+    """An upstream record that could not be mapped to a change."""
+
+    provider: str
+    external_id: str | None
+    reason: str
+    event_id: str | None = None
+
+    def as_change(self) -> UserChange:
+        return UserChange(
+            provider=self.provider,
+            external_id=self.external_id or "",
+            kind=ChangeKind.UPSERT,
+            event_id=self.event_id,
+        )
+
+
+@dataclass(slots=True)
+class _Batch:
+    stamp: Stamp
+    outcomes: list[Outcome] = field(default_factory=list)
+    failed_audit: list[AuditRow] = field(default_factory=list)
+
+
+class SyncEngine:
+    def __init__(
+        self,
+        settings: PlanSettings,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        new_id: Callable[[], uuid.UUID] = uuid.uuid4,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.new_id = new_id
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SyncEngine:
+        return cls(plan_settings(settings))
+
+    def apply(
+        self,
+        conn: Connection,
+        changes: Sequence[UserChange],
+        *,
+        source: Source,
+        run_id: uuid.UUID | None = None,
+        rejected: Sequence[Rejected] = (),
+    ) -> BatchResult:
+        """Apply a batch inside the caller's open transaction; the caller commits.
+
+        ``rejected`` are upstream records the adapter could not map: recorded as failed in
+        the same transaction. Raises StoreError (never a driver error) when the database
+        fails as a whole; a single refused record is isolated instead.
+        """
+        with collector_paused():
+            batch = _Batch(Stamp(now=self.clock(), source=str(source), run_id=run_id))
+            for reject in rejected:
+                self._record_failure(batch, reject.as_change(), reject.reason)
+            valid = [c for c in changes if self._valid(batch, c)]
+            batch.outcomes += self._isolating(conn, dedupe(valid), batch)
+            if batch.failed_audit:
+                append_audit(conn, batch.failed_audit, batch.stamp)
+        result = BatchResult(tuple(batch.outcomes))
+        log.info("batch_applied", source=str(source), **result.counts)
+        return result
+
+    def _valid(self, batch: _Batch, change: UserChange) -> bool:
+        reason = problem(change)
+        if reason is not None:
+            self._record_failure(batch, change, reason)
+        return reason is None
+
+    def _isolating(
+        self, conn: Connection, changes: list[UserChange], batch: _Batch
+    ) -> list[Outcome]:
+        if not changes:
+            return []
+        try:
+            with conn.begin_nested():
+                return self._apply_once(conn, changes, batch.stamp)
+        except RecordRefused as exc:
+            if len(changes) == 1:
+                outcomes: list[Outcome] = []
+                self._record_failure(batch, changes[0], str(exc), outcomes)
+                return outcomes
+            middle = len(changes) // 2
+            return self._isolating(conn, changes[:middle], batch) + self._isolating(
+                conn, changes[middle:], batch
+            )
+
+    def _apply_once(
+        self, conn: Connection, changes: list[UserChange], stamp: Stamp
+    ) -> list[Outcome]:
+        store.lock_writers(conn)
+        identities = store.load_identities(conn, changes)
+        noop: list[Outcome] = []
+        todo: list[UserChange] = []
+        for change in changes:
+            held = identities.get((change.provider, change.external_id))
+            if unchanged(change, held):
+                assert held is not None
+                noop.append(Outcome.of(change, Action.UNCHANGED, held["user_id"]))
+            else:
+                todo.append(change)
+        if not todo:
+            return noop
+        stale = [c for c in todo if c.event_id and _is_stale(c, identities)]
+        snap = store.load_snapshot(
+            conn, todo, identities, link_by_email=self.settings.link_by_verified_email, stale=stale
+        )
+        decided = plan(todo, snap, self.settings, stamp.now, self.new_id)
+        write(conn, decided.writes, stamp)
+        return noop + decided.outcomes
+
+    def _record_failure(
+        self,
+        batch: _Batch,
+        change: UserChange,
+        reason: str,
+        outcomes: list[Outcome] | None = None,
+    ) -> None:
+        outcome, row = failure(change, reason)
+        (batch.outcomes if outcomes is None else outcomes).append(outcome)
+        batch.failed_audit.append(row)
+        log.warning(
+            "record_failed", provider=change.provider, external_id=change.external_id, reason=reason
+        )
+
+
+def _is_stale(change: UserChange, identities: Mapping[Key, IdentityRow]) -> bool:
+    held = identities.get((change.provider, change.external_id))
+    return held is not None and older(change.version, held["upstream_updated_at"])
+
+
+def plan_settings(settings: Settings) -> PlanSettings:
+    return PlanSettings(
+        link_by_verified_email=settings.sync.link_by_verified_email,
+        profile_defaults=dict(settings.profile.defaults),
+        profile_overwrite=frozenset(settings.profile.overwrite),
+        default_role=settings.users.default_role,
+    )

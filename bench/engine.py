@@ -48,17 +48,16 @@ import psycopg  # noqa: E402
 from sqlalchemy import Engine, func, select  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session  # noqa: E402
 
-from bench.results import table, write_section  # noqa: E402
+from bench.results import apply_batch, table, write_section  # noqa: E402
 from db.connect import make_engine  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from db.tables import profiles, sync_audit, user_identities, user_sessions, users  # noqa: E402
 from providers.auth0 import to_change  # noqa: E402
 from sync_worker.changes import Source, UserChange, utcnow  # noqa: E402
 from sync_worker.config import DatabaseSettings  # noqa: E402
-from sync_worker.engine import SyncEngine  # noqa: E402
+from sync_worker.engine import PlanSettings, SyncEngine  # noqa: E402
 from sync_worker.logging import configure  # noqa: E402
-from sync_worker.plan import PlanSettings  # noqa: E402
-from sync_worker.runtime import tune_gc  # noqa: E402
+from sync_worker.runtime import allow_collector_pauses, tune_gc  # noqa: E402
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCHEMA = "identity"
@@ -239,13 +238,13 @@ class Phase:
 
 
 def run_engine(engine: Engine, batches: Iterator[list[UserChange]], source: Source) -> Phase:
-    sync = SyncEngine(engine, PlanSettings())
+    sync = SyncEngine(PlanSettings())
     phase = Phase(users=0, seconds=0.0)
     mark = time.perf_counter()
     for batch in batches:
         started = time.perf_counter()
         phase.gen_seconds += started - mark
-        result = sync.apply(batch, source=source)
+        result = apply_batch(engine, sync, batch, source)
         mark = time.perf_counter()
         phase.seconds += mark - started
         phase.users += len(batch)
@@ -610,6 +609,7 @@ def render(reports: list[Report], batch_size: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tune_gc()  # as the console script does
+    allow_collector_pauses()  # as its one-shot commands do
     configure("warning")
     if args.child_load:
         url, schema, n, size = args.child_load

@@ -45,9 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the repository importable
     sys.path.insert(0, str(ROOT))
 
+from sqlalchemy import Connection as DbConnection  # noqa: E402
 from sqlalchemy import Engine, func, select  # noqa: E402
 
-from bench.results import RESULTS, table, write_section  # noqa: E402
+from bench.results import RESULTS, apply_batch, table, write_section  # noqa: E402
 from db.connect import make_engine  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from db.tables import sync_audit  # noqa: E402
@@ -63,11 +64,14 @@ from sync_worker.config import (  # noqa: E402
     DatabaseSettings,
     StackSettings,
 )
-from sync_worker.engine import BatchResult, SyncEngine  # noqa: E402
+from sync_worker.engine import (  # noqa: E402
+    BatchResult,
+    PlanSettings,
+    SyncEngine,
+)
 from sync_worker.logging import configure  # noqa: E402
-from sync_worker.plan import PlanSettings  # noqa: E402
 from sync_worker.pull import PullReport, PullRunner  # noqa: E402
-from sync_worker.runtime import tune_gc  # noqa: E402
+from sync_worker.runtime import allow_collector_pauses, tune_gc  # noqa: E402
 from tests import pgserver  # noqa: E402
 from tests.fakes.auth0 import FakeAuth0  # noqa: E402
 from tests.fakes.authjs import make_loader  # noqa: E402
@@ -190,10 +194,12 @@ class TimedEngine(SyncEngine):
 
     seconds: float = 0.0
 
-    def apply(self, changes: Sequence[UserChange], **kwargs: Any) -> BatchResult:
+    def apply(
+        self, conn: DbConnection, changes: Sequence[UserChange], **kwargs: Any
+    ) -> BatchResult:
         started = time.perf_counter()
         try:
-            return super().apply(changes, **kwargs)
+            return super().apply(conn, changes, **kwargs)
         finally:
             self.seconds += time.perf_counter() - started
 
@@ -214,17 +220,17 @@ def prefetch(provider: Provider) -> tuple[Pages, float]:
 def engine_only(pages: Pages) -> float:
     """Seconds to apply pre-fetched pages, one batch each, into an empty database."""
     with worker_db() as db:
-        engine = SyncEngine(db, PlanSettings())
+        engine = SyncEngine(PlanSettings())
         started = time.perf_counter()
         for changes in pages:
-            engine.apply(changes, source=Source.BACKFILL)
+            apply_batch(db, engine, changes, Source.BACKFILL)
         return time.perf_counter() - started
 
 
 def timed_pull(
     db: Engine, provider: Provider, *, full: bool
 ) -> tuple[PullReport, float, TimedEngine]:
-    engine = TimedEngine(db, PlanSettings())
+    engine = TimedEngine(PlanSettings())
     try:
         started = time.perf_counter()
         report = PullRunner(db, engine, provider).run(full=full)
@@ -933,6 +939,7 @@ class Run:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tune_gc()  # as the console script does
+    allow_collector_pauses()  # as its one-shot commands do
     if args.child_backfill:
         child_backfill(*args.child_backfill)
         return

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import platform
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+
+from sqlalchemy import Engine
+
+from db.snapshot import refresh_statistics
+from db.transaction import transaction
+from sync_worker.changes import Source, UserChange
+from sync_worker.engine import BatchResult, SyncEngine
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = (
@@ -34,3 +42,16 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def apply_batch(
+    db: Engine, engine: SyncEngine, changes: Sequence[UserChange], source: Source
+) -> BatchResult:
+    """One batch as the pull runner commits it: its own transaction, then the statistics
+    refresh after a batch that created users (what ``PullRunner`` does, minus the cursor)."""
+    with transaction(db) as conn:
+        result = engine.apply(conn, changes, source=source)
+    if result.created:
+        with transaction(db) as conn:
+            refresh_statistics(conn)
+    return result

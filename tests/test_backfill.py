@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -35,7 +35,7 @@ from sync_worker.pull import PullRunner
 from tests.conftest import sqlalchemy_url
 from tests.factories import BoundEngine, audit, rows
 from tests.fakes.auth0 import FakeAuth0
-from tests.fakes.authjs import make_loader
+from tests.fakes.authjs import FakeSession, make_loader
 from tests.fakes.stack import USERS_PATH, StackFake
 
 FAST = HttpPolicy(
@@ -311,6 +311,30 @@ class TestAuthjs:
             assert report.pages >= 3
         finally:
             worker.dispose()
+
+    def test_a_rename_upstream_keeps_the_login_its_sessions_recorded(
+        self, engine: Engine, make_pg_database: Callable[[], str]
+    ) -> None:
+        url = make_pg_database()
+        settings = AuthjsSettings(database_url=url)
+        with make_loader("pg", url) as loader:
+            (user,) = loader.populate(1)
+            assert user.id is not None
+            expires = datetime.now(UTC) + timedelta(days=20)
+            loader.create_session(user.id, FakeSession(session_token="tok-1", expires=expires))
+            with closing(AuthjsProvider(settings)) as provider:
+                runner(engine, provider).run(full=True)
+            (before,) = rows(engine, "users")
+            assert before["last_login_at"] is not None  # from the user's live session
+            loader.update_user(user.id, name="Renamed Person")
+            with closing(AuthjsProvider(settings)) as provider:
+                report = runner(engine, provider).run(full=True)
+        assert report.counts["updated"] == 1
+        (after,) = rows(engine, "users")
+        assert after["name"] == "Renamed Person"
+        assert after["last_login_at"] == before["last_login_at"]
+        (updated,) = audit(engine, action="updated")
+        assert "last_login_at" not in updated["changes"]
 
     def test_a_killed_backfill_resumes_from_its_cursor(
         self, engine: Engine, make_pg_database: Callable[[], str]

@@ -36,6 +36,7 @@ def upsert(
     provider: str = "auth0",
     event_id: str | None = None,
     linked: tuple[LinkedIdentity, ...] = (),
+    linked_stated: bool = True,
     raw: dict[str, Any] | None = None,
     **attrs: Any,
 ) -> UserChange:
@@ -52,6 +53,7 @@ def upsert(
         version=at(version) if version is not None else None,
         attributes=UserAttributes(**values),
         linked=linked,
+        linked_stated=linked_stated,
         # Like Auth0's records, the raw record carries its own updated_at.
         raw=raw
         if raw is not None

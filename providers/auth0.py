@@ -54,6 +54,7 @@ from sync_worker.errors import (
     UpstreamDataError,
     UpstreamUnavailable,
 )
+from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collector_paused
 
 __all__ = ["EXPORT_FIELDS", "Auth0Provider", "LogPlan", "plan_logs", "to_change"]
@@ -418,14 +419,12 @@ class Auth0Provider:
     def http(self) -> HttpClient:
         return self._http
 
-    def to_change(self, raw: Mapping[str, Any]) -> UserChange:
-        return to_change(raw)
-
     def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
         log_id = (cursor or {}).get("log_id")
         if full or not log_id:
-            return self._full_sync()
-        return self._incremental(str(log_id))
+            return self._full_sync()  # one download, decoded in Python: no reader thread
+        # Log pages wait on paced HTTP: the next one is read while this one is applied.
+        return read_ahead(self._incremental(str(log_id)), 1)
 
     def cursor_since(self, since: datetime) -> Cursor:
         """The cursor that makes the next incremental pull start at ``since``.
@@ -450,10 +449,6 @@ class Auth0Provider:
                 f"auth0: no log older than {stamp} is retained; run a --full backfill instead"
             )
         return {"log_id": str(logs[0]["log_id"])}
-
-    def read_ahead_pages(self, *, full: bool) -> int:
-        # Log pages wait on paced HTTP; the export is one download, decoded in Python.
-        return 0 if full else 1
 
     def fetch_user(self, external_id: str) -> UserChange | None:
         raw = self._get_user(external_id)

@@ -14,7 +14,7 @@ snapshot, reading users, accounts and live sessions once each, merged by user id
 and sessions. Never a query per user.
 Each page carries ``{"after_id": "42", "id_type": "int"}`` so a killed pass resumes after
 it; the last page is ``complete`` with ``{"completed_at": iso}``, and a pass that resumed
-(so saw only part of the users) says ``extra={"partial_pass": True}`` there, so nobody
+(so saw only part of the users) says ``partial_pass`` there, so nobody
 reconciles deletions from it.
 
 Secrets stay in the database: the OAuth token columns of accounts are never selected, and a
@@ -340,15 +340,8 @@ class AuthjsProvider:
                 return
             yield page
 
-    def to_change(self, raw: Mapping[str, Any]) -> UserChange:
-        """Map an AdapterUser-shaped record; its ``accounts`` list, if any, gives links."""
-        accounts = raw.get("accounts") or ()
-        if not isinstance(accounts, list | tuple):
-            raise ValueError("accounts: expected a list")
-        return to_change(raw, accounts, observed_at=self._now())
-
-    def read_ahead_pages(self, *, full: bool) -> int:
-        return 0  # reading rows and mapping them is mostly Python work
+    def cursor_since(self, since: datetime) -> Cursor | None:
+        return None  # no change log: every pull lists all users
 
     def fetch_user(self, external_id: str) -> UserChange | None:
         """The user by primary key, with linked accounts; None if there is no such row."""
@@ -470,7 +463,7 @@ class AuthjsProvider:
             errors=errors,
             seen_ids=seen,
             complete=True,
-            extra={"partial_pass": True} if partial else {},
+            partial_pass=partial,
         )
 
     def _user_query(self) -> Select[Any]:

@@ -13,7 +13,8 @@ translated at the adapter boundary.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from sync_worker.changes import UserChange
@@ -37,7 +38,8 @@ class Page:
     ``cursor`` is None when the pull has no resumable position (e.g. the middle of a
     full export that must restart from the beginning); the caller then keeps the old one.
     ``seen_ids`` lists every upstream id this page observed, for reconcile. ``complete``
-    is True on the last page of a full listing.
+    is True on the last page of a listing of every user; ``partial_pass`` says that listing
+    resumed halfway (or lost its place), so it did not see everyone and must not reconcile.
     """
 
     changes: tuple[UserChange, ...]
@@ -45,11 +47,11 @@ class Page:
     errors: tuple[RecordError, ...] = ()
     seen_ids: tuple[str, ...] = ()
     complete: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    partial_pass: bool = False
 
 
 class Provider(Protocol):
-    """A source of user changes."""
+    """A source of user changes, as the pull runner uses it."""
 
     name: str
 
@@ -58,27 +60,28 @@ class Provider(Protocol):
 
         With ``full`` (or no cursor), list every user upstream; the last page has
         ``complete=True`` and its cursor is where the next incremental pull starts.
-        Without it, yield only what changed since the cursor.
+        Without it, yield only what changed since the cursor. Where reading a page mostly
+        waits (HTTP, rate-limit pacing), the adapter reads the next one while the caller
+        applies this one (``sync_worker.readahead``); where it is Python work, it does not:
+        a reader thread would compete with the engine for the GIL (bench/pull.py).
         """
         ...
 
-    def to_change(self, raw: Mapping[str, Any]) -> UserChange:
-        """Map one raw upstream user record to a normalized change (pure; no I/O)."""
-        ...
-
-    def read_ahead_pages(self, *, full: bool) -> int:
-        """Pages to read in a thread while the engine applies the current one.
-
-        Worth it where reading a page mostly waits (HTTP, rate-limit pacing): the wait
-        overlaps the engine's. Where it is Python work (decoding, mapping) it competes
-        with the engine for the GIL and slows both: 0 then (measured in bench/pull.py).
-        """
-        ...
-
-    def fetch_user(self, external_id: str) -> UserChange | None:
-        """Fetch one user now; None if the provider says it does not exist."""
+    def cursor_since(self, since: datetime) -> Cursor | None:
+        """The cursor that starts the next incremental pull at ``since``; None for a
+        provider without a change log (every pull lists all users)."""
         ...
 
     def close(self) -> None:
         """Release connections and sessions."""
+        ...
+
+
+class UserLookup(Protocol):
+    """Re-reading one user now: how the webhook drainer resolves a thin event."""
+
+    name: str
+
+    def fetch_user(self, external_id: str) -> UserChange | None:
+        """The user as the provider has it now; None if it says there is no such user."""
         ...

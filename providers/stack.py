@@ -10,7 +10,7 @@ Pagination is Stack's inclusive user-id cursor, ascending by ``signed_up_at`` th
 page's Page carries ``{"next_cursor": id}`` so a killed pass resumes there; the last page is
 ``complete`` with ``{"completed_at": iso}``. A resumed pass, or one whose cursor user vanished
 mid-pass (the backend then answers an empty page, §1), saw only part of the users: its last
-page says ``extra={"partial_pass": True}`` so nobody reconciles deletions from it.
+page says ``partial_pass`` so nobody reconciles deletions from it.
 
 Ascending order matters: the only backend reordering (an anonymous user upgrading gets
 ``signed_up_at = now``) moves a user to the end, where an ascending pass still meets it.
@@ -290,14 +290,8 @@ class StackProvider:
         directory = self._directory(teams, self._http.get_json("team-member-profiles"))
         yield from self._pass(start, directory)
 
-    def to_change(self, raw: Mapping[str, Any]) -> UserChange:
-        """Map a user with no team context (``tenant_id`` None, no ``team_ids``)."""
-        return to_change(raw, observed_at=self._now())
-
-    def read_ahead_pages(self, *, full: bool) -> int:
-        # The listing reads its next page itself while this one is mapped and applied:
-        # mapping in the applying thread ran faster than in the reader (GIL contention).
-        return 0
+    def cursor_since(self, since: datetime) -> Cursor | None:
+        return None  # no change log: every pull lists all users
 
     def fetch_user(self, external_id: str) -> UserChange | None:
         """GET /users/{id} plus its memberships; None when Stack says USER_NOT_FOUND."""
@@ -338,8 +332,9 @@ class StackProvider:
                 changes, errors, seen = _map_page(listed.items, directory, listed.observed)
             if next_cursor is None:
                 cursor = {"completed_at": listed.observed.isoformat()}
-                extra = {"partial_pass": True} if partial else {}
-                yield from self._chunks(changes, errors, seen, cursor, complete=True, extra=extra)
+                yield from self._chunks(
+                    changes, errors, seen, cursor, complete=True, partial_pass=partial
+                )
                 return
             if next_cursor == position:
                 raise UpstreamDataError(f"stack: pagination did not advance past {position}")
@@ -377,7 +372,7 @@ class StackProvider:
         cursor: Cursor,
         *,
         complete: bool,
-        extra: Mapping[str, Any] | None = None,
+        partial_pass: bool = False,
     ) -> Iterator[Page]:
         """Split one HTTP page into batches; only the last is resumable, so carries the cursor."""
         size = self._batch_size
@@ -393,7 +388,7 @@ class StackProvider:
                 errors=errors,
                 seen_ids=seen,
                 complete=complete,
-                extra=dict(extra or {}),
+                partial_pass=partial_pass,
             )
 
     # -- teams -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from db.connect import make_engine
 from db.migrate import current_revision, head_revision, upgrade
 from db.report import collect as collect_status
 from db.runs import RunStatus
+from providers.base import Provider
 from sync_worker import __version__, status
 from sync_worker.changes import Source, as_utc
 from sync_worker.config import Settings, config_path, load_settings
@@ -200,15 +201,15 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
     return worst
 
 
-def _since_cursor(provider: Any, since: datetime | None) -> dict[str, Any] | None:
+def _since_cursor(provider: Provider, since: datetime | None) -> dict[str, Any] | None:
     if since is None:
         return None
-    cursor_since = getattr(provider, "cursor_since", None)
-    if cursor_since is None:
+    cursor = provider.cursor_since(since)
+    if cursor is None:
         raise ConfigError(
             f"--since: {provider.name} has no change log to start from; every pull lists all users"
         )
-    return dict(cursor_since(since))
+    return dict(cursor)
 
 
 def _print_report(report: PullReport, *, dry_run: bool) -> None:

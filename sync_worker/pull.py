@@ -31,7 +31,6 @@ from providers.base import Cursor, Page, Provider
 from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
-from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collect_young, collector_paused
 
 log = structlog.get_logger(__name__)
@@ -80,7 +79,6 @@ class PullRunner:
         max_delete_fraction: float = 0.2,
         source: Source = Source.BACKFILL,
         progress: Progress | None = None,
-        read_ahead_pages: int | None = None,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -88,7 +86,6 @@ class PullRunner:
         self.max_delete_fraction = max_delete_fraction
         self.source = source
         self.progress = progress or (lambda _n: None)
-        self.read_ahead_pages = read_ahead_pages
 
     def run(
         self, *, full: bool = False, dry_run: bool = False, cursor: Cursor | None = None
@@ -132,11 +129,7 @@ class PullRunner:
         seen: _Seen,
     ) -> None:
         whole = full or start is None
-        pages = self.provider.iter_changes(start, full=whole)
-        ahead = self.read_ahead_pages
-        if ahead is None:
-            ahead = self.provider.read_ahead_pages(full=whole)
-        pending = read_ahead(pages, ahead)
+        pending = self.provider.iter_changes(start, full=whole)
         while True:
             # A page's objects live from its decoding until it is applied, and reference
             # counting frees them then: collections in between would only walk them. One
@@ -149,7 +142,7 @@ class PullRunner:
                 report.add(result)
                 report.pages += 1
                 self.progress(len(page.changes) + len(page.errors))
-                complete = page.complete and not page.extra.get("partial_pass")
+                complete = page.complete and not page.partial_pass
                 del page, result
             collect_young()
             # Stack and Auth.js list every user on every pull; the adapter says when a pass

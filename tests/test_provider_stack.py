@@ -167,7 +167,7 @@ def test_full_pass_lists_every_user_exactly_once(fake: StackFake) -> None:
     assert all(set(p.cursor or {}) == {"next_cursor"} for p in pages[:-1])
     final = pages[-1]
     assert set(final.cursor or {}) == {"completed_at"}
-    assert final.extra == {}
+    assert final.partial_pass is False
     assert sorted(i for p in pages for i in p.seen_ids) == sorted(fake.users)
 
 
@@ -350,7 +350,7 @@ def test_resume_from_next_cursor_is_a_partial_pass(fake: StackFake) -> None:
 
     assert ids_of(resumed) == ids_in_order(fake)[5:]
     assert resumed[-1].complete
-    assert resumed[-1].extra == {"partial_pass": True}
+    assert resumed[-1].partial_pass is True
     assert fake.requests_to(USERS_PATH)[-2].arg("cursor") == first.cursor["next_cursor"]  # type: ignore[index]
 
 
@@ -361,7 +361,7 @@ def test_full_ignores_the_cursor(fake: StackFake) -> None:
     pages = pull(provider_for(fake), cursor, full=True)
 
     assert sorted(ids_of(pages)) == sorted(fake.users)
-    assert pages[-1].extra == {}
+    assert pages[-1].partial_pass is False
 
 
 def test_completed_cursor_starts_a_new_full_pass(fake: StackFake) -> None:
@@ -370,7 +370,7 @@ def test_completed_cursor_starts_a_new_full_pass(fake: StackFake) -> None:
     pages = pull(provider_for(fake), {"completed_at": "2026-03-01T00:00:00+00:00"})
 
     assert sorted(ids_of(pages)) == sorted(fake.users)
-    assert pages[-1].extra == {}
+    assert pages[-1].partial_pass is False
 
 
 def test_cursor_user_deleted_mid_pass_ends_a_partial_pass(fake: StackFake) -> None:
@@ -385,7 +385,7 @@ def test_cursor_user_deleted_mid_pass_ends_a_partial_pass(fake: StackFake) -> No
     assert len(rest) == 1
     assert rest[0].complete
     assert rest[0].changes == ()
-    assert rest[0].extra == {"partial_pass": True}
+    assert rest[0].partial_pass is True
 
 
 def test_the_listing_is_read_ahead_and_stops_with_the_pass(fake: StackFake) -> None:
@@ -538,14 +538,3 @@ def test_fetch_user_other_404_is_an_error_not_a_deletion(fake: StackFake) -> Non
 
     with pytest.raises(ProviderError):
         provider.fetch_user(user)
-
-
-def test_provider_to_change_needs_no_io(fake: StackFake) -> None:
-    user = fake.add_user()
-    raw = fake._render_user(fake.users[user])
-    provider = provider_for(fake)
-
-    change = provider.to_change(raw)
-
-    assert change.external_id == user
-    assert fake.requests == []

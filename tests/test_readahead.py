@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from sqlalchemy import Engine
 
 from db.cursors import load_cursor
 from providers.base import Cursor, Page
-from sync_worker.changes import UserChange
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.pull import PullRunner
 from sync_worker.readahead import read_ahead
@@ -135,17 +134,14 @@ class ThreadRecordingProvider:
         self.ahead, self.threads = ahead, []
 
     def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
+        return read_ahead(self._pages(), self.ahead)  # as an adapter that pays for it does
+
+    def _pages(self) -> Iterator[Page]:
         for n in range(2):
             self.threads.append(threading.current_thread().name)
             yield Page(changes=(upsert(f"s-{n}", n, provider="stack"),), cursor={"n": n})
 
-    def read_ahead_pages(self, *, full: bool) -> int:
-        return self.ahead
-
-    def to_change(self, raw: Mapping[str, Any]) -> UserChange:
-        raise NotImplementedError
-
-    def fetch_user(self, external_id: str) -> UserChange | None:
+    def cursor_since(self, since: datetime) -> Cursor | None:
         return None
 
     def close(self) -> None:
@@ -153,7 +149,9 @@ class ThreadRecordingProvider:
 
 
 @pytest.mark.parametrize(("ahead", "reader"), [(0, "MainThread"), (1, "pull-read-ahead")])
-def test_the_pull_reads_ahead_as_the_provider_asks(engine: Engine, ahead: int, reader: str) -> None:
+def test_a_pull_applies_pages_an_adapter_reads_ahead(
+    engine: Engine, ahead: int, reader: str
+) -> None:
     provider = ThreadRecordingProvider(ahead)
     report = PullRunner(engine, SyncEngine(PlanSettings()), provider).run(full=False)
     assert report.counts["created"] == 2

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    ColumnElement,
     ForeignKey,
     Index,
     Integer,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    literal_column,
     text,
 )
 
@@ -131,12 +133,17 @@ Index("ix_sync_audit_user_id_occurred_at", sync_audit.c.user_id, sync_audit.c.oc
 Index("ix_sync_audit_provider_external_id", sync_audit.c.provider, sync_audit.c.external_id)
 Index("ix_sync_audit_run_id", sync_audit.c.run_id)
 
+INBOX_STATUSES = ("pending", "done", "failed", "dead", "ignored")
+INBOX_CLAIMABLE = ("pending", "failed")  # rows a drainer may still claim
+INBOX_FINISHED = ("done", "ignored")  # rows retention deletes once old enough
+
 sync_inbox = Table(
     "sync_inbox",
     metadata,
     Column("id", BigIntPK, primary_key=True, autoincrement=True),
     Column("provider", String(64), nullable=False),
     Column("event_id", String(255), nullable=False),
+    Column("event_type", String(128)),
     Column("received_at", UTCDateTime, nullable=False),
     Column("payload", JSONType, nullable=False),
     Column("status", String(16), nullable=False, server_default=text("'pending'")),
@@ -144,10 +151,42 @@ sync_inbox = Table(
     Column("next_attempt_at", UTCDateTime),
     Column("last_error", Text),
     Column("processed_at", UTCDateTime),
+    Column("claimed_by", String(128)),
+    Column("claimed_until", UTCDateTime),
     UniqueConstraint("provider", "event_id"),
-    CheckConstraint("status IN ('pending', 'done', 'failed', 'dead')", name="status"),
+    CheckConstraint("status IN ('pending', 'done', 'failed', 'dead', 'ignored')", name="status"),
 )
-Index("ix_sync_inbox_status_next_attempt_at", sync_inbox.c.status, sync_inbox.c.next_attempt_at)
+
+
+def inbox_status_in(statuses: tuple[str, ...]) -> ColumnElement[bool]:
+    """``status IN ('a', 'b')`` with the values written into the SQL text, never bound.
+
+    A partial index is only used when the planner can prove the query's WHERE implies the
+    index's: SQLite never proves it against parameters, nor PostgreSQL for a generic plan
+    (psycopg prepares a statement after five runs). The indexes below and the queries in
+    db/inbox.py share this expression, so their texts match.
+    """
+    return sync_inbox.c.status.in_([literal_column(f"'{s}'") for s in statuses])
+
+
+# Only claimable rows: the claim walks this in id order and stops at its limit, however many
+# done rows retention keeps (days of them). Keyed on id alone so a claim or a release, which
+# change neither id nor status, stay HOT updates on PostgreSQL.
+_claimable = inbox_status_in(INBOX_CLAIMABLE)
+Index(
+    "ix_sync_inbox_claimable",
+    sync_inbox.c.id,
+    postgresql_where=_claimable,
+    sqlite_where=_claimable,
+)
+# Only finished rows, by processed_at: retention reads its oldest batch off the front.
+_finished = inbox_status_in(INBOX_FINISHED)
+Index(
+    "ix_sync_inbox_finished_processed_at",
+    sync_inbox.c.processed_at,
+    postgresql_where=_finished,
+    sqlite_where=_finished,
+)
 
 sync_cursors = Table(
     "sync_cursors",

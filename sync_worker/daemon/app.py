@@ -1,0 +1,197 @@
+"""The daemon's HTTP app: webhook endpoints, health, readiness and metrics (FastAPI).
+
+``POST /webhooks/{provider}`` answers 2xx only once the delivery is durably in
+``sync_inbox``: content type first (415), then size while reading (413: a body is never read
+past the limit), then the signature (401) and the shape (400), then one transaction that
+stores every event of the body (503 when the database cannot). A rejected request stores
+nothing and is logged with its reason, never its body. A redelivery is 2xx and changes
+nothing. An endpoint whose secret is not configured answers 404.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import Engine, text
+
+from db import inbox
+from db.migrate import current_revision, head_revision
+from db.transaction import transaction
+from providers.webhook import InboxItem, WebhookReceiver
+from sync_worker.changes import utcnow
+from sync_worker.daemon.metrics import CONTENT_TYPE, Metrics
+from sync_worker.errors import (
+    StoreError,
+    SyncWorkerError,
+    WebhookPayloadError,
+    WebhookVerificationError,
+)
+
+log = structlog.get_logger(__name__)
+
+#: JSON, JSON lines (Auth0 log streams) and CloudEvents' JSON types.
+_JSON_TYPES = frozenset(
+    {"application/json", "application/x-ndjson", "application/jsonl", "application/json-lines"}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Health:
+    """What /readyz checks besides the database: heartbeats of the daemon's loops."""
+
+    #: name -> seconds since the loop last reported (None: not running)
+    heartbeats: Callable[[], Mapping[str, float | None]] = dict
+    stale_after: float = 30.0
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def create_app(
+    db: Engine,
+    receivers: Mapping[str, WebhookReceiver],
+    metrics: Metrics,
+    *,
+    max_body_bytes: int = 1_048_576,
+    on_stored: Callable[[], None] = lambda: None,
+    health: Health = Health(),
+    clock: Callable[[], datetime] = utcnow,
+) -> FastAPI:
+    app = FastAPI(title="sync-worker", docs_url=None, redoc_url=None, openapi_url=None)
+    endpoint = _Webhooks(db, receivers, metrics, max_body_bytes, on_stored, clock)
+    app.add_api_route("/webhooks/{provider}", endpoint.post, methods=["POST"])
+    app.add_api_route("/healthz", _healthz, methods=["GET"])
+    app.add_api_route("/readyz", _Readiness(db, health).get, methods=["GET"])
+    app.add_api_route(
+        "/metrics", lambda: Response(metrics.render(), media_type=CONTENT_TYPE), methods=["GET"]
+    )
+    return app
+
+
+async def _healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+class _Webhooks:
+    def __init__(
+        self,
+        db: Engine,
+        receivers: Mapping[str, WebhookReceiver],
+        metrics: Metrics,
+        max_body_bytes: int,
+        on_stored: Callable[[], None],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.db, self.receivers, self.metrics = db, receivers, metrics
+        self.limit, self.on_stored, self.clock = max_body_bytes, on_stored, clock
+
+    async def post(self, provider: str, request: Request) -> Response:
+        receiver = self.receivers.get(provider)
+        if receiver is None:  # unknown, or its secret is not configured: off
+            return JSONResponse({"error": "not found"}, status_code=404)
+        try:
+            _check_type(request.headers.get("content-type"))
+            body = await _read_limited(request, self.limit)
+            items = receiver.verify(request.headers, body, now=self.clock())
+            stored = await run_in_threadpool(self._store, provider, items)
+        except _Rejected as exc:
+            return self._reject(provider, exc.status, exc.reason)
+        except WebhookVerificationError as exc:
+            return self._reject(provider, 401, str(exc))
+        except WebhookPayloadError as exc:
+            return self._reject(provider, 400, str(exc))
+        except StoreError as exc:
+            return self._reject(provider, 503, str(exc))
+        self.metrics.webhook_requests.labels(provider=provider, status="200").inc()
+        self.metrics.delivered(provider)
+        self.on_stored()
+        return JSONResponse({"stored": stored.inserted, "duplicates": stored.duplicates})
+
+    def _store(self, provider: str, items: Sequence[InboxItem]) -> inbox.StoreResult:
+        deliveries = [_delivery(i) for i in items]
+        try:
+            with transaction(self.db) as conn:
+                return inbox.store(conn, provider, deliveries, now=self.clock())
+        except ValueError as exc:  # a value wider than its column
+            raise _Rejected(400, str(exc)) from exc
+
+    def _reject(self, provider: str, status: int, reason: str) -> Response:
+        self.metrics.webhook_requests.labels(provider=provider, status=str(status)).inc()
+        log.warning("webhook_rejected", provider=provider, status=status, reason=reason)
+        error = "database unavailable" if status == 503 else reason
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _delivery(item: InboxItem) -> inbox.Delivery:
+    return inbox.Delivery(
+        event_id=item.event_id,
+        payload=item.payload,
+        event_type=item.event_type,
+        status="ignored" if item.ignored else "pending",
+    )
+
+
+def _check_type(value: str | None) -> None:
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media in _JSON_TYPES or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise _Rejected(415, f"content type {media or 'missing'} is not JSON")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes ``limit``: never read whole first."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _Rejected(413, f"body of {declared} bytes is over the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Rejected(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Readiness:
+    """Ready: the database answers, is migrated to this version, and the loops are alive."""
+
+    def __init__(self, db: Engine, health: Health) -> None:
+        self.db, self.health = db, health
+        self.head = head_revision()
+
+    async def get(self) -> Response:
+        problems = await run_in_threadpool(self._database)
+        for name, age in self.health.heartbeats().items():
+            if age is None or age > self.health.stale_after:
+                problems.append(f"{name}: stalled" if age is not None else f"{name}: not running")
+        status = 200 if not problems else 503
+        return JSONResponse({"ready": not problems, "problems": problems}, status_code=status)
+
+    def _database(self) -> list[str]:
+        try:
+            with transaction(self.db, rollback=True) as conn:
+                conn.execute(text("SELECT 1"))
+            if current_revision(self.db) != self.head:
+                return ["database: not migrated to this version"]
+        except (StoreError, SyncWorkerError) as exc:
+            return [f"database: {exc}"]
+        except Exception as exc:  # a driver error outside the store boundary
+            return [f"database: {type(exc).__name__}"]
+        return []
+
+
+def monotonic_age(mark: float) -> float:
+    """Seconds since a ``time.monotonic()`` heartbeat."""
+    return time.monotonic() - mark

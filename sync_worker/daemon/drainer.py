@@ -1,0 +1,249 @@
+"""The drainer: stored webhook deliveries into the engine, each batch in one transaction.
+
+One pass (``drain_once``)::
+
+    claim (commit)  ->  decode + re-read users from the IdP (no transaction open)
+                    ->  one transaction: hold, engine.apply, complete  (or fail, with backoff)
+
+A claim leases its rows, so rows claimed by a killed process come back when the lease runs
+out; ``hold`` keeps a row that another worker took over from being applied twice. The
+receiver wakes the drainer after each stored delivery, so it is applied within milliseconds;
+other instances find it by polling.
+
+Ordering: Auth0 payloads carry ``updated_at``, and the engine's version guard keeps an older
+one from overwriting newer data. Stack and Auth.js payloads carry no version; where the
+worker has pull credentials for them, their user events are resolved by re-reading the user
+from the IdP (robust against a late retry of an old delivery); otherwise they apply in the
+order received, versioned by ``received_at`` and claimed in id order.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import Engine
+
+from db import inbox
+from db.transaction import transaction
+from providers.base import UserLookup
+from providers.webhook import Work, WorkDecoder
+from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
+from sync_worker.engine import BatchResult, SyncEngine
+from sync_worker.errors import ProviderError, StoreError, WebhookPayloadError
+
+log = structlog.get_logger(__name__)
+
+#: Providers whose payloads carry no version: re-read where a lookup exists.
+REREAD = frozenset({"stack", "authjs"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DrainSettings:
+    batch_size: int = 100
+    lease: timedelta = timedelta(minutes=5)
+    max_attempts: int = 8
+    backoff: inbox.Backoff = field(default_factory=inbox.Backoff)
+    poll_seconds: float = 1.0  # how often an idle drainer looks for other instances' rows
+
+
+@dataclass(slots=True)
+class _Resolved:
+    """Claimed rows turned into changes, and the rows that failed on the way."""
+
+    changes: dict[int, list[UserChange]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+    poison: dict[int, str] = field(default_factory=dict)
+
+
+Observer = Callable[[BatchResult, float], None]
+
+
+class Drainer:
+    def __init__(
+        self,
+        db: Engine,
+        engine: SyncEngine,
+        decoders: Mapping[str, WorkDecoder],
+        lookups: Mapping[str, UserLookup],
+        settings: DrainSettings = DrainSettings(),
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        observe: Observer | None = None,
+    ) -> None:
+        self.db, self.engine = db, engine
+        self.decoders, self.lookups = decoders, lookups
+        self.settings, self.clock = settings, clock
+        self.observe = observe or (lambda _result, _seconds: None)
+        self.worker = inbox.new_worker_id()
+        self.heartbeat = time.monotonic()
+        self._wake = threading.Event()
+        self._rng = random.Random()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """A delivery was stored: drain now instead of at the next poll."""
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Drain until ``stop`` is set; the batch in hand is finished first."""
+        log.info("drainer_started", worker=self.worker)
+        while not stop.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                handled = self.drain_once()
+            except StoreError as exc:  # the database is down: wait, then try again
+                log.warning("drainer_store_unavailable", error=str(exc))
+                handled = 0
+            if handled < self.settings.batch_size:
+                self._wake.wait(self.settings.poll_seconds)
+                self._wake.clear()
+        log.info("drainer_stopped", worker=self.worker)
+
+    def drain_once(self) -> int:
+        """Claim one batch and see it through; returns the number of rows claimed."""
+        with transaction(self.db) as conn:
+            rows = inbox.claim(
+                conn,
+                limit=self.settings.batch_size,
+                now=self.clock(),
+                lease=self.settings.lease,
+                worker=self.worker,
+                max_attempts=self.settings.max_attempts,
+            )
+        if rows:
+            self._process(rows)
+        return len(rows)
+
+    # -- one batch ---------------------------------------------------------------------
+
+    def _process(self, rows: Sequence[inbox.InboxRow]) -> None:
+        resolved = self._resolve(rows)
+        try:
+            self._apply(resolved)
+        except StoreError as exc:
+            # The whole batch failed to write (not one record: the engine isolates those).
+            self._fail({i: str(exc) for i in resolved.changes}, resolved.poison)
+            raise
+        if resolved.errors or resolved.poison:
+            self._fail(resolved.errors, resolved.poison)
+
+    def _resolve(self, rows: Sequence[inbox.InboxRow]) -> _Resolved:
+        resolved = _Resolved()
+        work: dict[int, Work] = {}
+        for row in rows:
+            try:
+                work[row.id] = self._decode(row)
+            except WebhookPayloadError as exc:  # it can never be applied: dead at once
+                resolved.poison[row.id] = str(exc)
+        fetched, failed = self._fetch(rows, work)
+        for row_id, item in work.items():
+            provider = next(r.provider for r in rows if r.id == row_id)
+            wanted = [fetched.get((provider, e)) for e in item.fetch]
+            missing = [e for e in item.fetch if (provider, e) in failed]
+            if missing:
+                resolved.errors[row_id] = failed[(provider, missing[0])]
+                continue
+            resolved.changes[row_id] = [*item.changes, *(c for c in wanted if c is not None)]
+        return resolved
+
+    def _decode(self, row: inbox.InboxRow) -> Work:
+        decoder = self.decoders.get(row.provider)
+        if decoder is None:
+            raise WebhookPayloadError(f"no decoder for provider {row.provider!r}")
+        work = decoder.to_work(row.payload, event_id=row.event_id, received_at=row.received_at)
+        if row.provider in REREAD and row.provider in self.lookups:
+            work = _reread(work)
+        return work
+
+    def _fetch(
+        self, rows: Sequence[inbox.InboxRow], work: Mapping[int, Work]
+    ) -> tuple[dict[tuple[str, str], UserChange | None], dict[tuple[str, str], str]]:
+        """Re-read each wanted user once (deduplicated across the batch), outside any
+        transaction. A user the IdP says is gone becomes a deletion."""
+        provider_of = {r.id: r.provider for r in rows}
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for row_id, item in work.items():
+            wanted[provider_of[row_id]].update(item.fetch)
+        fetched: dict[tuple[str, str], UserChange | None] = {}
+        failed: dict[tuple[str, str], str] = {}
+        for provider, ids in wanted.items():
+            lookup = self.lookups.get(provider)
+            for external_id in sorted(ids):
+                key = (provider, external_id)
+                if lookup is None:
+                    fetched[key] = None  # no API access: the payload's changes stand alone
+                    continue
+                try:
+                    fetched[key] = lookup.fetch_user(external_id) or _gone(key, self.clock())
+                except ProviderError as exc:
+                    failed[key] = f"{provider}: re-reading a user failed: {exc}"
+        return fetched, failed
+
+    def _apply(self, resolved: _Resolved) -> None:
+        if not resolved.changes:
+            return
+        started = time.perf_counter()
+        with transaction(self.db) as conn:
+            held = inbox.hold(conn, list(resolved.changes), worker=self.worker)
+            batch = [c for row_id in held for c in resolved.changes[row_id]]
+            result = self.engine.apply(conn, batch, source=Source.WEBHOOK)
+            poison = _failed_rows(held, resolved.changes, result)
+            inbox.complete(conn, [i for i in held if i not in poison], worker=self.worker,
+                           now=self.clock())  # fmt: skip
+            if poison:
+                inbox.fail(conn, poison, worker=self.worker, now=self.clock(), max_attempts=1,
+                           backoff=self.settings.backoff)  # fmt: skip
+        self.observe(result, time.perf_counter() - started)
+        log.info("inbox_batch_applied", rows=len(held), changes=len(batch), dead=len(poison))
+
+    def _fail(self, errors: Mapping[int, str], poison: Mapping[int, str]) -> None:
+        now = self.clock()
+        with transaction(self.db) as conn:
+            if errors:
+                inbox.fail(conn, errors, worker=self.worker, now=now, rng=self._rng,
+                           max_attempts=self.settings.max_attempts,
+                           backoff=self.settings.backoff)  # fmt: skip
+            if poison:
+                inbox.fail(conn, poison, worker=self.worker, now=now, max_attempts=1,
+                           backoff=self.settings.backoff)  # fmt: skip
+        for row_id, error in {**errors, **poison}.items():
+            log.warning("inbox_row_failed", row=row_id, dead=row_id in poison, error=error)
+
+
+def _reread(work: Work) -> Work:
+    """User events of a provider without versions: re-read the user instead of trusting
+    the payload; logins and sessions stay as delivered."""
+    users = [c for c in work.changes if c.kind is not ChangeKind.LOGIN]
+    kept = tuple(c for c in work.changes if c.kind is ChangeKind.LOGIN)
+    fetch = tuple(dict.fromkeys([*work.fetch, *(c.external_id for c in users)]))
+    return Work(changes=kept, fetch=fetch)
+
+
+def _gone(key: tuple[str, str], now: datetime) -> UserChange:
+    provider, external_id = key
+    return UserChange(provider=provider, external_id=external_id, kind=ChangeKind.DELETE,
+                      version=now)  # fmt: skip
+
+
+def _failed_rows(
+    held: Iterable[int], changes: Mapping[int, list[UserChange]], result: BatchResult
+) -> dict[int, str]:
+    """Rows whose own changes the engine isolated as failed records: poison, dead at once
+    (``replay`` brings them back once the cause is fixed)."""
+    failed = {(o.provider, o.external_id): o.error or "failed" for o in result.failures}
+    poison: dict[int, str] = {}
+    for row_id in held:
+        for change in changes[row_id]:
+            reason = failed.get((change.provider, change.external_id))
+            if reason is not None:
+                poison[row_id] = reason
+                break
+    return poison

@@ -6,26 +6,25 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from db import jsoncodec
-from sync_worker.config import DatabaseSettings
 
 
-def make_engine(settings: DatabaseSettings) -> Engine:
-    """Create the engine; on PostgreSQL every connection works inside the configured schema."""
-    url = make_url(settings.url)
-    if url.get_backend_name() == "sqlite":
-        return _sqlite_engine(settings)
+def make_engine(url: str, *, schema: str, pool_size: int = 5, echo: bool = False) -> Engine:
+    """Create the engine; on PostgreSQL every connection works inside ``schema``."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, echo=echo)
     engine = create_engine(
-        url,
-        pool_size=settings.pool_size,
+        parsed,
+        pool_size=pool_size,
         pool_pre_ping=True,
-        echo=settings.echo,
+        echo=echo,
         json_serializer=jsoncodec.dumps_bytes,
         json_deserializer=jsoncodec.loads,
     )
-    _use_schema(engine, settings.schema_)
+    _use_schema(engine, schema)
     return engine
 
 
@@ -45,13 +44,12 @@ def _use_schema(engine: Engine, schema: str) -> None:
         dbapi_conn.commit()
 
 
-def _sqlite_engine(settings: DatabaseSettings) -> Engine:
-    url = make_url(settings.url)
+def _sqlite_engine(url: URL, *, echo: bool) -> Engine:
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
-        echo=settings.echo,
+        echo=echo,
         connect_args={"timeout": 30},
         json_serializer=jsoncodec.dumps_text,
         json_deserializer=jsoncodec.loads,

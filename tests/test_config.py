@@ -115,7 +115,7 @@ def test_bad_config_is_one_line_naming_the_key(
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
     # Every error about a file starts with it, the unset variable's included.
-    assert str(caught.value).startswith(f"{path}: ") or str(caught.value).startswith(f"{path}:")
+    assert str(caught.value).startswith(f"{path}:")
 
 
 def test_secret_values_are_not_echoed_in_errors(tmp_path: Path) -> None:

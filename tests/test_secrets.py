@@ -8,6 +8,7 @@ one line on stderr). Each must name its key and hold no fragment of the secret.
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -204,8 +205,6 @@ def test_load_settings_never_shows_the_secret(case: Case, tmp_path: Path) -> Non
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    import os
-
     for name in list(os.environ):
         if name.startswith(("AUTH0_", "STACK_", "AUTHJS_", "SYNC_WORKER_")):
             monkeypatch.delenv(name)

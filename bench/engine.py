@@ -54,7 +54,6 @@ from db.migrate import upgrade  # noqa: E402
 from db.tables import profiles, sync_audit, user_identities, user_sessions, users  # noqa: E402
 from providers.auth0 import to_change  # noqa: E402
 from sync_worker.changes import Source, UserChange, utcnow  # noqa: E402
-from sync_worker.config import DatabaseSettings  # noqa: E402
 from sync_worker.engine import PlanSettings, SyncEngine  # noqa: E402
 from sync_worker.logging import configure  # noqa: E402
 from sync_worker.runtime import allow_collector_pauses, tune_gc  # noqa: E402
@@ -163,9 +162,7 @@ class Target:
     schema: str = SCHEMA
 
     def engine(self) -> Engine:
-        return make_engine(
-            DatabaseSettings.model_validate({"url": self.url, "schema": self.schema})
-        )
+        return make_engine(self.url, schema=self.schema)
 
     def migrated(self) -> Engine:
         engine = self.engine()

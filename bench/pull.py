@@ -61,7 +61,6 @@ from sync_worker.changes import Source, UserChange  # noqa: E402
 from sync_worker.config import (  # noqa: E402
     Auth0Settings,
     AuthjsSettings,
-    DatabaseSettings,
     StackSettings,
 )
 from sync_worker.engine import (  # noqa: E402
@@ -181,7 +180,7 @@ def sqlalchemy_url(libpq_url: str) -> str:
 def worker_db() -> Iterator[Engine]:
     """A migrated, empty worker database."""
     with pg_database() as url:
-        engine = make_engine(DatabaseSettings(url=sqlalchemy_url(url)))
+        engine = make_engine(sqlalchemy_url(url), schema=SCHEMA)
         upgrade(engine, SCHEMA)
         try:
             yield engine
@@ -811,7 +810,7 @@ def peak_rss_kib() -> int:
 def child_backfill(source: str, worker: str) -> None:
     """Subprocess: one PullRunner full pass; prints peak RSS before and after (KiB) as JSON."""
     configure("error")
-    db = make_engine(DatabaseSettings(url=worker))
+    db = make_engine(worker, schema=SCHEMA)
     upgrade(db, SCHEMA)
     start_kb = peak_rss_kib()
     provider = authjs_provider(source)

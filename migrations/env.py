@@ -29,7 +29,8 @@ def run_online() -> None:
     from sync_worker.config import config_path, load_settings
 
     settings = load_settings(config_path(None))
-    engine = make_engine(settings.database)
+    db = settings.database
+    engine = make_engine(db.url, schema=db.schema_, pool_size=db.pool_size, echo=db.echo)
     ensure_schema(engine, settings.database.schema_)
     with engine.connect() as conn:
         run_with(conn)

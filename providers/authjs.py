@@ -32,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from sqlalchemy import (
@@ -43,6 +44,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     delete,
+    event,
     func,
     select,
 )
@@ -63,7 +65,7 @@ from sync_worker.changes import (
     parse_timestamp,
     utcnow,
 )
-from sync_worker.config import AuthjsSettings, normalize_database_url
+from sync_worker.config import PRISMA_URL_PARAMS, AuthjsSettings, authjs_database_url
 from sync_worker.errors import (
     ConfigError,
     ProviderAuthError,
@@ -88,11 +90,6 @@ PROVIDER = "authjs"
 #: Auth.js's default ``session.maxAge`` (reference §4): a row's ``expires`` minus this is
 #: when Auth.js last wrote it (at sign-in, or when it extended the session).
 DEFAULT_SESSION_MAX_AGE = timedelta(days=30)
-# Query parameters of a Prisma DATABASE_URL that libpq would reject; ``schema`` is honoured.
-_PRISMA_PARAMS = frozenset(
-    {"schema", "connection_limit", "pool_timeout", "pgbouncer", "statement_cache_size",
-     "socket_timeout", "sslaccept"}
-)  # fmt: skip
 _MISSING_OBJECT = frozenset({"42P01", "42703", "3F000"})  # undefined table / column / schema
 _DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privilege
 
@@ -241,18 +238,33 @@ def connection_url(database_url: str) -> tuple[URL, str | None]:
     Apps keep Prisma's ``DATABASE_URL`` (``...?schema=public&connection_limit=5``); libpq
     rejects those parameters, so they are dropped, and ``schema`` is returned instead.
     """
-    url = make_url(normalize_database_url(database_url))
+    url = make_url(authjs_database_url(database_url))  # ConfigError for a bad one
     if url.get_backend_name() != "postgresql":
         return url, None
     schema = url.query.get("schema")
-    query = {k: v for k, v in url.query.items() if k not in _PRISMA_PARAMS}
-    return url.set(query=query), schema if isinstance(schema, str) and schema else None
+    url_schema = schema if isinstance(schema, str) and schema else None
+    return url.difference_update_query(PRISMA_URL_PARAMS), url_schema
 
 
 def _make_engine(url: URL) -> Engine:
     if url.get_backend_name() == "sqlite":
-        return create_engine(url)
+        return _sqlite_engine(url)
     return create_engine(url, pool_size=2, max_overflow=2, pool_pre_ping=True)
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    """The app's SQLite file, opened only if it exists (SQLite would create an empty one)."""
+    engine = create_engine(url)
+    path = url.database or ""
+    if path in ("", ":memory:") or path.startswith("file:") or url.query.get("uri"):
+        return engine
+
+    @event.listens_for(engine, "do_connect")
+    def _existing_file_only(_dialect: Any, _record: Any, cargs: list[Any], cparams: Any) -> None:
+        cargs[0] = f"file:{quote(cargs[0])}?mode=rw"
+        cparams["uri"] = True
+
+    return engine
 
 
 def _translate(err: sa_exc.SQLAlchemyError) -> ProviderError | ConfigError:

@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextmanager
 def _database(settings: Settings, *, require_head: bool = True) -> Iterator[Engine]:
-    engine = make_engine(settings.database)
+    db = settings.database
+    engine = make_engine(db.url, schema=db.schema_, pool_size=db.pool_size, echo=db.echo)
     try:
         if require_head and current_revision(engine) != head_revision():
             raise StoreError(

@@ -2,24 +2,52 @@
 
 The YAML file is parsed once, ``${VAR}`` / ``${VAR:-default}`` references are replaced from
 the environment, and the result is validated into a frozen, typed ``Settings`` object that
-constructors receive. Every problem becomes a ``ConfigError`` with one line naming the key.
+constructors receive. Every problem becomes a ``ConfigError``: one line that starts with the
+file, names the key and never shows a secret (nor any part of a URL, which may hold one).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.engine import make_url
 
+from db.connect import url_problem
 from sync_worker.errors import ConfigError
 
 DEFAULT_CONFIG = "config.yaml"
+AUTHJS_URL_KEY = "providers.authjs.database_url"
+#: Query parameters of a Prisma DATABASE_URL: libpq rejects them, the Auth.js adapter drops
+#: them (and honours ``schema``), so an Auth.js URL may carry them.
+PRISMA_URL_PARAMS = frozenset(
+    {"schema", "connection_limit", "pool_timeout", "pgbouncer", "statement_cache_size",
+     "socket_timeout", "sslaccept"}
+)  # fmt: skip
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_POSTGRES = ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+_SQLITE = ("sqlite", "sqlite+pysqlite")
+# Schemes named back in "unsupported scheme": a fixed list, so no other text is ever echoed.
+_KNOWN_SCHEMES = frozenset(
+    {"mysql", "mariadb", "mssql", "oracle", "cockroachdb", "mongodb", "redis", "http", "https"}
+)
+# Keys whose values are never shown in a message, whatever their type.
+_SECRET_WORDS = ("secret", "token", "key", "url", "password", "dsn")
+# Validation errors on a string that show it: a misspelt choice or a non-number.
+_SHOWN_STRING_ERRORS = frozenset(
+    {"literal_error", "int_parsing", "float_parsing", "bool_parsing", "string_pattern_mismatch"}
+)
+
+# Secrets are left out of repr(), so a settings object in a log line or a debugger shows none.
+_Secret = Annotated[str, Field(repr=False)]
+_OptionalSecret = Annotated[str | None, Field(repr=False)]
 
 
 class _Model(BaseModel):
@@ -27,7 +55,7 @@ class _Model(BaseModel):
 
 
 class DatabaseSettings(_Model):
-    url: str
+    url: _Secret
     schema_: Annotated[str, Field(alias="schema", pattern=r"^[a-z_][a-z0-9_]*$")] = "identity"
     pool_size: Annotated[int, Field(ge=1, le=100)] = 5
     echo: bool = False
@@ -100,10 +128,10 @@ class _ProviderSettings(_Model):
 class Auth0Settings(_ProviderSettings):
     domain: str | None = None
     client_id: str | None = None
-    client_secret: str | None = None
+    client_secret: _OptionalSecret = None
     base_url: str | None = None
     audience: str | None = None
-    webhook_token: str | None = None
+    webhook_token: _OptionalSecret = None
     page_size: Annotated[int, Field(ge=1, le=100)] = 100
     export_poll_max_seconds: Annotated[float, Field(gt=0)] = 3600.0
 
@@ -117,10 +145,10 @@ class Auth0Settings(_ProviderSettings):
 
 class StackSettings(_ProviderSettings):
     project_id: str | None = None
-    secret_server_key: str | None = None
+    secret_server_key: _OptionalSecret = None
     base_url: str = "https://api.stack-auth.com"
     header_prefix: str = "x-stack"
-    webhook_secret: str | None = None
+    webhook_secret: _OptionalSecret = None
     page_size: Annotated[int, Field(ge=1, le=1000)] = 500
     include_personal_teams: bool = False
     personal_team_metadata_key: str = "personal"
@@ -130,12 +158,12 @@ class StackSettings(_ProviderSettings):
 
 
 class AuthjsSettings(_ProviderSettings):
-    database_url: str | None = None
+    database_url: _OptionalSecret = None
     schema_flavour: Annotated[Literal["pg", "prisma", "drizzle"], Field(alias="schema")] = "pg"
     db_schema: str | None = None
     tables: Mapping[str, str] = Field(default_factory=dict)
     columns: Mapping[str, Mapping[str, str]] = Field(default_factory=dict)
-    webhook_secret: str | None = None
+    webhook_secret: _OptionalSecret = None
     page_size: Annotated[int, Field(ge=1, le=10000)] = 1000
     session_max_age_days: Annotated[float, Field(gt=0)] = 30.0  # the app's Auth.js maxAge
     include_expired_sessions: bool = False
@@ -177,62 +205,154 @@ def config_path(cli_path: str | None, environ: Mapping[str, str] | None = None) 
 def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read, interpolate and validate the config file. Raises ConfigError."""
     env = dict(os.environ if environ is None else environ)
+    document = _read_document(path)
+    try:
+        data = _interpolate(document, env, ())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    origins: dict[str, str] = {}
+    if data.get("database") is None:  # absent or empty: say which key is missing
+        data["database"] = {}
+    if env.get("DATABASE_URL") and isinstance(data["database"], dict):
+        data["database"]["url"] = env["DATABASE_URL"]
+        origins["database.url"] = "$DATABASE_URL"
+    return settings_from_mapping(data, base_dir=path.parent, source=str(path), origins=origins)
+
+
+def _read_document(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML") from exc
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    document, where = _parse_yaml(text)
+    if where is not None:
+        raise ConfigError(f"{path}:{where} invalid YAML")
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = _interpolate(document, env, ())
-    database = data.setdefault("database", {})
-    if isinstance(database, dict) and env.get("DATABASE_URL"):
-        database["url"] = env["DATABASE_URL"]
-    return settings_from_mapping(data, base_dir=path.parent, source=str(path))
+    return document
+
+
+def _parse_yaml(text: str) -> tuple[Any, str | None]:
+    """The document, or where parsing stopped.
+
+    Only the line is kept: the parser's own message quotes the text around the mistake, a
+    secret included, and the ConfigError is raised outside this handler so that message is
+    not even chained to it.
+    """
+    try:
+        return yaml.safe_load(text), None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        return None, (f" line {mark.line + 1}" if mark is not None else "")
 
 
 def settings_from_mapping(
-    data: Mapping[str, Any], *, base_dir: Path = Path("."), source: str = "config"
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path = Path("."),
+    source: str = "config",
+    origins: Mapping[str, str] | None = None,
 ) -> Settings:
+    """Validate ``data``; every ConfigError starts with ``source``.
+
+    ``origins`` names where a key's value came from when it is not the file (such as
+    ``{"database.url": "$DATABASE_URL"}``), for the message.
+    """
     try:
-        settings = Settings.model_validate(_drop_empty(data))
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+        return _validate(data, base_dir, origins or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _validate(data: Mapping[str, Any], base_dir: Path, origins: Mapping[str, str]) -> Settings:
+    settings = _model(_drop_unset(data, Settings))
     for name in ("auth0", "stack", "authjs"):
         settings.provider(name).check(name)
-    url = normalize_database_url(settings.database.url, base_dir)
-    return settings.model_copy(
-        update={"database": settings.database.model_copy(update={"url": url})}
+    key = "database.url"
+    if key in origins:
+        key = f"{key} (from {origins[key]})"
+    database = settings.database.model_copy(
+        update={"url": normalize_database_url(settings.database.url, base_dir, key=key)}
     )
+    authjs = settings.providers.authjs
+    if authjs.database_url:
+        url = authjs_database_url(authjs.database_url, base_dir, must_exist=True)
+        authjs = authjs.model_copy(update={"database_url": url})
+    providers = settings.providers.model_copy(update={"authjs": authjs})
+    return settings.model_copy(update={"database": database, "providers": providers})
 
 
-def normalize_database_url(url: str, base_dir: Path = Path(".")) -> str:
+def _model(data: Any) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problem = _first_error(exc)
+    # Raised outside the handler: pydantic's error quotes the input, so it must not be chained.
+    raise ConfigError(problem)
+
+
+def normalize_database_url(
+    url: str,
+    base_dir: Path = Path("."),
+    *,
+    key: str = "database.url",
+    ignore_params: Collection[str] = (),
+) -> str:
     """Accept postgres://, postgresql:// and sqlite:/// URLs; always reach PostgreSQL via psycopg 3.
 
-    A relative SQLite path is taken relative to the config file's directory.
+    A relative SQLite path is taken relative to ``base_dir`` (the config file's directory).
+    The URL is then checked as a connection would read it (``db.connect.url_problem``), so a
+    bad one is a ConfigError naming ``key`` now, not a driver traceback later. No message
+    holds any part of the URL.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ConfigError(f"database.url: not a URL: {_redact(url)!r}")
-    if scheme in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"):
-        return f"postgresql+psycopg://{rest}"
-    if scheme in ("sqlite", "sqlite+pysqlite"):
-        path = rest[1:] if rest.startswith("/") else rest
-        if path in ("", ":memory:") or path.startswith("/") or path.startswith("file:"):
-            return f"sqlite:///{path}"
-        return f"sqlite:///{(base_dir / path).resolve()}"
-    raise ConfigError(
-        f"database.url: unsupported scheme {scheme!r} (use postgresql:// or sqlite:///)"
+    if not sep or not _SCHEME.fullmatch(scheme):
+        raise ConfigError(f"{key}: not a URL (expected postgresql://... or sqlite:///...)")
+    if scheme in _POSTGRES:
+        normalized = f"postgresql+psycopg://{rest}"
+    elif scheme in _SQLITE:
+        normalized = _sqlite_url(rest, base_dir)
+    else:
+        dialect = scheme.partition("+")[0].lower()
+        named = f" {dialect!r}" if dialect in _KNOWN_SCHEMES else ""
+        raise ConfigError(f"{key}: unsupported scheme{named} (use postgresql:// or sqlite:///)")
+    problem = url_problem(normalized, ignore_params=ignore_params)
+    if problem is not None:
+        raise ConfigError(f"{key}: {problem}")
+    return normalized
+
+
+def authjs_database_url(url: str, base_dir: Path = Path("."), *, must_exist: bool = False) -> str:
+    """``normalize_database_url`` for the app's Auth.js database, Prisma's parameters allowed.
+
+    ``must_exist``: a SQLite file must already be there; opening a missing one would
+    create an empty database and every user would look deleted.
+    """
+    normalized = normalize_database_url(
+        url, base_dir, key=AUTHJS_URL_KEY, ignore_params=PRISMA_URL_PARAMS
     )
+    if must_exist and not _sqlite_file_exists(normalized):
+        raise ConfigError(
+            f"{AUTHJS_URL_KEY}: no SQLite database at that path "
+            f"(a relative path starts at the config file's directory)"
+        )
+    return normalized
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+def _sqlite_url(rest: str, base_dir: Path) -> str:
+    path = rest[1:] if rest.startswith("/") else rest
+    if path in ("", ":memory:") or path.startswith("/") or path.startswith("file:"):
+        return f"sqlite:///{path}"
+    return f"sqlite:///{(base_dir / path).resolve()}"
+
+
+def _sqlite_file_exists(url: str) -> bool:
+    """False only for a SQLite URL naming a file that is not there (``url`` is valid)."""
+    parsed = make_url(url)
+    path = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or path in ("", ":memory:"):
+        return True
+    return path.startswith("file:") or Path(path).is_file()
 
 
 def _interpolate(value: Any, env: Mapping[str, str], path: tuple[str, ...]) -> Any:
@@ -259,21 +379,54 @@ def _substitute(text: str, env: Mapping[str, str], key: str) -> str | None:
     return None if result == "" and _VAR.fullmatch(text) else result
 
 
-def _drop_empty(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_empty(v) for k, v in value.items() if v is not None}
-    return value
+def _drop_unset(value: Any, model: type[BaseModel] | None) -> Any:
+    """Drop the keys of ``model`` left empty (``${VAR:-}``), so their defaults apply.
+
+    An empty key ``model`` does not have is kept, so a misspelt one (``databse:``) is still
+    reported as unknown. Mappings that are not sections (``tables``...) lose empty keys.
+    """
+    if not isinstance(value, dict):
+        return value
+    sections = _sections(model) if model is not None else None
+    return {
+        k: _drop_unset(v, sections.get(k) if sections is not None else None)
+        for k, v in value.items()
+        if v is not None or (sections is not None and k not in sections)
+    }
+
+
+def _sections(model: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
+    """Each field of ``model`` as written in YAML, with its model if it is a section."""
+    fields: dict[str, type[BaseModel] | None] = {}
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        nested = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+        fields[info.alias or name] = nested
+    return fields
 
 
 def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
+    # Unknown keys first: a misspelt section (databse:) also leaves the real one "missing".
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    error = errors[0]
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
     if kind == "missing":
         return f"{key}: missing"
-    given = error.get("input")
-    secret = any(w in key for w in ("secret", "token", "key", "url", "password"))
-    shown = "" if secret or isinstance(given, dict | list) else f" (got {str(given)[:40]!r})"
-    return f"{key}: {error['msg'].lower()}{shown}"
+    if kind in ("model_type", "dict_type"):
+        return f"{key}: must be a mapping of keys"
+    message = error["msg"]
+    return f"{key}: {message[:1].lower()}{message[1:]}{_shown(key, kind, error.get('input'))}"
+
+
+def _shown(key: str, kind: str, given: Any) -> str:
+    """`` (got ...)`` where that is safe and useful: numbers bare, strings quoted."""
+    if any(word in key.lower() for word in _SECRET_WORDS):
+        return ""
+    if isinstance(given, bool | int | float):
+        return f" (got {json.dumps(given)})"
+    if isinstance(given, str) and kind in _SHOWN_STRING_ERRORS:
+        return f" (got {given[:40]!r})"
+    return ""

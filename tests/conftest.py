@@ -19,7 +19,6 @@ from sqlalchemy import Engine, text
 from db.connect import make_engine
 from db.migrate import upgrade
 from db.tables import metadata
-from sync_worker.config import DatabaseSettings
 from tests import pgserver
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -62,7 +61,7 @@ def sqlalchemy_url(libpq_url: str) -> str:
 @pytest.fixture(scope="session")
 def pg_engine_session(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
     url = sqlalchemy_url(make_pg_database())
-    engine = make_engine(DatabaseSettings.model_validate({"url": url, "schema": SCHEMA}))
+    engine = make_engine(url, schema=SCHEMA)
     upgrade(engine, SCHEMA)
     yield engine
     engine.dispose()
@@ -71,7 +70,7 @@ def pg_engine_session(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
-    engine = make_engine(DatabaseSettings(url=f"sqlite:///{path}"))
+    engine = make_engine(f"sqlite:///{path}", schema=SCHEMA)
     upgrade(engine, SCHEMA)
     engine.dispose()
     return path
@@ -94,7 +93,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     template: Path = request.getfixturevalue("sqlite_template")
     path = tmp_path / "worker.db"
     shutil.copy(template, path)
-    sqlite = make_engine(DatabaseSettings(url=f"sqlite:///{path}"))
+    sqlite = make_engine(f"sqlite:///{path}", schema=SCHEMA)
     yield sqlite
     sqlite.dispose()
 

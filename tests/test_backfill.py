@@ -28,7 +28,7 @@ from sync_worker.changes import (
     parse_timestamp,
     utcnow,
 )
-from sync_worker.config import Auth0Settings, AuthjsSettings, DatabaseSettings, StackSettings
+from sync_worker.config import Auth0Settings, AuthjsSettings, StackSettings
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.errors import UpstreamUnavailable
 from sync_worker.pull import PullRunner
@@ -296,9 +296,7 @@ class TestAuthjs:
         url = make_pg_database()
         with make_loader("pg", url) as loader:
             created = loader.populate(40)
-        worker = make_engine(
-            DatabaseSettings.model_validate({"url": sqlalchemy_url(url), "schema": "identity"})
-        )
+        worker = make_engine(sqlalchemy_url(url), schema="identity")
         upgrade(worker, "identity")
         settings = AuthjsSettings(database_url=url)
         try:

@@ -15,7 +15,6 @@ import pytest
 
 from db.connect import make_engine
 from sync_worker.cli import main
-from sync_worker.config import DatabaseSettings
 from tests.factories import rows
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import make_loader
@@ -209,7 +208,7 @@ def test_sigterm_stops_a_backfill_cleanly(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143
     assert err.strip().splitlines()[-1] == "sync-worker: terminated; committed pages are kept"
-    engine = make_engine(DatabaseSettings(url=f"sqlite:///{worker}"))
+    engine = make_engine(f"sqlite:///{worker}", schema="identity")
     try:
         users = rows(engine, "users")
         run = only(rows(engine, "sync_runs"))

@@ -22,7 +22,6 @@ from db.inbox import Backoff, Delivery, InboxRow
 from db.migrate import alembic_config, upgrade
 from db.tables import sync_inbox
 from db.upsert import insert_rows
-from sync_worker.config import DatabaseSettings
 from tests.conftest import SCHEMA
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -598,7 +597,7 @@ def explain_generic(conn: Connection, statement: str, params: dict[str, Any]) ->
 def sqlite_engine(sqlite_template: Path, tmp_path: Path) -> Iterator[Engine]:
     path = tmp_path / "worker.db"
     shutil.copy(sqlite_template, path)
-    engine = make_engine(DatabaseSettings(url=f"sqlite:///{path}"))
+    engine = make_engine(f"sqlite:///{path}", schema="identity")
     yield engine
     engine.dispose()
 

@@ -699,12 +699,11 @@ def test_the_same_database_as_the_worker(
     from db.connect import make_engine
     from db.migrate import upgrade
     from sync_worker.changes import Source
-    from sync_worker.config import DatabaseSettings
     from sync_worker.engine import PlanSettings
     from tests.factories import BoundEngine
 
     sa_url = pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
-    worker = make_engine(DatabaseSettings.model_validate({"url": sa_url, "schema": "identity"}))
+    worker = make_engine(sa_url, schema="identity")
     upgrade(worker, "identity")
     with make_loader("pg", pg_url) as loader:
         users = loader.populate(20, seed=15, now=NOW)

@@ -19,12 +19,12 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from providers.webhook import InboxItem, WebhookReceiver
 from sqlalchemy import Engine, text
 
 from db import inbox
 from db.migrate import current_revision, head_revision
 from db.transaction import transaction
-from providers.webhook import InboxItem, WebhookReceiver
 from sync_worker.changes import utcnow
 from sync_worker.daemon.metrics import CONTENT_TYPE, Metrics
 from sync_worker.errors import (

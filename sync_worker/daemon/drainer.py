@@ -24,16 +24,16 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
+from providers.webhook import Work, WorkDecoder
 from sqlalchemy import Engine
 
 from db import inbox
 from db.transaction import transaction
 from providers.base import UserLookup
-from providers.webhook import Work, WorkDecoder
 from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, SyncEngine
 from sync_worker.errors import ProviderError, StoreError, WebhookPayloadError

@@ -19,14 +19,14 @@ from types import FrameType
 import structlog
 import uvicorn
 from fastapi import FastAPI
+from providers.webhook import WebhookReceiver
 from sqlalchemy import Engine
 
 from providers import registry
 from providers.base import UserLookup
-from providers.webhook import WebhookReceiver
 from sync_worker.config import Settings
 from sync_worker.daemon.app import Health, create_app, monotonic_age
-from sync_worker.daemon.drainer import DrainSettings, Drainer
+from sync_worker.daemon.drainer import Drainer, DrainSettings
 from sync_worker.daemon.metrics import Metrics
 from sync_worker.engine import SyncEngine
 

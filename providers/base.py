@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sync_worker.changes import UserChange
 
@@ -77,6 +77,7 @@ class Provider(Protocol):
         ...
 
 
+@runtime_checkable
 class UserLookup(Protocol):
     """Re-reading one user now: how the webhook drainer resolves a thin event."""
 

@@ -87,6 +87,22 @@ class ServerSettings(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    #: SIGTERM to exit: requests in flight, the drainer's batch and jobs finish within it.
+    grace_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
+class DrainSettings(_Model):
+    """The inbox drainer: claims ``batch_size`` rows at a time, retries failures with
+    exponential backoff and jitter, and gives a row up as dead after ``max_attempts``."""
+
+    batch_size: Annotated[int, Field(ge=1, le=5000)] = 200
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    lease_seconds: Annotated[float, Field(gt=0)] = 300.0
+    backoff_seconds: Annotated[float, Field(gt=0)] = 30.0
+    backoff_max_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    #: /readyz reports the drainer stalled when its loop has not turned for this long.
+    stale_after_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
 class HttpSettings(_Model):
@@ -185,6 +201,7 @@ class Settings(_Model):
     users: UserSettings = UserSettings()
     logging: LoggingSettings = LoggingSettings()
     server: ServerSettings = ServerSettings()
+    drain: DrainSettings = DrainSettings()
     providers: ProvidersSettings = ProvidersSettings()
 
     def enabled_providers(self) -> list[str]:

@@ -34,6 +34,7 @@ from sqlalchemy import Engine
 from db import inbox
 from db.transaction import transaction
 from providers.base import UserLookup
+from sync_worker import config
 from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, SyncEngine
 from sync_worker.errors import ProviderError, StoreError, WebhookPayloadError
@@ -51,6 +52,20 @@ class DrainSettings:
     max_attempts: int = 8
     backoff: inbox.Backoff = field(default_factory=inbox.Backoff)
     poll_seconds: float = 1.0  # how often an idle drainer looks for other instances' rows
+
+    @classmethod
+    def from_config(cls, config: config.DrainSettings) -> DrainSettings:
+        backoff = inbox.Backoff(
+            base=timedelta(seconds=config.backoff_seconds),
+            cap=timedelta(seconds=max(config.backoff_seconds, config.backoff_max_seconds)),
+        )
+        return cls(
+            batch_size=config.batch_size,
+            lease=timedelta(seconds=config.lease_seconds),
+            max_attempts=config.max_attempts,
+            backoff=backoff,
+            poll_seconds=config.poll_seconds,
+        )
 
 
 @dataclass(slots=True)
@@ -198,8 +213,9 @@ class Drainer:
             poison = _failed_rows(held, resolved.changes, result)
             inbox.complete(conn, [i for i in held if i not in poison], worker=self.worker,
                            now=self.clock())  # fmt: skip
-            if poison:
-                inbox.fail(conn, poison, worker=self.worker, now=self.clock(), max_attempts=1,
+            if poison:  # a later delivery may mend it (a sign-in before its user): retry
+                inbox.fail(conn, poison, worker=self.worker, now=self.clock(), rng=self._rng,
+                           max_attempts=self.settings.max_attempts,
                            backoff=self.settings.backoff)  # fmt: skip
         self.observe(result, time.perf_counter() - started)
         log.info("inbox_batch_applied", rows=len(held), changes=len(batch), dead=len(poison))
@@ -236,8 +252,8 @@ def _gone(key: tuple[str, str], now: datetime) -> UserChange:
 def _failed_rows(
     held: Iterable[int], changes: Mapping[int, list[UserChange]], result: BatchResult
 ) -> dict[int, str]:
-    """Rows whose own changes the engine isolated as failed records: poison, dead at once
-    (``replay`` brings them back once the cause is fixed)."""
+    """Rows whose own changes the engine isolated as failed records: retried with backoff,
+    dead after max_attempts (``replay`` brings them back once the cause is fixed)."""
     failed = {(o.provider, o.external_id): o.error or "failed" for o in result.failures}
     poison: dict[int, str] = {}
     for row_id in held:

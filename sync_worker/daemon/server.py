@@ -79,11 +79,7 @@ def build(settings: Settings, db: Engine, secrets: Mapping[str, str] | None = No
         SyncEngine.from_settings(settings),
         registry.decoders(settings),
         lookups,
-        DrainSettings(
-            batch_size=drain.batch_size,
-            max_attempts=drain.max_attempts,
-            poll_seconds=drain.poll_seconds,
-        ),
+        DrainSettings.from_config(drain),
         observe=metrics.applied,
     )
 

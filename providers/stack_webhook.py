@@ -96,7 +96,7 @@ class StackWebhookReceiver:
 
     def verify(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> list[InboxItem]:
         lowered = lower_headers(headers)
-        names = WEBHOOK_HEADERS if "svix-id" not in lowered else SVIX_HEADERS
+        names = SVIX_HEADERS if any(k.startswith("svix-") for k in lowered) else WEBHOOK_HEADERS
         signed = names.checked(lowered, now=now)
         verify_with_any(self._verifiers, body, signed, provider=PROVIDER)
         payload = load_json(body)

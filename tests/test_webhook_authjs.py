@@ -181,7 +181,7 @@ def test_header_names_in_any_case() -> None:
 
 
 def test_missing_secret_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="providers.authjs.webhook_secret"):
+    with pytest.raises(ConfigError, match=r"providers\.authjs\.webhook_secret"):
         AuthjsWebhookReceiver(secrets_from(""))
 
 

@@ -32,11 +32,12 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from providers.auth0 import PROVIDER, delete_change, login_change, plan_logs, to_change
 from providers.webhook import (
     InboxItem,
+    WebhookReceiver,
     Work,
     event_id_from,
     load_json,
@@ -102,6 +103,10 @@ class Auth0WebhookReceiver:
         for accepted in self._accepted:  # no early exit: every token costs the same time
             matched |= hmac.compare_digest(given, accepted)
         return matched
+
+
+if TYPE_CHECKING:
+    _conforms: type[WebhookReceiver] = Auth0WebhookReceiver
 
 
 # -- tokens ----------------------------------------------------------------------------

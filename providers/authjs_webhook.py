@@ -40,7 +40,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
@@ -48,6 +48,7 @@ from providers.authjs import DEFAULT_SESSION_MAX_AGE, PROVIDER, external_id, ses
 from providers.webhook import (
     InboxItem,
     SignedHeaders,
+    WebhookReceiver,
     Work,
     event_id_from,
     load_json,
@@ -112,6 +113,10 @@ class AuthjsWebhookReceiver:
             if event_type == "signOut":
                 return _sign_out(data, event_id, received, self._max_age)
             return _user_work(event_type, data, event_id, received)
+
+
+if TYPE_CHECKING:
+    _conforms: type[WebhookReceiver] = AuthjsWebhookReceiver
 
 
 # -- what is stored --------------------------------------------------------------------

@@ -27,12 +27,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from providers.stack import PROVIDER, to_change
 from providers.webhook import (
     InboxItem,
     SignedHeaders,
+    WebhookReceiver,
     Work,
     event_id_from,
     load_json,
@@ -120,6 +121,10 @@ class StackWebhookReceiver:
         assert received is not None
         with payload_errors(PROVIDER, event_type):
             return handler(data, event_id, received)
+
+
+if TYPE_CHECKING:
+    _conforms: type[WebhookReceiver] = StackWebhookReceiver
 
 
 def _verifier(secret: str) -> Callable[[bytes, dict[str, str]], object]:

@@ -95,7 +95,8 @@ class WebhookReceiver(Protocol):
         """Authenticate a delivery and decode it into inbox items (one per event).
 
         ``headers`` in any letter case; ``body`` the raw bytes as received. ``now`` is the
-        receiver's clock for the ±5 min timestamp window. Raises WebhookVerificationError
+        receiver's clock for the ±5 min timestamp window (pass the current time: the
+        signature libraries check the system clock as well). Raises WebhookVerificationError
         (answer 401, store nothing) or WebhookPayloadError (a verified but malformed body or
         an unknown shape: 400). An empty list (an empty Auth0 batch) is a success.
         """

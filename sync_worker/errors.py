@@ -10,6 +10,7 @@
     │   ├── UpstreamDataError       the provider: a page or record we cannot parse
     │   └── HttpStatusError         (providers.http) any other 4xx: a request we got wrong
     ├── WebhookVerificationError    the sender: bad signature, stale timestamp, missing headers
+    ├── WebhookPayloadError         the sender: a malformed body or an unknown shape (400)
     └── StoreError                  the database: driver errors translated at the db/ boundary
         ├── StoreUnavailable        nobody, then the operator: cannot connect, connection lost
         ├── RecordRefused           the data: a constraint or type the database refused (one
@@ -57,6 +58,14 @@ class UpstreamDataError(ProviderError):
 
 class WebhookVerificationError(SyncWorkerError):
     """A webhook failed signature or timestamp verification."""
+
+
+class WebhookPayloadError(SyncWorkerError):
+    """A verified webhook body is malformed or of a shape we do not know (HTTP 400).
+
+    Also raised when a stored inbox payload cannot be turned into work (a poison row).
+    Messages name the field, never its value.
+    """
 
 
 class StoreError(SyncWorkerError):

@@ -61,7 +61,27 @@ _TYPE_PREFIX = "com.auth0."
 _IDP_SECRETS = frozenset({"access_token", "refresh_token", "access_token_secret"})
 
 
-class Auth0WebhookReceiver:
+class Auth0Decoder:
+    """Stored payloads into work for the drainer (pure; needs no secret)."""
+
+    provider: str = PROVIDER
+
+    def to_work(
+        self, item_payload: Mapping[str, Any], *, event_id: str, received_at: datetime
+    ) -> Work:
+        received = as_utc(received_at)
+        assert received is not None
+        if "log_id" in item_payload:
+            with payload_errors(PROVIDER, "log"):
+                return _log_work(item_payload)
+        event_type = _cloud_type(item_payload.get("type"))
+        if event_type not in EVENT_TYPES:
+            return Work()
+        with payload_errors(PROVIDER, event_type):
+            return _event_work(event_type, item_payload, event_id, received)
+
+
+class Auth0WebhookReceiver(Auth0Decoder):
     """``POST /webhooks/auth0`` (see the module docstring)."""
 
     provider: str = PROVIDER
@@ -82,20 +102,6 @@ class Auth0WebhookReceiver:
             item = _inbox_item(record, index)
             items.setdefault(item.event_id, item)  # a batch may repeat a log: store it once
         return list(items.values())
-
-    def to_work(
-        self, item_payload: Mapping[str, Any], *, event_id: str, received_at: datetime
-    ) -> Work:
-        received = as_utc(received_at)
-        assert received is not None
-        if "log_id" in item_payload:
-            with payload_errors(PROVIDER, "log"):
-                return _log_work(item_payload)
-        event_type = _cloud_type(item_payload.get("type"))
-        if event_type not in EVENT_TYPES:
-            return Work()
-        with payload_errors(PROVIDER, event_type):
-            return _event_work(event_type, item_payload, event_id, received)
 
     def _authorized(self, header: str | None) -> bool:
         given = _digest(_canonical(header or ""))

@@ -71,33 +71,14 @@ _JWT_CLAIMS = ("sub", "jti", "iat", "exp")
 EVENT_TYPES = frozenset({"createUser", "updateUser", "linkAccount", "signIn", "signOut"})
 
 
-class AuthjsWebhookReceiver:
-    """``POST /webhooks/authjs`` (see the module docstring)."""
+class AuthjsDecoder:
+    """Stored payloads into work for the drainer (pure; needs no secret)."""
 
     provider: str = PROVIDER
 
-    def __init__(
-        self, secrets: Iterable[str], *, session_max_age: timedelta = DEFAULT_SESSION_MAX_AGE
-    ) -> None:
-        """``secrets``: the ``whsec_...`` values of ``AUTHJS_WEBHOOK_SECRET`` (any verifies);
-        ``session_max_age``: the app's Auth.js ``session.maxAge`` (dates a revoked session)."""
-        self._verifiers = tuple(_verifier(secret) for secret in secrets)
-        if not self._verifiers:
-            raise ConfigError("providers.authjs.webhook_secret: missing")
+    def __init__(self, *, session_max_age: timedelta = DEFAULT_SESSION_MAX_AGE) -> None:
+        """``session_max_age``: the app's Auth.js ``session.maxAge`` (dates a revoked session)."""
         self._max_age = session_max_age
-
-    def verify(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> list[InboxItem]:
-        signed = HEADERS.checked(lower_headers(headers), now=now)
-        verify_with_any(self._verifiers, body, signed, provider=PROVIDER)
-        event_type, data = typed_envelope(load_json(body), provider=PROVIDER)
-        ignored = event_type not in EVENT_TYPES
-        item = InboxItem(
-            event_id=event_id_from(signed[HEADERS.id], field=HEADERS.id),
-            event_type=event_type,
-            payload={"type": event_type, "data": {} if ignored else _stored(data)},
-            ignored=ignored,
-        )
-        return [item]
 
     def to_work(
         self, item_payload: Mapping[str, Any], *, event_id: str, received_at: datetime
@@ -113,6 +94,35 @@ class AuthjsWebhookReceiver:
             if event_type == "signOut":
                 return _sign_out(data, event_id, received, self._max_age)
             return _user_work(event_type, data, event_id, received)
+
+
+class AuthjsWebhookReceiver(AuthjsDecoder):
+    """``POST /webhooks/authjs`` (see the module docstring)."""
+
+    provider: str = PROVIDER
+
+    def __init__(
+        self, secrets: Iterable[str], *, session_max_age: timedelta = DEFAULT_SESSION_MAX_AGE
+    ) -> None:
+        """``secrets``: the ``whsec_...`` values of ``AUTHJS_WEBHOOK_SECRET`` (any verifies);
+        ``session_max_age``: the app's Auth.js ``session.maxAge`` (dates a revoked session)."""
+        super().__init__(session_max_age=session_max_age)
+        self._verifiers = tuple(_verifier(secret) for secret in secrets)
+        if not self._verifiers:
+            raise ConfigError("providers.authjs.webhook_secret: missing")
+
+    def verify(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> list[InboxItem]:
+        signed = HEADERS.checked(lower_headers(headers), now=now)
+        verify_with_any(self._verifiers, body, signed, provider=PROVIDER)
+        event_type, data = typed_envelope(load_json(body), provider=PROVIDER)
+        ignored = event_type not in EVENT_TYPES
+        item = InboxItem(
+            event_id=event_id_from(signed[HEADERS.id], field=HEADERS.id),
+            event_type=event_type,
+            payload={"type": event_type, "data": {} if ignored else _stored(data)},
+            ignored=ignored,
+        )
+        return [item]
 
 
 if TYPE_CHECKING:
@@ -150,7 +160,11 @@ def _session_without_token(session: Mapping[str, Any]) -> dict[str, Any]:
 def _user_work(event_type: str, data: Mapping[str, Any], event_id: str, at: datetime) -> Work:
     user = _object(data, "user")
     accounts = [_object(data, "account")] if event_type == "linkAccount" else []
-    change = replace(to_change(user, accounts, observed_at=at), event_id=event_id)
+    # An event tells of one account at most, never all of them: the stored links are kept
+    # (the next pull, or the drainer's re-read of the user, brings the full set).
+    change = replace(
+        to_change(user, accounts, observed_at=at), event_id=event_id, linked_stated=False
+    )
     fetch = (change.external_id,) if accounts else ()
     return Work(changes=(change,), fetch=fetch)
 

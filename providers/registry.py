@@ -7,8 +7,8 @@ from datetime import timedelta
 
 from providers.auth0 import Auth0Provider
 from providers.base import Provider, UserLookup
-from providers.webhook import WebhookReceiver, WorkDecoder, secrets_from
 from providers.http import HttpPolicy
+from providers.webhook import WebhookReceiver, WorkDecoder, secrets_from
 from sync_worker.config import Settings
 from sync_worker.errors import ConfigError
 

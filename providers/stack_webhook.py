@@ -84,7 +84,25 @@ _HANDLERS: Mapping[str, _Handler] = {
 EVENT_TYPES = frozenset(_HANDLERS)
 
 
-class StackWebhookReceiver:
+class StackDecoder:
+    """Stored payloads into work for the drainer (pure; needs no secret)."""
+
+    provider: str = PROVIDER
+
+    def to_work(
+        self, item_payload: Mapping[str, Any], *, event_id: str, received_at: datetime
+    ) -> Work:
+        event_type, data = typed_envelope(item_payload, provider=PROVIDER)
+        handler = _HANDLERS.get(event_type)
+        if handler is None:
+            return Work()
+        received = as_utc(received_at)
+        assert received is not None
+        with payload_errors(PROVIDER, event_type):
+            return handler(data, event_id, received)
+
+
+class StackWebhookReceiver(StackDecoder):
     """``POST /webhooks/stack`` (see the module docstring)."""
 
     provider: str = PROVIDER
@@ -109,18 +127,6 @@ class StackWebhookReceiver:
             ignored=event_type not in EVENT_TYPES,
         )
         return [item]
-
-    def to_work(
-        self, item_payload: Mapping[str, Any], *, event_id: str, received_at: datetime
-    ) -> Work:
-        event_type, data = typed_envelope(item_payload, provider=PROVIDER)
-        handler = _HANDLERS.get(event_type)
-        if handler is None:
-            return Work()
-        received = as_utc(received_at)
-        assert received is not None
-        with payload_errors(PROVIDER, event_type):
-            return handler(data, event_id, received)
 
 
 if TYPE_CHECKING:

@@ -32,6 +32,7 @@ __all__ = [
     "SignedHeaders",
     "WebhookReceiver",
     "Work",
+    "WorkDecoder",
     "event_id_from",
     "load_json",
     "lower_headers",
@@ -86,7 +87,24 @@ class Work:
     fetch: tuple[str, ...] = ()
 
 
-class WebhookReceiver(Protocol):
+class WorkDecoder(Protocol):
+    """Decoding stored payloads of one IdP into work (pure; needs no secret)."""
+
+    provider: str
+
+    def to_work(
+        self, item_payload: Mapping[str, Any], *, event_id: str, received_at: datetime
+    ) -> Work:
+        """Turn a stored payload into work (pure).
+
+        ``received_at`` is when the inbox stored it: the version of changes whose upstream
+        states none (they then apply in the order received). Raises WebhookPayloadError for
+        a payload that can never be processed (a poison row).
+        """
+        ...
+
+
+class WebhookReceiver(WorkDecoder, Protocol):
     """Verification and decoding of one IdP's webhooks (pure; no I/O)."""
 
     provider: str
@@ -99,17 +117,6 @@ class WebhookReceiver(Protocol):
         signature libraries check the system clock as well). Raises WebhookVerificationError
         (answer 401, store nothing) or WebhookPayloadError (a verified but malformed body or
         an unknown shape: 400). An empty list (an empty Auth0 batch) is a success.
-        """
-        ...
-
-    def to_work(
-        self, item_payload: Mapping[str, Any], *, event_id: str, received_at: datetime
-    ) -> Work:
-        """Turn a stored payload into work (pure).
-
-        ``received_at`` is when the inbox stored it: the version of changes whose upstream
-        states none (they then apply in the order received). Raises WebhookPayloadError for
-        a payload that can never be processed (a poison row).
         """
         ...
 

@@ -108,10 +108,11 @@ def test_sign_in_is_a_login_at_the_time_received() -> None:
 
 
 def test_user_events_do_not_state_linked_accounts() -> None:
-    """The documented limitation: createUser / updateUser carry linked=() (not stated)."""
+    """An event tells of one account at most: the stored links are kept (not stated)."""
     body = load(FIXTURES / "update_user_magic_link.json")["body"]
     work = work_of(body)
     assert work.changes[0].linked == ()
+    assert work.changes[0].linked_stated is False
     assert work.fetch == ()
 
 

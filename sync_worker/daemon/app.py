@@ -19,12 +19,12 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from providers.webhook import InboxItem, WebhookReceiver
 from sqlalchemy import Engine, text
 
 from db import inbox
 from db.migrate import current_revision, head_revision
 from db.transaction import transaction
+from providers.webhook import InboxItem, WebhookReceiver
 from sync_worker.changes import utcnow
 from sync_worker.daemon.metrics import CONTENT_TYPE, Metrics
 from sync_worker.errors import (
@@ -68,7 +68,8 @@ def create_app(
     clock: Callable[[], datetime] = utcnow,
 ) -> FastAPI:
     app = FastAPI(title="sync-worker", docs_url=None, redoc_url=None, openapi_url=None)
-    endpoint = _Webhooks(db, receivers, metrics, max_body_bytes, on_stored, clock)
+    endpoint = _Webhooks(db, receivers, metrics, limit=max_body_bytes, on_stored=on_stored,
+                         clock=clock)  # fmt: skip
     app.add_api_route("/webhooks/{provider}", endpoint.post, methods=["POST"])
     app.add_api_route("/healthz", _healthz, methods=["GET"])
     app.add_api_route("/readyz", _Readiness(db, health).get, methods=["GET"])
@@ -88,12 +89,13 @@ class _Webhooks:
         db: Engine,
         receivers: Mapping[str, WebhookReceiver],
         metrics: Metrics,
-        max_body_bytes: int,
+        *,
+        limit: int,
         on_stored: Callable[[], None],
         clock: Callable[[], datetime],
     ) -> None:
         self.db, self.receivers, self.metrics = db, receivers, metrics
-        self.limit, self.on_stored, self.clock = max_body_bytes, on_stored, clock
+        self.limit, self.on_stored, self.clock = limit, on_stored, clock
 
     async def post(self, provider: str, request: Request) -> Response:
         receiver = self.receivers.get(provider)

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
-from providers.webhook import Work, WorkDecoder
 from sqlalchemy import Engine
 
 from db import inbox
 from db.transaction import transaction
 from providers.base import UserLookup
+from providers.webhook import Work, WorkDecoder
 from sync_worker import config
 from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, SyncEngine

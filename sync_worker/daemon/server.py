@@ -19,11 +19,11 @@ from types import FrameType
 import structlog
 import uvicorn
 from fastapi import FastAPI
-from providers.webhook import WebhookReceiver
 from sqlalchemy import Engine
 
 from providers import registry
 from providers.base import UserLookup
+from providers.webhook import WebhookReceiver
 from sync_worker.config import Settings
 from sync_worker.daemon.app import Health, create_app, monotonic_age
 from sync_worker.daemon.drainer import Drainer, DrainSettings
@@ -107,7 +107,7 @@ def serve(daemon: Daemon, host: str, port: int, *, grace: float) -> int:
         log_config=None,
         access_log=False,
         lifespan="off",
-        timeout_graceful_shutdown=grace,
+        timeout_graceful_shutdown=max(1, round(grace)),
     )
     server = _Server(config, daemon.stop)
     with ExitStack() as stack:

@@ -48,21 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sync-worker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("migrate", help="create or upgrade the worker's tables (safe to repeat)")
+    _command(commands, "migrate", "create or upgrade the worker's tables (safe to repeat)")
 
-    show = commands.add_parser("status", help="users, profiles, cursors, inbox and recent runs")
+    show = _command(commands, "status", "users, profiles, cursors, inbox and recent runs")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    backfill = commands.add_parser("backfill", help="one-off sync of one provider")
-    backfill.add_argument("--provider", required=True, choices=["auth0", "stack", "authjs"])
+    backfill = _command(commands, "backfill", "one-off sync of one provider")
+    backfill.add_argument(
+        "--provider",
+        required=True,
+        choices=["auth0", "stack", "authjs"],
+        help="the identity provider to pull (its credentials come from the environment)",
+    )
     backfill.add_argument("--full", action="store_true", help="list every user, then reconcile")
     backfill.add_argument(
         "--dry-run", action="store_true", help="show what would change; write nothing"
     )
     backfill.add_argument("--since", type=_timestamp, help="start from this time (ISO 8601; auth0)")
 
-    commands.add_parser("sync", help="one incremental pull of every configured provider")
+    _command(commands, "sync", "one incremental pull of every configured provider")
     return parser
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line text shows in the command list and in its own --help."""
+    return commands.add_parser(name, help=text, description=text)
 
 
 class Terminated(SystemExit):

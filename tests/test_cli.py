@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
+from importlib.metadata import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from db.connect import make_engine
 from sync_worker.cli import main
@@ -20,6 +23,8 @@ from tests.factories import rows
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import make_loader
 from tests.fakes.stack import USERS_PATH, StackFake
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -225,3 +230,38 @@ def test_sigterm_stops_a_backfill_cleanly(tmp_path: Path) -> None:
 def only(items: list[dict]) -> dict:  # type: ignore[type-arg]
     assert len(items) == 1, items
     return items[0]
+
+
+@pytest.mark.parametrize("command", ["migrate", "status", "backfill", "sync"])
+def test_every_command_describes_itself_in_its_help(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    usage, description, *_ = capsys.readouterr().out.split("\n\n")
+    assert usage.startswith(f"usage: sync-worker {command}")
+    assert description.strip()
+    assert not description.startswith("options:")
+
+
+def test_backfill_provider_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["backfill", "--help"])
+    out = capsys.readouterr().out
+    provider = out[out.index("--provider {auth0,stack,authjs}\n") :].splitlines()
+    assert "identity provider" in provider[1]
+
+
+def test_the_licence_is_an_spdx_expression_built_by_a_setuptools_that_reads_it() -> None:
+    """PEP 639: a `license = {text=...}` table makes setuptools>=77 print a deprecation block
+    on every install; the SPDX string needs setuptools>=77 to build at all."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    (setuptools,) = [r for r in project["build-system"]["requires"] if "setuptools" in r]
+    specifier = Requirement(setuptools).specifier
+    assert specifier.contains("77.0")
+    assert not specifier.contains("76.9")
+    installed = metadata("sync-worker")  # re-installed by `make` when pyproject.toml changes
+    assert installed["License-Expression"] == "MIT"
+    assert installed.get_all("License") is None

@@ -101,11 +101,10 @@ class PullRunner:
         start = None if full else (cursor or load_cursor(self.db, self.provider.name))
         kind = "full" if start is None else "incremental"
         started_at = utcnow()  # before any upstream read of this run
+        # A dry run writes nothing at all, not even its sync_runs row: its id only tags logs.
+        run_id = uuid.uuid4() if dry_run else start_run(self.db, kind, self.provider.name)
         report = PullReport(
-            run_id=start_run(self.db, kind, self.provider.name),
-            provider=self.provider.name,
-            kind=kind,
-            started_at=started_at,
+            run_id=run_id, provider=self.provider.name, kind=kind, started_at=started_at
         )
         bound = log.bind(provider=self.provider.name, run_id=str(report.run_id), kind=kind)
         bound.info("pull_started", dry_run=dry_run)
@@ -121,8 +120,9 @@ class PullRunner:
                 report.status = RunStatus.DRY_RUN if dry_run else RunStatus.SUCCEEDED
         finally:
             seen.close()
-            counts = {**report.counts, "pages": report.pages}
-            finish_run(self.db, report.run_id, report.status, counts, report.error)
+            if not dry_run:
+                counts = {**report.counts, "pages": report.pages}
+                finish_run(self.db, report.run_id, report.status, counts, report.error)
         bound.info("pull_finished", status=str(report.status), pages=report.pages, **report.counts)
         return report
 

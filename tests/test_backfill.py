@@ -141,7 +141,8 @@ class TestStack:
         assert rows(engine, "users") == []
         assert audit(engine) == []
         assert load_cursor(engine, "stack") is None
-        assert last_run(engine)["status"] == "dry_run"
+        assert report.status == "dry_run"
+        assert rows(engine, "sync_runs") == []  # not even a run row
 
     def test_leaving_every_team_clears_the_tenant(
         self, engine: Engine, stack_fake: StackFake

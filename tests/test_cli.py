@@ -10,15 +10,18 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
-from importlib.metadata import metadata
+from importlib.metadata import metadata as distribution
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from sqlalchemy import MetaData, Table, func, select
 
 from db.connect import make_engine
+from db.tables import metadata
 from sync_worker.cli import main
 from sync_worker.config import DatabaseSettings
+from tests.conftest import sqlalchemy_url
 from tests.factories import rows
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import make_loader
@@ -112,6 +115,42 @@ def test_backfill_stack_dry_run_then_real(
         report = json.loads(capsys.readouterr().out)
     assert report["users"]["total"] == 12
     assert report["runs"][0]["counts"]["created"] == 12
+
+
+def table_counts(url: str) -> dict[str, int]:
+    """Rows in every table of the worker's database (its schema on PostgreSQL)."""
+    engine = make_engine(DatabaseSettings(url=sqlalchemy_url(url)))
+    try:
+        with engine.connect() as conn:
+            tables = [*metadata.sorted_tables, Table("alembic_version", MetaData())]
+            return {
+                t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                for t in tables
+            }
+    finally:
+        engine.dispose()
+
+
+def test_a_dry_run_writes_nothing_at_all(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate"]) == 0
+    with StackFake() as fake:
+        ids = fake.seed(12)
+        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
+        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        assert main(["backfill", "--provider", "stack"]) == 0
+        fake.delete_user(ids[0])
+        fake.seed(3)
+        before = table_counts(database_url)
+        assert main(["backfill", "--provider", "stack", "--full", "--dry-run"]) == 0
+        after = table_counts(database_url)
+    out = capsys.readouterr().out
+    assert "dry run (nothing written): stack full dry_run: created=3" in out
+    assert before["users"] == 12
+    assert before["sync_runs"] == 1
+    assert after == before
 
 
 def test_backfill_auth0_and_rejected_credentials_exit_1(
@@ -262,6 +301,6 @@ def test_the_licence_is_an_spdx_expression_built_by_a_setuptools_that_reads_it()
     specifier = Requirement(setuptools).specifier
     assert specifier.contains("77.0")
     assert not specifier.contains("76.9")
-    installed = metadata("sync-worker")  # re-installed by `make` when pyproject.toml changes
+    installed = distribution("sync-worker")  # re-installed by `make` when pyproject.toml changes
     assert installed["License-Expression"] == "MIT"
     assert installed.get_all("License") is None

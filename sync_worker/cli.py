@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -219,7 +219,9 @@ def _since_cursor(provider: Any, since: datetime | None) -> dict[str, Any] | Non
 
 
 def _print_report(report: PullReport, *, dry_run: bool) -> None:
-    counts = ", ".join(f"{k}={v}" for k, v in sorted(report.counts.items())) or "no changes"
+    counts = _pairs(report.counts) or "no changes"
+    if report.sessions:  # logins apart: a user with two sessions is one user
+        counts += f" (sessions: {_pairs(report.sessions)})"
     prefix = "dry run (nothing written): " if dry_run else ""
     print(
         f"{prefix}{report.provider} {report.kind} {report.status}: {counts} in {report.pages} pages"
@@ -234,6 +236,10 @@ def _print_report(report: PullReport, *, dry_run: bool) -> None:
             print(f"  {sample.action:<9} {sample.provider}:{sample.external_id}  {diff}")
     if report.error:
         print(f"sync-worker: {report.error}", file=sys.stderr)
+
+
+def _pairs(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
 def _exit_for(report: PullReport) -> int:

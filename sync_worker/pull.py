@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -53,22 +53,82 @@ class ReconcileReport:
 
 @dataclass(slots=True, kw_only=True)
 class PullReport:
+    """What a pull did. ``counts`` are outcomes of user records, ``sessions`` those of logins
+    (new, updated, unchanged, failed), so that a user with two sessions counts once."""
+
     run_id: uuid.UUID
     provider: str
     kind: str
     started_at: datetime
     counts: Counter[str] = field(default_factory=Counter)
+    sessions: Counter[str] = field(default_factory=Counter)
     pages: int = 0
     status: RunStatus = RunStatus.RUNNING
     error: str | None = None
     reconcile: ReconcileReport | None = None
     samples: list[Outcome] = field(default_factory=list)
 
-    def add(self, result: BatchResult) -> None:
-        self.counts.update(result.counts)
+    def add(self, result: BatchResult, changes: Sequence[UserChange]) -> None:
+        users, sessions = split_sessions(changes, result.outcomes)
+        self.counts.update(users)
+        self.sessions.update(sessions)
         for outcome in result.outcomes:
             if outcome.changes and len(self.samples) < SAMPLE_SIZE:
                 self.samples.append(outcome)
+
+    def flat_counts(self) -> dict[str, int]:
+        """One flat mapping (sync_runs.counts, logs): user outcomes, then ``sessions_*``."""
+        return {**self.counts, **{f"sessions_{k}": n for k, n in sorted(self.sessions.items())}}
+
+
+# A login's outcome: "login" and "session_updated" name it; "unchanged" and "failed" are
+# shared with user records and told apart by ``split_sessions``.
+_SESSION_ACTIONS = {"login": "new", "session_updated": "updated"}
+_SHARED_ACTIONS = ("unchanged", "failed")
+
+
+def split_sessions(
+    changes: Sequence[UserChange], outcomes: Iterable[Outcome]
+) -> tuple[Counter[str], Counter[str]]:
+    """(user outcome counts, session outcome counts) of one applied batch.
+
+    An outcome does not say which kind of change it answers, and a login's carries its
+    user's key. So, per key: the batch holds one outcome per distinct session it carried
+    (the engine keeps each session once); those not named by a session action are that
+    key's shared outcomes beyond the user's own, "unchanged" first (a login fails mostly
+    when its user does, and then both outcomes are "failed").
+    """
+    expected: Counter[tuple[str, str]] = Counter(_sessions_by_key(changes))
+    users: Counter[str] = Counter()
+    sessions: Counter[str] = Counter()
+    shared: dict[tuple[str, str], list[str]] = {}
+    for outcome in outcomes:
+        key = (outcome.provider, outcome.external_id)
+        if outcome.action in _SESSION_ACTIONS:
+            sessions[_SESSION_ACTIONS[outcome.action]] += 1
+            expected[key] -= 1
+        elif outcome.action in _SHARED_ACTIONS and expected[key] > 0:
+            shared.setdefault(key, []).append(outcome.action)
+        else:
+            users[outcome.action] += 1
+    for key, actions in shared.items():
+        actions.sort(key=_SHARED_ACTIONS.index)
+        split = max(0, min(expected[key], len(actions)))
+        sessions.update(actions[:split])
+        users.update(actions[split:])
+    return users, sessions
+
+
+def _sessions_by_key(changes: Sequence[UserChange]) -> Iterable[tuple[str, str]]:
+    """The user key of each distinct session among the logins (the last one wins, as in the
+    engine's dedupe); a login without a session is a record of its own."""
+    owners: dict[object, tuple[str, str]] = {}
+    for n, change in enumerate(changes):
+        if change.kind is ChangeKind.LOGIN:
+            session = change.session
+            ident = (change.provider, session.external_session_id) if session else n
+            owners[ident] = (change.provider, change.external_id)
+    return owners.values()
 
 
 Progress = Callable[[int], None]
@@ -121,9 +181,11 @@ class PullRunner:
         finally:
             seen.close()
             if not dry_run:
-                counts = {**report.counts, "pages": report.pages}
+                counts = {**report.flat_counts(), "pages": report.pages}
                 finish_run(self.db, report.run_id, report.status, counts, report.error)
-        bound.info("pull_finished", status=str(report.status), pages=report.pages, **report.counts)
+        bound.info(
+            "pull_finished", status=str(report.status), pages=report.pages, **report.flat_counts()
+        )
         return report
 
     def _pages(
@@ -150,7 +212,7 @@ class PullRunner:
                 if page is None:
                     return
                 result = self._apply(page, report.run_id, seen, dry_run=dry_run)
-                report.add(result)
+                report.add(result, page.changes)
                 report.pages += 1
                 self.progress(len(page.changes) + len(page.errors))
                 complete = page.complete and not page.extra.get("partial_pass")
@@ -209,7 +271,7 @@ class PullRunner:
             result = self.engine.apply(
                 deletions, source=self.source, run_id=report.run_id, dry_run=dry_run
             )
-            report.add(result)
+            report.add(result, deletions)
             deleted += result.counts.get("deleted", 0)
         log.info("reconciled", provider=self.provider.name, live=live, deleted=deleted)
         return ReconcileReport(live=live, missing=missing, deleted=deleted, refused=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,11 +31,11 @@ from sync_worker.changes import (
 from sync_worker.config import Auth0Settings, AuthjsSettings, DatabaseSettings, StackSettings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import UpstreamUnavailable
-from sync_worker.plan import PlanSettings
-from sync_worker.pull import PullRunner
+from sync_worker.plan import Outcome, PlanSettings
+from sync_worker.pull import PullRunner, split_sessions
 from sync_worker.state import load_cursor
 from tests.conftest import sqlalchemy_url
-from tests.factories import audit, rows
+from tests.factories import audit, login, rows, upsert
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import make_loader
 from tests.fakes.stack import USERS_PATH, StackFake
@@ -283,7 +284,8 @@ class TestAuth0:
         assert report.kind == "incremental"
         assert report.counts["updated"] >= 1
         assert report.counts["deleted"] == 1
-        assert report.counts["login"] == 1
+        assert report.sessions == {"new": 1}  # a login is a session, not a user
+        assert "login" not in report.counts
         renamed = rows(engine, "users", name="Renamed Person")
         assert len(renamed) == 1
         assert len(rows(engine, "user_sessions")) == 1
@@ -337,6 +339,45 @@ class TestAuthjs:
             report = runner(engine, provider).run()
         assert report.counts["created"] == 10
         assert len(rows(engine, "users")) == 30
+
+
+def test_sessions_are_counted_apart_from_users(engine: Engine, tmp_path: Path) -> None:
+    """Auth.js pages carry each user's sessions as logins: a pass over 30 unchanged users
+    reports 30 unchanged users, and their sessions under ``sessions``."""
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("prisma", app) as loader:
+        loader.populate(30)
+    settings = AuthjsSettings.model_validate({"database_url": app, "schema": "prisma"})
+    with closing(AuthjsProvider(settings, batch_size=10)) as provider:
+        first = runner(engine, provider).run(full=True)
+    live = len(rows(engine, "user_sessions"))
+    assert live > 0
+    assert dict(first.counts) == {"created": 30}
+    assert dict(first.sessions) == {"new": live}
+    with closing(AuthjsProvider(settings, batch_size=10)) as provider:
+        again = runner(engine, provider).run(full=True)
+    assert dict(again.counts) == {"unchanged": 30}
+    assert dict(again.sessions) == {"unchanged": live}
+    assert last_run(engine)["counts"] == {"unchanged": 30, "sessions_unchanged": live, "pages": 3}
+
+
+def test_split_sessions_tells_shared_outcomes_apart() -> None:
+    changes = [
+        upsert("auth0|1"), login("auth0|1", "s1"), login("auth0|1", "s2"), login("auth0|1", "s2"),
+        upsert("auth0|2"), login("auth0|2", "s3"),
+        login("auth0|3", "s4"),
+    ]  # fmt: skip
+    outcomes = [
+        Outcome("auth0", "auth0|1", "unchanged"),  # the user ...
+        Outcome("auth0", "auth0|1", "unchanged"),  # ... or one of its two sessions
+        Outcome("auth0", "auth0|1", "login"),
+        Outcome("auth0", "auth0|2", "failed"),  # a user whose update was refused
+        Outcome("auth0", "auth0|2", "unchanged"),  # and its session, untouched
+        Outcome("auth0", "auth0|3", "failed"),  # a login for an unknown user
+    ]
+    users, sessions = split_sessions(changes, outcomes)
+    assert users == {"unchanged": 1, "failed": 1}
+    assert sessions == {"new": 1, "unchanged": 2, "failed": 1}
 
 
 def test_auth0_since_starts_the_log_at_a_time(engine: Engine) -> None:

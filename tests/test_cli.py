@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,26 @@ def test_a_dry_run_writes_nothing_at_all(
     assert after == before
 
 
+def test_status_text_prints_cursors_as_json_without_trailing_spaces(
+    sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StackFake() as fake:
+        fake.seed(4)
+        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
+        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        assert main(["backfill", "--provider", "stack"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    (stored,) = json.loads(capsys.readouterr().out)["cursors"]
+    assert main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == []
+    (cursor_line,) = [line for line in lines if line.startswith("  stack ")]
+    printed = cursor_line.removeprefix("  stack ").rsplit("  (at ", 1)[0]
+    assert json.loads(printed) == stored["cursor"]
+
+
 def test_backfill_auth0_and_rejected_credentials_exit_1(
     sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,7 +211,10 @@ def test_backfill_authjs_from_a_real_authjs_database(
     monkeypatch.setenv("AUTHJS_SCHEMA", "prisma")
     assert main(["migrate"]) == 0
     assert main(["backfill", "--provider", "authjs"]) == 0
-    assert "authjs full succeeded: created=25" in capsys.readouterr().out
+    assert "authjs full succeeded: created=25 (sessions: new=" in capsys.readouterr().out
+    assert main(["backfill", "--provider", "authjs"]) == 0
+    again = capsys.readouterr().out  # sessions are not users: 25 unchanged users, whatever else
+    assert re.search(r"succeeded: unchanged=25 \(sessions: unchanged=\d+\) in \d+ pages", again)
     assert main(["backfill", "--provider", "authjs", "--since", "2026-01-01"]) == 2
     assert "--since" in capsys.readouterr().err
 

@@ -77,18 +77,36 @@ def _command(
     return commands.add_parser(name, help=text, description=text)
 
 
-class Terminated(SystemExit):
-    """SIGTERM: unwinds like an exception, so the open batch rolls back and the run is recorded."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, alike: unwinds like Ctrl-C, so the open batch rolls back, committed
+    pages stay, and the run is recorded as failed with this message."""
 
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
-
-    def __str__(self) -> str:
-        return "terminated by SIGTERM"
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
-def _on_sigterm(_signum: int, _frame: object) -> None:
-    raise Terminated
+def _on_signal(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` while a command runs; the handlers before
+    are restored after it (``main`` may be called in-process, as the tests do)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in previous.items():
+        # A signal the parent chose to ignore (e.g. SIGINT of a background job) stays ignored.
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, _on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def console() -> int:
@@ -100,12 +118,11 @@ def console() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        settings = load_settings(config_path(args.config))
-        configure(settings.logging.level, settings.logging.format)
-        return _COMMANDS[args.command](settings, args)
+        with _interruptible():
+            settings = load_settings(config_path(args.config))
+            configure(settings.logging.level, settings.logging.format)
+            return _COMMANDS[args.command](settings, args)
     except ConfigError as exc:
         print(f"sync-worker: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -116,12 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         print(f"sync-worker: database unavailable: {first}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("sync-worker: interrupted", file=sys.stderr)
-        return 130
-    except Terminated as exc:
-        print("sync-worker: terminated; committed pages are kept", file=sys.stderr)
-        return int(exc.code or 143)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        reason = str(exc) or "interrupted by SIGINT"
+        print(f"sync-worker: {reason}; committed pages are kept", file=sys.stderr)
+        return 128 + signum
 
 
 @contextmanager
@@ -230,6 +246,11 @@ def _print_report(report: PullReport, *, dry_run: bool) -> None:
         r = report.reconcile
         verdict = "REFUSED" if r.refused else f"{r.deleted} soft-deleted"
         print(f"reconcile: {r.missing} of {r.live} missing upstream, {verdict}")
+    elif report.reconcile_skipped:
+        print(
+            f"reconcile skipped: {report.reconcile_skipped}; "
+            f"run `sync-worker backfill --provider {report.provider} --full` to reconcile"
+        )
     if dry_run:
         for sample in report.samples:
             diff = json.dumps(sample.changes)

@@ -41,6 +41,7 @@ from sync_worker.state import (
 log = structlog.get_logger(__name__)
 
 SAMPLE_SIZE = 10
+RESUMED_REASON = "the pass resumed from a cursor and did not see every user"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +67,7 @@ class PullReport:
     status: RunStatus = RunStatus.RUNNING
     error: str | None = None
     reconcile: ReconcileReport | None = None
+    reconcile_skipped: str | None = None  # why a pass that reached its end did not reconcile
     samples: list[Outcome] = field(default_factory=list)
 
     def add(self, result: BatchResult, changes: Sequence[UserChange]) -> None:
@@ -215,12 +217,15 @@ class PullRunner:
                 report.add(result, page.changes)
                 report.pages += 1
                 self.progress(len(page.changes) + len(page.errors))
-                complete = page.complete and not page.extra.get("partial_pass")
+                complete, partial = page.complete, bool(page.extra.get("partial_pass"))
                 del page, result
             collect_young()
             # Stack and Auth.js list every user on every pull; the adapter says when a pass
             # saw everyone (complete, and not resumed halfway), whatever the run's kind.
-            if complete:
+            if complete and partial:
+                report.reconcile_skipped = RESUMED_REASON
+                log.info("reconcile_skipped", provider=self.provider.name, reason=RESUMED_REASON)
+            elif complete:
                 report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
 
     def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:
@@ -378,4 +383,8 @@ def _batched(items: list[Any], size: int) -> Iterable[list[Any]]:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        # The CLI raises a KeyboardInterrupt naming the signal (SIGINT or SIGTERM); a bare
+        # one comes from Python's own SIGINT handler.
+        return str(exc) or "interrupted by SIGINT"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

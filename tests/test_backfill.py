@@ -133,6 +133,8 @@ class TestStack:
         assert report.counts["created"] == 13
         assert len(rows(engine, "users")) == 23
         assert report.reconcile is None  # a resumed pass saw only part of the users
+        assert report.reconcile_skipped is not None
+        assert "resumed from a cursor" in report.reconcile_skipped
 
     def test_dry_run_writes_nothing(self, engine: Engine, stack_fake: StackFake) -> None:
         stack_fake.seed(8)

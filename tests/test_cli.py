@@ -237,8 +237,13 @@ def test_provider_logs_follow_the_configured_json_format(
     assert "ssk_wrong" not in captured.err
 
 
-def test_sigterm_stops_a_backfill_cleanly(tmp_path: Path) -> None:
-    """A backfill killed with SIGTERM keeps its committed pages and records the run as failed."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_backfill_stops_cleanly_then_resumes(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C and SIGTERM alike: committed pages are kept, the run is recorded as failed naming
+    the signal, the exit status is 128 + the signal; the resumed pass says why it does not
+    reconcile."""
     worker = tmp_path / "worker.db"
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -263,31 +268,43 @@ def test_sigterm_stops_a_backfill_cleanly(tmp_path: Path) -> None:
         env.pop("DATABASE_URL", None)
         base = [sys.executable, "-m", "sync_worker", "--config", str(config)]
         subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+        backfill = [*base, "backfill", "--provider", "stack"]
         proc = subprocess.Popen(
-            [*base, "backfill", "--provider", "stack"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            backfill, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         deadline = time.monotonic() + 30
         while len(fake.requests_to(USERS_PATH)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143
-    assert err.strip().splitlines()[-1] == "sync-worker: terminated; committed pages are kept"
+        fake._faults.clear()
+        resumed = subprocess.run(
+            backfill, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert proc.returncode == 128 + signum
+    assert err.strip().splitlines()[-1] == (
+        f"sync-worker: interrupted by {signum.name}; committed pages are kept"
+    )
     engine = make_engine(DatabaseSettings(url=f"sqlite:///{worker}"))
     try:
-        users = rows(engine, "users")
-        run = only(rows(engine, "sync_runs"))
-        cursor = rows(engine, "sync_cursors")
+        interrupted, _ = sorted(rows(engine, "sync_runs"), key=lambda r: r["started_at"])
     finally:
         engine.dispose()
-    assert 0 < len(users) < 60
-    assert len(users) % 5 == 0  # whole pages only
-    assert (run["status"], run["error"]) == ("failed", "Terminated: terminated by SIGTERM")
-    assert cursor, "the cursor of the last committed page is kept"
+    committed = interrupted["counts"].get("created", 0)
+    assert 0 < committed < 60
+    assert committed % 5 == 0  # whole pages only
+    assert (interrupted["status"], interrupted["error"]) == (
+        "failed",
+        f"interrupted by {signum.name}",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"stack incremental succeeded: created={60 - committed}" in resumed.stdout
+    assert (
+        "reconcile skipped: the pass resumed from a cursor and did not see every user; "
+        "run `sync-worker backfill --provider stack --full` to reconcile"
+    ) in resumed.stdout
+    events = [json.loads(line) for line in resumed.stderr.splitlines()]
+    assert "reconcile_skipped" in {e["event"] for e in events}
 
 
 def only(items: list[dict]) -> dict:  # type: ignore[type-arg]

@@ -213,7 +213,7 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
                 )
                 report = runner.run()
             except SyncWorkerError as exc:
-                print(f"sync-worker: {name}: {exc}", file=sys.stderr)
+                print(f"sync-worker: {_naming(name, exc)}", file=sys.stderr)
                 worst = EXIT_FAILURE
                 continue
             finally:
@@ -221,6 +221,12 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
             _print_report(report, dry_run=False)
             worst = max(worst, _exit_for(report))
     return worst
+
+
+def _naming(provider: str, exc: SyncWorkerError) -> str:
+    """The error's message, prefixed with the provider unless it already starts with it."""
+    message = str(exc)
+    return message if message.startswith(f"{provider}: ") else f"{provider}: {message}"
 
 
 def _since_cursor(provider: Any, since: datetime | None) -> dict[str, Any] | None:

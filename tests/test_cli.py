@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -217,6 +218,46 @@ def test_backfill_authjs_from_a_real_authjs_database(
     assert re.search(r"succeeded: unchanged=25 \(sessions: unchanged=\d+\) in \d+ pages", again)
     assert main(["backfill", "--provider", "authjs", "--since", "2026-01-01"]) == 2
     assert "--since" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "request_line"),
+    [
+        (["sync"], r"stack: GET {url}/api/v1/\S+"),
+        (["backfill", "--provider", "stack"], r"stack: GET {url}/api/v1/\S+"),
+        (["backfill", "--provider", "auth0"], r"auth0: POST {url}/oauth/token"),
+    ],
+)
+def test_a_wrong_base_url_names_the_host_and_reason_once(
+    sqlite_worker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    request_line: str,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for name, value in {
+        "STACK_PROJECT_ID": "proj",
+        "STACK_SECRET_SERVER_KEY": "ssk_s3cret",
+        "STACK_BASE_URL": url,
+        "AUTH0_DOMAIN": "tenant.example.com",
+        "AUTH0_CLIENT_ID": "client",
+        "AUTH0_CLIENT_SECRET": "cs_s3cret",
+        "AUTH0_BASE_URL": url,
+    }.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    started = time.monotonic()
+    assert main(command) == 1
+    assert time.monotonic() - started < 15  # not a minute of backoff
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    where = request_line.format(url=re.escape(url))
+    pattern = rf"sync-worker: {where}: connection refused \(after 3 attempts over \d+\.\d s\)"
+    assert re.fullmatch(pattern, last), last
+    assert "s3cret" not in err
 
 
 def test_provider_logs_follow_the_configured_json_format(

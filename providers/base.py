@@ -37,7 +37,9 @@ class Page:
     ``cursor`` is None when the pull has no resumable position (e.g. the middle of a
     full export that must restart from the beginning); the caller then keeps the old one.
     ``seen_ids`` lists every upstream id this page observed, for reconcile. ``complete``
-    is True on the last page of a full listing.
+    is True on the last page of a full listing. ``total``, on the first page of a pass, is
+    the number of users the pass will list, where the source can tell cheaply (for the
+    progress bar's percentage and ETA); None when it cannot.
     """
 
     changes: tuple[UserChange, ...]
@@ -46,6 +48,7 @@ class Page:
     seen_ids: tuple[str, ...] = ()
     complete: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    total: int | None = None
 
 
 class Provider(Protocol):

@@ -28,6 +28,7 @@ from sync_worker.config import Settings, config_path, load_settings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, StoreError, SyncWorkerError
 from sync_worker.logging import configure
+from sync_worker.progress import progress
 from sync_worker.pull import PullReport, PullRunner, reconcile_guard_error
 from sync_worker.runtime import tune_gc
 from sync_worker.state import RunStatus
@@ -176,14 +177,14 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     provider = registry.build(args.provider, settings)
     try:
         cursor = _since_cursor(provider, args.since)
-        with _database(settings) as engine, _progress(f"{args.provider} users") as progress:
+        with _database(settings) as engine, progress(f"{args.provider} users") as bar:
             runner = PullRunner(
                 engine,
                 SyncEngine.from_settings(engine, settings),
                 provider,
                 max_delete_fraction=settings.sync.max_delete_fraction,
                 source=Source.BACKFILL,
-                progress=progress,
+                progress=bar,
             )
             report = runner.run(full=args.full, dry_run=args.dry_run, cursor=cursor)
     finally:
@@ -273,22 +274,6 @@ def _exit_for(report: PullReport) -> int:
     if reconcile_guard_error(report) is not None or report.status is RunStatus.FAILED:
         return EXIT_FAILURE
     return EXIT_OK
-
-
-@contextmanager
-def _progress(label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on a terminal; nothing otherwise (the structured logs tell the story)."""
-    if not sys.stderr.isatty():
-        yield lambda _n: None
-        return
-    from tqdm import tqdm
-
-    with tqdm(desc=label, unit=" users", file=sys.stderr, dynamic_ncols=True) as bar:
-
-        def advance(n: int) -> None:
-            bar.update(n)
-
-        yield advance
 
 
 def _timestamp(text: str) -> datetime:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, CursorUpdate, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
 from sync_worker.plan import Outcome
+from sync_worker.progress import NoProgress, Progress
 from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collect_young, collector_paused
 from sync_worker.state import (
@@ -133,9 +134,6 @@ def _sessions_by_key(changes: Sequence[UserChange]) -> Iterable[tuple[str, str]]
     return owners.values()
 
 
-Progress = Callable[[int], None]
-
-
 class PullRunner:
     def __init__(
         self,
@@ -153,7 +151,7 @@ class PullRunner:
         self.provider = provider
         self.max_delete_fraction = max_delete_fraction
         self.source = source
-        self.progress = progress or (lambda _n: None)
+        self.progress: Progress = progress or NoProgress()
         self.read_ahead_pages = read_ahead_pages
 
     def run(
@@ -213,10 +211,12 @@ class PullRunner:
                 page = next(pending, None)
                 if page is None:
                     return
+                if page.total is not None:
+                    self.progress.total(page.total)
                 result = self._apply(page, report.run_id, seen, dry_run=dry_run)
                 report.add(result, page.changes)
                 report.pages += 1
-                self.progress(len(page.changes) + len(page.errors))
+                self.progress.advance(*_records(page))
                 complete, partial = page.complete, bool(page.extra.get("partial_pass"))
                 del page, result
             collect_young()
@@ -375,6 +375,20 @@ def _live(provider: str) -> Subquery:
         )
         .subquery()
     )
+
+
+def _records(page: Page) -> tuple[int, int]:
+    """(users, sessions) a page holds: its logins are sessions of users counted once."""
+    users: set[str] = set()
+    sessions = 0
+    for change in page.changes:
+        if change.kind is ChangeKind.LOGIN:
+            sessions += 1
+        else:
+            users.add(change.external_id)
+    # A record the adapter could not map is a user, unless it is one of a user's sessions.
+    unmapped = sum(1 for e in page.errors if e.external_id is None or e.external_id not in users)
+    return len(users) + unmapped, sessions
 
 
 def _batched(items: list[Any], size: int) -> Iterable[list[Any]]:

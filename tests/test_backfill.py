@@ -363,6 +363,44 @@ def test_sessions_are_counted_apart_from_users(engine: Engine, tmp_path: Path) -
     assert last_run(engine)["counts"] == {"unchanged": 30, "sessions_unchanged": live, "pages": 3}
 
 
+class RecordedProgress:
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.users = self.sessions = 0
+
+    def total(self, users: int) -> None:
+        assert self.users == 0, "a total comes with the first page"
+        self.totals.append(users)
+
+    def advance(self, users: int, sessions: int) -> None:
+        self.users += users
+        self.sessions += sessions
+
+
+def test_progress_counts_users_and_sessions_apart_with_the_sources_total(
+    engine: Engine, tmp_path: Path
+) -> None:
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("drizzle", app) as loader:
+        loader.populate(30)
+    settings = AuthjsSettings.model_validate({"database_url": app, "schema": "drizzle"})
+    progress = RecordedProgress()
+    with closing(AuthjsProvider(settings, batch_size=7)) as provider:
+        runner(engine, provider, progress=progress).run(full=True)
+    assert progress.totals == [30]  # Auth.js counts its users table
+    assert progress.users == 30
+    assert progress.sessions == len(rows(engine, "user_sessions")) > 0
+
+
+def test_progress_without_a_total_where_the_source_has_none(
+    engine: Engine, stack_fake: StackFake
+) -> None:
+    stack_fake.seed(23)
+    progress = RecordedProgress()
+    runner(engine, stack_provider(stack_fake), progress=progress).run(full=True)
+    assert (progress.totals, progress.users, progress.sessions) == ([], 23, 0)
+
+
 def test_split_sessions_tells_shared_outcomes_apart() -> None:
     changes = [
         upsert("auth0|1"), login("auth0|1", "s1"), login("auth0|1", "s2"), login("auth0|1", "s2"),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 import tomllib
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from db.connect import make_engine
 from db.tables import metadata
 from sync_worker.cli import main
 from sync_worker.config import DatabaseSettings
+from sync_worker.progress import FALLBACK_COLUMNS
 from tests.conftest import sqlalchemy_url
 from tests.factories import rows
 from tests.fakes.auth0 import FakeAuth0
@@ -386,3 +390,67 @@ def test_the_licence_is_an_spdx_expression_built_by_a_setuptools_that_reads_it()
     installed = distribution("sync-worker")  # re-installed by `make` when pyproject.toml changes
     assert installed["License-Expression"] == "MIT"
     assert installed.get_all("License") is None
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_on_a_terminal(
+    command: list[str], env: dict[str, str], columns: int
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """Run the CLI with stderr on a pseudo-terminal of ``columns`` columns (0: one that
+    reports no size); returns what the terminal received, without colour codes."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(
+        command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
+    os.close(slave)
+    received = bytearray()
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            received += data
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    done = subprocess.CompletedProcess(command, proc.returncode, out.decode(), "")
+    return ANSI.sub("", received.decode()), done
+
+
+@pytest.mark.parametrize("columns", [0, 120])
+def test_the_progress_bar_on_a_terminal(tmp_path: Path, columns: int) -> None:
+    """Users are counted (sessions apart) against the total Auth.js states, with an ETA; log
+    lines scroll above the bar instead of running into it; a terminal that reports 0
+    columns still gets a bar."""
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("prisma", app) as loader:
+        loader.populate(2100)  # three pages of 1,000
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "STACK_"))}
+    env |= {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
+        "AUTHJS_DATABASE_URL": app,
+        "AUTHJS_SCHEMA": "prisma",
+    }
+    base = [sys.executable, "-m", "sync_worker"]
+    subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    screen, done = run_on_a_terminal([*base, "backfill", "--provider", "authjs"], env, columns)
+    assert done.returncode == 0, screen
+    segments = re.split(r"[\r\n]", screen)
+    logs = [s for s in segments if "batch_applied" in s or "pull_finished" in s]
+    assert len(logs) == 4
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\S+Z \[info", line) for line in logs), logs
+    bars = [s for s in segments if s.startswith("authjs users:")]
+    sessions = int(re.findall(r"sessions: new=(\d+)", done.stdout)[0])
+    assert re.fullmatch(
+        rf"authjs users: 100%\|█+\| 2100/2100 \[\d\d:\d\d<00:00, [\d.]+ users/s, "
+        rf"sessions={sessions}\]",
+        bars[-1],
+    ), bars[-1]
+    assert any(re.search(r"\| 1000/2100 \[\d\d:\d\d<\d\d:\d\d", bar) for bar in bars)  # an ETA
+    assert len(bars[-1]) <= (columns or FALLBACK_COLUMNS)

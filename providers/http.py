@@ -45,6 +45,7 @@ from urllib.parse import urljoin, urlsplit
 import orjson
 import requests
 import structlog
+import urllib3
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from sync_worker.errors import (
@@ -508,7 +509,10 @@ def _display_url(url: str) -> str:
     split = urlsplit(url)
     host = split.hostname or ""
     host = f"[{host}]" if ":" in host else host  # an IPv6 address
-    port = f":{split.port}" if split.port is not None else ""
+    try:
+        port = f":{split.port}" if split.port is not None else ""
+    except ValueError:  # not a number: the request itself fails on it (InvalidURL)
+        port = ""
     return f"{split.scheme}://{host}{port}{split.path or '/'}"
 
 
@@ -522,6 +526,9 @@ _NETWORK_REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (socket.gaierror, "host not found"),
     (ssl.SSLError, "TLS handshake failed"),
     (ConnectionResetError, "connection reset"),
+    # A read timeout while streaming a body reaches us as a ConnectionError.
+    (urllib3.exceptions.ReadTimeoutError, "read timed out"),
+    (TimeoutError, "timed out"),
 )
 _UNREACHABLE = frozenset(("connection refused", "host not found"))
 

@@ -265,6 +265,17 @@ def test_read_timeout_is_retried(fake: FakeServer, fake_time: FakeTime) -> None:
     assert len(fake_time.sleeps) == 1
 
 
+def test_an_exhausted_read_timeout_says_so(fake: FakeServer, fake_time: FakeTime) -> None:
+    fake.fail_next("/thing", status=None, delay=0.3, times=5)
+    policy = HttpPolicy(read_timeout=0.05, backoff_base=0.001, backoff_max=0.01, max_attempts=2)
+    with pytest.raises(UpstreamUnavailable) as info:
+        client(fake, fake_time, policy=policy).get_json("/thing")
+    assert not isinstance(info.value, UpstreamUnreachable)  # the full budget: it may recover
+    assert str(info.value).startswith(
+        f"test: GET {fake.url}/thing: read timed out (after 2 attempts over "
+    )
+
+
 def test_truncated_body_is_retried(fake: FakeServer, fake_time: FakeTime) -> None:
     fake.fail_next("/thing", status=None, truncate=3)
     assert client(fake, fake_time).get_json("/thing") == {"ok": True}

@@ -352,11 +352,6 @@ def test_an_interrupted_backfill_stops_cleanly_then_resumes(
     assert "reconcile_skipped" in {e["event"] for e in events}
 
 
-def only(items: list[dict]) -> dict:  # type: ignore[type-arg]
-    assert len(items) == 1, items
-    return items[0]
-
-
 @pytest.mark.parametrize("command", ["migrate", "status", "backfill", "sync"])
 def test_every_command_describes_itself_in_its_help(
     command: str, capsys: pytest.CaptureFixture[str]

@@ -369,7 +369,7 @@ class _ManagementToken:
         except OAuthError as exc:
             raise ProviderAuthError(f"auth0: token request rejected ({exc.error})") from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise UpstreamUnavailable(f"auth0: token endpoint: {type(exc).__name__}") from exc
+            raise self._http.network_error("POST", self._url, exc) from exc
         except ValueError as exc:
             raise UpstreamDataError("auth0: token endpoint sent an unreadable answer") from exc
         return token

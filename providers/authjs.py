@@ -423,6 +423,7 @@ class AuthjsProvider:
                 cursors.callback(result.close)  # a pass closed early closes its cursors first
                 return _dicts(result)
 
+            total: int | None = self._count_after(conn, after)  # in the pass's snapshot
             key = self._user.c.id
             users = opened(self._users_after(after).order_by(key))
             accounts = _Follower(opened(self._account_rows(key, after)))
@@ -437,14 +438,19 @@ class AuthjsProvider:
                     raise UpstreamDataError(
                         "authjs: accounts or sessions did not come in the users' id order"
                     )
-                yield _Chunk(entries=entries, observed=observed, last=last)
+                yield _Chunk(entries=entries, observed=observed, last=last, total=total)
+                total = None  # stated on the first page only
 
     def _paged(self, after: int | str | None) -> Iterator[_Chunk]:
         """Other databases (SQLite): a short read per page, so that no read stays open
         while the engine works; on SQLite an open read would block the app's writers."""
+        total: int | None = None
+        first = True
         while True:
             with self._reading() as conn:
                 observed = self._now()
+                if first:
+                    total, first = self._count_after(conn, after), False
                 # One row more than a page tells whether this page is the last.
                 query = self._users_after(after).order_by(self._user.c.id)
                 rows = _fetch(conn, query.limit(self._batch_size + 1))
@@ -457,17 +463,19 @@ class AuthjsProvider:
                 (row, accounts.get(str(row["id"]), []), sessions.get(str(row["id"]), []))
                 for row in rows
             ]
-            yield _Chunk(entries=entries, observed=observed, last=not more)
+            yield _Chunk(entries=entries, observed=observed, last=not more, total=total)
             if not more:
                 return
-            after = ids[-1]
+            after, total = ids[-1], None
 
     def _page(self, chunk: _Chunk, *, partial: bool) -> Page:
         changes, errors = self._map(chunk.entries, chunk.observed)
         seen = tuple(str(row["id"]) for row, _, _ in chunk.entries)
         if not chunk.last:
             cursor = _cursor_after(chunk.entries[-1][0]["id"])
-            return Page(changes=changes, cursor=cursor, errors=errors, seen_ids=seen)
+            return Page(
+                changes=changes, cursor=cursor, errors=errors, seen_ids=seen, total=chunk.total
+            )
         log.info("authjs_pass_complete", provider=PROVIDER, partial=partial)
         return Page(
             changes=changes,
@@ -476,6 +484,7 @@ class AuthjsProvider:
             seen_ids=seen,
             complete=True,
             partial_pass=partial,
+            total=chunk.total,
         )
 
     def _user_query(self) -> Select[Any]:
@@ -490,6 +499,13 @@ class AuthjsProvider:
         if self._tables.has("user", "created_at"):
             columns.append(user.c.created_at.label("createdAt"))
         return select(*columns)
+
+    def _count_after(self, conn: Connection, after: int | str | None) -> int:
+        """How many users the pass will list: one count, for the progress bar's total."""
+        query = select(func.count()).select_from(self._user)
+        if after is not None:
+            query = query.where(self._user.c.id > after)
+        return int(conn.execute(query).scalar_one())
 
     def _users_after(self, after: int | str | None) -> Select[Any]:
         query = self._user_query()
@@ -630,6 +646,7 @@ class _Chunk:
     entries: list[_Entry]
     observed: datetime
     last: bool
+    total: int | None = None  # users the pass will list, on its first chunk
 
 
 def _pages(

@@ -40,6 +40,8 @@ class Page:
     ``seen_ids`` lists every upstream id this page observed, for reconcile. ``complete``
     is True on the last page of a listing of every user; ``partial_pass`` says that listing
     resumed halfway (or lost its place), so it did not see everyone and must not reconcile.
+    ``total``, on the first page of a pass, is the number of users the pass will list, where
+    the source can tell cheaply (for the progress bar's percentage and ETA); None otherwise.
     """
 
     changes: tuple[UserChange, ...]
@@ -48,6 +50,7 @@ class Page:
     seen_ids: tuple[str, ...] = ()
     complete: bool = False
     partial_pass: bool = False
+    total: int | None = None
 
 
 class Provider(Protocol):

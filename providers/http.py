@@ -6,6 +6,7 @@ at this boundary::
     status in ok                      -> the response is returned
     429 (after retries)               -> RateLimitedError (retry_after = the last hint)
     5xx, timeout, connection (after)  -> UpstreamUnavailable
+    refused, unknown host (after)     -> UpstreamUnreachable (an UpstreamUnavailable)
     401 (after one on_unauthorized)   -> ProviderAuthError
     403                               -> ProviderAuthError
     other 4xx                         -> HttpStatusError (a ProviderError with .status)
@@ -14,7 +15,14 @@ at this boundary::
 Retries (tenacity, built in ``_retrying``) cover exactly 429, 5xx, timeouts and connection
 errors. The wait honours ``Retry-After`` (seconds or an HTTP date), then ``x-ratelimit-reset``
 (UNIX seconds), else exponential backoff with jitter; attempts and total retry time are
-bounded, and a wait that would pass the time budget ends the retries at once.
+bounded, and a wait that would pass the time budget ends the retries at once. A connection
+nothing accepts (refused, or a host name that does not resolve) gets only
+``unreachable_attempts``: see ``HttpPolicy``.
+
+Error messages name the provider, the method, the URL without credentials or query string
+(``stack: GET https://api.example.com/api/v1/users``), the reason (``connection refused``,
+``HTTP 503``) and, after retries, how many attempts over how long. The text of a requests or
+urllib3 exception is never used: it quotes the URL, query string included.
 
 Pacing keeps a run under the advertised limit instead of running into 429s: every response's
 ``x-ratelimit-limit/remaining/reset`` is remembered per endpoint group, and once ``remaining``
@@ -24,9 +32,11 @@ falls to half the limit the remaining budget is spread evenly until the reset.
 from __future__ import annotations
 
 import random
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +45,7 @@ from urllib.parse import urljoin, urlsplit
 import orjson
 import requests
 import structlog
+import urllib3
 from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from sync_worker.errors import (
@@ -49,7 +60,14 @@ from sync_worker.runtime import collector_paused
 if TYPE_CHECKING:
     from sync_worker.config import HttpSettings
 
-__all__ = ["HttpClient", "HttpPolicy", "HttpStats", "HttpStatusError", "UpstreamStatusError"]
+__all__ = [
+    "HttpClient",
+    "HttpPolicy",
+    "HttpStats",
+    "HttpStatusError",
+    "UpstreamStatusError",
+    "UpstreamUnreachable",
+]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -67,7 +85,15 @@ _TRANSIENT_NETWORK = (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpPolicy:
-    """Timeouts, retry bounds and pacing of one provider's HTTP traffic."""
+    """Timeouts, retry bounds and pacing of one provider's HTTP traffic.
+
+    ``unreachable_attempts`` bounds the attempts (within ``max_attempts``) when nothing takes
+    the connection: refused, or the host name does not resolve. That is a wrong base URL or a
+    service that is down far more often than a blip, and the full backoff (8 attempts, about
+    a minute) only delayed the one line a CLI user needs; the daemon's next scheduled pull is
+    the retry that matters there. Three attempts (about 1.5 s) still ride out a restart's
+    refused connections. Timeouts, resets and 5xx keep the full budget.
+    """
 
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
@@ -76,6 +102,7 @@ class HttpPolicy:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     requests_per_second: float | None = None
+    unreachable_attempts: int = 3
 
     @classmethod
     def from_settings(cls, s: HttpSettings) -> HttpPolicy:
@@ -113,6 +140,10 @@ class UpstreamStatusError(UpstreamUnavailable):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+class UpstreamUnreachable(UpstreamUnavailable):
+    """Nothing took the connection (refused, unknown host); see ``unreachable_attempts``."""
 
 
 @dataclass(slots=True)
@@ -200,7 +231,8 @@ class HttpClient:
         authlib) under the same retry policy; ``fn`` reports a 429/5xx answer through
         ``check_transient`` and network failures as UpstreamUnavailable."""
         send = _Send(method=method.upper(), url=self._url(path_or_url))
-        return _retrying(self.policy, self._sleep, self._clock, self._before_sleep(send))(fn)
+        retrying = _retrying(self.policy, self._sleep, self._clock, self._before_sleep(send))
+        return self._counting_attempts(retrying, fn)
 
     def check_transient(self, response: requests.Response) -> requests.Response:
         """Raise for a 429 or 5xx answer exactly as ``request`` would; else return it."""
@@ -208,6 +240,14 @@ class HttpClient:
         self._count(requests=1)
         self._remember_limits(send, response)
         return self._classify(send, response, ())
+
+    def network_error(
+        self, method: str, path_or_url: str, exc: requests.RequestException
+    ) -> ProviderError:
+        """The error ``request`` raises for ``exc``, for a request sent by someone else (an
+        OAuth token fetch): it names the URL and the reason, and is retried alike."""
+        send = _Send(method=method.upper(), url=self._url(path_or_url))
+        return _network_error(self._where(send), exc)
 
     @property
     def stats(self) -> HttpStats:
@@ -223,7 +263,21 @@ class HttpClient:
         # and nesting them inside these would multiply the attempts.
         headers = self._auth_headers(send.url)
         retrying = _retrying(self.policy, self._sleep, self._clock, self._before_sleep(send))
-        return retrying(self._attempt, send, headers, ok)
+        return self._counting_attempts(retrying, lambda: self._attempt(send, headers, ok))
+
+    def _counting_attempts(self, retrying: Retrying, fn: Callable[[], T]) -> T:
+        """Run ``fn`` under ``retrying``; a transient error that outlived its retries says
+        how many attempts it took over how long."""
+        started = self._clock()
+        try:
+            return retrying(fn)
+        except (RateLimitedError, UpstreamUnavailable) as exc:
+            attempts = int(retrying.statistics.get("attempt_number", 1))
+            if attempts > 1:
+                elapsed = _duration(self._clock() - started)
+                # The message lives in args; the exception keeps its type, status and cause.
+                exc.args = (f"{exc} (after {attempts} attempts over {elapsed})",)
+            raise
 
     def _attempt(
         self, send: _Send, headers: Mapping[str, str] | None, ok: Collection[int]
@@ -243,10 +297,8 @@ class HttpClient:
             )
             if not send.stream:
                 _read_body(response)
-        except _TRANSIENT_NETWORK as exc:
-            raise UpstreamUnavailable(f"{self._where(send)}: {type(exc).__name__}") from exc
         except requests.RequestException as exc:
-            raise ProviderError(f"{self._where(send)}: {type(exc).__name__}") from exc
+            raise _network_error(self._where(send), exc) from exc
         finally:
             self._count(requests=1)
         self._remember_limits(send, response)
@@ -345,7 +397,7 @@ class HttpClient:
         return self._auth()
 
     def _where(self, send: _Send) -> str:
-        return f"{self.provider}: {send.method} {_path(send.url)}"
+        return f"{self.provider}: {send.method} {_display_url(send.url)}"
 
     def _status_error(self, send: _Send, status: int) -> ProviderError:
         where = self._where(send)
@@ -404,6 +456,9 @@ def _retrying(
     def stop(state: RetryCallState) -> bool:
         if state.attempt_number >= policy.max_attempts:
             return True
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, UpstreamUnreachable):
+            return state.attempt_number >= policy.unreachable_attempts
         return clock() - started + backoff(state) > policy.max_retry_seconds
 
     return Retrying(
@@ -447,6 +502,79 @@ def _status_of(error: BaseException | None) -> int | None:
 def _path(url: str) -> str:
     """The path of a URL only: query strings may carry secrets (signed download URLs)."""
     return urlsplit(url).path or "/"
+
+
+def _display_url(url: str) -> str:
+    """Scheme, host, port and path: never user:password@ nor the query string."""
+    split = urlsplit(url)
+    host = split.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    try:
+        port = f":{split.port}" if split.port is not None else ""
+    except ValueError:  # not a number: the request itself fails on it (InvalidURL)
+        port = ""
+    return f"{split.scheme}://{host}{port}{split.path or '/'}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+# What failed, found among an exception's causes; the first match wins.
+_NETWORK_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "host not found"),
+    (ssl.SSLError, "TLS handshake failed"),
+    (ConnectionResetError, "connection reset"),
+    # A read timeout while streaming a body reaches us as a ConnectionError.
+    (urllib3.exceptions.ReadTimeoutError, "read timed out"),
+    (TimeoutError, "timed out"),
+)
+_UNREACHABLE = frozenset(("connection refused", "host not found"))
+
+
+def _network_error(where: str, exc: requests.RequestException) -> ProviderError:
+    """The project's error for a request that got no answer, e.g. ``stack: GET
+    https://127.0.0.1:9/api/v1/teams: connection refused``; retried unless it is neither
+    a network nor a timeout failure (an invalid URL, say)."""
+    reason = _network_reason(exc)
+    message = f"{where}: {reason}"
+    if reason in _UNREACHABLE:
+        return UpstreamUnreachable(message)
+    if isinstance(exc, _TRANSIENT_NETWORK):
+        return UpstreamUnavailable(message)
+    return ProviderError(message)
+
+
+def _network_reason(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.ConnectTimeout):
+        return "connect timed out"
+    if isinstance(exc, requests.Timeout):
+        return "read timed out"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "connection dropped mid-response"
+    causes = list(_causes(exc))
+    for kind, reason in _NETWORK_REASONS:
+        if any(isinstance(cause, kind) for cause in causes):
+            return reason
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed"
+    return type(exc).__name__  # e.g. InvalidURL: a request this worker built wrong
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and those it wraps: requests nests urllib3's, which nests the OSError."""
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending and len(seen) < 20:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        nested = [*current.args, getattr(current, "reason", None)]
+        nested += [current.__cause__, current.__context__]
+        pending += [n for n in nested if isinstance(n, BaseException)]
 
 
 def _origin(url: str) -> tuple[str, str]:

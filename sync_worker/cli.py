@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -31,6 +31,7 @@ from sync_worker.config import Settings, config_path, load_settings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, StoreError, SyncWorkerError
 from sync_worker.logging import configure
+from sync_worker.progress import progress
 from sync_worker.pull import PullReport, PullRunner, reconcile_guard_error
 from sync_worker.runtime import allow_collector_pauses, tune_gc
 
@@ -50,35 +51,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sync-worker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("migrate", help="create or upgrade the worker's tables (safe to repeat)")
+    _command(commands, "migrate", "create or upgrade the worker's tables (safe to repeat)")
 
-    show = commands.add_parser("status", help="users, profiles, cursors, inbox and recent runs")
+    show = _command(commands, "status", "users, profiles, cursors, inbox and recent runs")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    backfill = commands.add_parser("backfill", help="one-off sync of one provider")
-    backfill.add_argument("--provider", required=True, choices=["auth0", "stack", "authjs"])
+    backfill = _command(commands, "backfill", "one-off sync of one provider")
+    backfill.add_argument(
+        "--provider",
+        required=True,
+        choices=["auth0", "stack", "authjs"],
+        help="the identity provider to pull (its credentials come from the environment)",
+    )
     backfill.add_argument("--full", action="store_true", help="list every user, then reconcile")
     backfill.add_argument(
         "--dry-run", action="store_true", help="show what would change; write nothing"
     )
     backfill.add_argument("--since", type=_timestamp, help="start from this time (ISO 8601; auth0)")
 
-    commands.add_parser("sync", help="one incremental pull of every configured provider")
+    _command(commands, "sync", "one incremental pull of every configured provider")
     return parser
 
 
-class Terminated(SystemExit):
-    """SIGTERM: unwinds like an exception, so the open batch rolls back and the run is recorded."""
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
-
-    def __str__(self) -> str:
-        return "terminated by SIGTERM"
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line text shows in the command list and in its own --help."""
+    return commands.add_parser(name, help=text, description=text)
 
 
-def _on_sigterm(_signum: int, _frame: object) -> None:
-    raise Terminated
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, alike: unwinds like Ctrl-C, so the open batch rolls back, committed
+    pages stay, and the run is recorded as failed with this message."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` while a command runs; the handlers before
+    are restored after it (``main`` may be called in-process, as the tests do)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in previous.items():
+        # A signal the parent chose to ignore (e.g. SIGINT of a background job) stays ignored.
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, _on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def console() -> int:
@@ -90,12 +121,11 @@ def console() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        settings = load_settings(config_path(args.config))
-        configure(settings.logging.level, settings.logging.format)
-        return _COMMANDS[args.command](settings, args)
+        with _interruptible():
+            settings = load_settings(config_path(args.config))
+            configure(settings.logging.level, settings.logging.format)
+            return _COMMANDS[args.command](settings, args)
     except ConfigError as exc:
         print(f"sync-worker: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -106,12 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         print(f"sync-worker: database unavailable: {first}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("sync-worker: interrupted", file=sys.stderr)
-        return 130
-    except Terminated as exc:
-        print("sync-worker: terminated; committed pages are kept", file=sys.stderr)
-        return int(exc.code or 143)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        reason = str(exc) or "interrupted by SIGINT"
+        print(f"sync-worker: {reason}; committed pages are kept", file=sys.stderr)
+        return 128 + signum
 
 
 @contextmanager
@@ -153,14 +182,14 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     provider = registry.build(args.provider, settings)
     try:
         cursor = _since_cursor(provider, args.since)
-        with _database(settings) as engine, _progress(f"{args.provider} users") as progress:
+        with _database(settings) as engine, progress(f"{args.provider} users") as bar:
             runner = PullRunner(
                 engine,
                 SyncEngine.from_settings(settings),
                 provider,
                 max_delete_fraction=settings.sync.max_delete_fraction,
                 source=Source.BACKFILL,
-                progress=progress,
+                progress=bar,
             )
             report = runner.run(full=args.full, dry_run=args.dry_run, cursor=cursor)
     finally:
@@ -192,7 +221,7 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
                 )
                 report = runner.run()
             except SyncWorkerError as exc:
-                print(f"sync-worker: {name}: {exc}", file=sys.stderr)
+                print(f"sync-worker: {_naming(name, exc)}", file=sys.stderr)
                 worst = EXIT_FAILURE
                 continue
             finally:
@@ -200,6 +229,12 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
             _print_report(report, dry_run=False)
             worst = max(worst, _exit_for(report))
     return worst
+
+
+def _naming(provider: str, exc: SyncWorkerError) -> str:
+    """The error's message, prefixed with the provider unless it already starts with it."""
+    message = str(exc)
+    return message if message.startswith(f"{provider}: ") else f"{provider}: {message}"
 
 
 def _since_cursor(provider: Provider, since: datetime | None) -> dict[str, Any] | None:
@@ -214,7 +249,9 @@ def _since_cursor(provider: Provider, since: datetime | None) -> dict[str, Any] 
 
 
 def _print_report(report: PullReport, *, dry_run: bool) -> None:
-    counts = ", ".join(f"{k}={v}" for k, v in sorted(report.counts.items())) or "no changes"
+    counts = _pairs(report.counts) or "no changes"
+    if report.sessions:  # logins apart: a user with two sessions is one user
+        counts += f" (sessions: {_pairs(report.sessions)})"
     prefix = "dry run (nothing written): " if dry_run else ""
     print(
         f"{prefix}{report.provider} {report.kind} {report.status}: {counts} in {report.pages} pages"
@@ -223,6 +260,11 @@ def _print_report(report: PullReport, *, dry_run: bool) -> None:
         r = report.reconcile
         verdict = "REFUSED" if r.refused else f"{r.deleted} soft-deleted"
         print(f"reconcile: {r.missing} of {r.live} missing upstream, {verdict}")
+    elif report.reconcile_skipped:
+        print(
+            f"reconcile skipped: {report.reconcile_skipped}; "
+            f"run `sync-worker backfill --provider {report.provider} --full` to reconcile"
+        )
     if dry_run:
         for sample in report.samples:
             diff = json.dumps(sample.changes)
@@ -231,26 +273,14 @@ def _print_report(report: PullReport, *, dry_run: bool) -> None:
         print(f"sync-worker: {report.error}", file=sys.stderr)
 
 
+def _pairs(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
 def _exit_for(report: PullReport) -> int:
     if reconcile_guard_error(report) is not None or report.status is RunStatus.FAILED:
         return EXIT_FAILURE
     return EXIT_OK
-
-
-@contextmanager
-def _progress(label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on a terminal; nothing otherwise (the structured logs tell the story)."""
-    if not sys.stderr.isatty():
-        yield lambda _n: None
-        return
-    from tqdm import tqdm
-
-    with tqdm(desc=label, unit=" users", file=sys.stderr, dynamic_ncols=True) as bar:
-
-        def advance(n: int) -> None:
-            bar.update(n)
-
-        yield advance
 
 
 def _timestamp(text: str) -> datetime:

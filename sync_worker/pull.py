@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -28,14 +28,16 @@ from db.snapshot import refresh_statistics
 from db.tables import user_identities
 from db.transaction import transaction
 from providers.base import Cursor, Page, Provider
-from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
+from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
+from sync_worker.progress import NoProgress, Progress
 from sync_worker.runtime import collect_young, collector_paused
 
 log = structlog.get_logger(__name__)
 
 SAMPLE_SIZE = 10
+RESUMED_REASON = "the pass resumed from a cursor and did not see every user"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,25 +50,38 @@ class ReconcileReport:
 
 @dataclass(slots=True, kw_only=True)
 class PullReport:
+    """What a pull did. ``counts`` are outcomes of user records, ``sessions`` those of logins
+    (new, updated, unchanged, failed), so that a user with two sessions counts once."""
+
     run_id: uuid.UUID
     provider: str
     kind: str
     started_at: datetime
     counts: Counter[str] = field(default_factory=Counter)
+    sessions: Counter[str] = field(default_factory=Counter)
     pages: int = 0
     status: RunStatus = RunStatus.RUNNING
     error: str | None = None
     reconcile: ReconcileReport | None = None
+    reconcile_skipped: str | None = None  # why a pass that reached its end did not reconcile
     samples: list[Outcome] = field(default_factory=list)
 
     def add(self, result: BatchResult) -> None:
-        self.counts.update(result.counts)
         for outcome in result.outcomes:
+            if outcome.is_session:
+                self.sessions[_SESSION_NAMES.get(outcome.action, str(outcome.action))] += 1
+            else:
+                self.counts[str(outcome.action)] += 1
             if outcome.changes and len(self.samples) < SAMPLE_SIZE:
                 self.samples.append(outcome)
 
+    def flat_counts(self) -> dict[str, int]:
+        """One flat mapping (sync_runs.counts, logs): user outcomes, then ``sessions_*``."""
+        return {**self.counts, **{f"sessions_{k}": n for k, n in sorted(self.sessions.items())}}
 
-Progress = Callable[[int], None]
+
+# How a login's outcome reads in the session counts.
+_SESSION_NAMES = {Action.LOGIN: "new", Action.SESSION_UPDATED: "updated"}
 
 
 class PullRunner:
@@ -85,7 +100,7 @@ class PullRunner:
         self.provider = provider
         self.max_delete_fraction = max_delete_fraction
         self.source = source
-        self.progress = progress or (lambda _n: None)
+        self.progress: Progress = progress or NoProgress()
 
     def run(
         self, *, full: bool = False, dry_run: bool = False, cursor: Cursor | None = None
@@ -94,11 +109,10 @@ class PullRunner:
         start = None if full else (cursor or load_cursor(self.db, self.provider.name))
         kind = "full" if start is None else "incremental"
         started_at = utcnow()  # before any upstream read of this run
+        # A dry run writes nothing at all, not even its sync_runs row: its id only tags logs.
+        run_id = uuid.uuid4() if dry_run else start_run(self.db, kind, self.provider.name)
         report = PullReport(
-            run_id=start_run(self.db, kind, self.provider.name),
-            provider=self.provider.name,
-            kind=kind,
-            started_at=started_at,
+            run_id=run_id, provider=self.provider.name, kind=kind, started_at=started_at
         )
         bound = log.bind(provider=self.provider.name, run_id=str(report.run_id), kind=kind)
         bound.info("pull_started", dry_run=dry_run)
@@ -114,9 +128,12 @@ class PullRunner:
                 report.status = RunStatus.DRY_RUN if dry_run else RunStatus.SUCCEEDED
         finally:
             seen.close()
-            counts = {**report.counts, "pages": report.pages}
-            finish_run(self.db, report.run_id, report.status, counts, report.error)
-        bound.info("pull_finished", status=str(report.status), pages=report.pages, **report.counts)
+            if not dry_run:
+                counts = {**report.flat_counts(), "pages": report.pages}
+                finish_run(self.db, report.run_id, report.status, counts, report.error)
+        bound.info(
+            "pull_finished", status=str(report.status), pages=report.pages, **report.flat_counts()
+        )
         return report
 
     def _pages(
@@ -138,16 +155,21 @@ class PullRunner:
                 page = next(pending, None)
                 if page is None:
                     return
+                if page.total is not None:
+                    self.progress.total(page.total)
                 result = self._apply(page, report.run_id, seen, dry_run=dry_run)
                 report.add(result)
                 report.pages += 1
-                self.progress(len(page.changes) + len(page.errors))
-                complete = page.complete and not page.partial_pass
+                self.progress.advance(*_records(page))
+                complete, partial = page.complete, page.partial_pass
                 del page, result
             collect_young()
             # Stack and Auth.js list every user on every pull; the adapter says when a pass
             # saw everyone (complete, and not resumed halfway), whatever the run's kind.
-            if complete:
+            if complete and partial:
+                report.reconcile_skipped = RESUMED_REASON
+                log.info("reconcile_skipped", provider=self.provider.name, reason=RESUMED_REASON)
+            elif complete:
                 report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
 
     def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:
@@ -303,10 +325,28 @@ def _live(provider: str) -> Subquery:
     )
 
 
+def _records(page: Page) -> tuple[int, int]:
+    """(users, sessions) a page holds: its logins are sessions of users counted once."""
+    users: set[str] = set()
+    sessions = 0
+    for change in page.changes:
+        if change.kind is ChangeKind.LOGIN:
+            sessions += 1
+        else:
+            users.add(change.external_id)
+    # A record the adapter could not map is a user, unless it is one of a user's sessions.
+    unmapped = sum(1 for e in page.errors if e.external_id is None or e.external_id not in users)
+    return len(users) + unmapped, sessions
+
+
 def _batched(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        # The CLI raises a KeyboardInterrupt naming the signal (SIGINT or SIGTERM); a bare
+        # one comes from Python's own SIGINT handler.
+        return str(exc) or "interrupted by SIGINT"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -3,9 +3,11 @@ database), the real engine, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,9 +33,9 @@ from sync_worker.changes import (
 from sync_worker.config import Auth0Settings, AuthjsSettings, StackSettings
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.errors import UpstreamUnavailable
-from sync_worker.pull import PullRunner
+from sync_worker.pull import PullReport, PullRunner
 from tests.conftest import sqlalchemy_url
-from tests.factories import BoundEngine, audit, rows
+from tests.factories import BoundEngine, audit, login, rows, upsert
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import FakeSession, make_loader
 from tests.fakes.stack import USERS_PATH, StackFake
@@ -131,6 +133,8 @@ class TestStack:
         assert report.counts["created"] == 13
         assert len(rows(engine, "users")) == 23
         assert report.reconcile is None  # a resumed pass saw only part of the users
+        assert report.reconcile_skipped is not None
+        assert "resumed from a cursor" in report.reconcile_skipped
 
     def test_dry_run_writes_nothing(self, engine: Engine, stack_fake: StackFake) -> None:
         stack_fake.seed(8)
@@ -140,7 +144,8 @@ class TestStack:
         assert rows(engine, "users") == []
         assert audit(engine) == []
         assert load_cursor(engine, "stack") is None
-        assert last_run(engine)["status"] == "dry_run"
+        assert report.status == "dry_run"
+        assert rows(engine, "sync_runs") == []  # not even a run row
 
     def test_leaving_every_team_clears_the_tenant(
         self, engine: Engine, stack_fake: StackFake
@@ -281,7 +286,8 @@ class TestAuth0:
         assert report.kind == "incremental"
         assert report.counts["updated"] >= 1
         assert report.counts["deleted"] == 1
-        assert report.counts["login"] == 1
+        assert report.sessions == {"new": 1}  # a login is a session, not a user
+        assert "login" not in report.counts
         renamed = rows(engine, "users", name="Renamed Person")
         assert len(renamed) == 1
         assert len(rows(engine, "user_sessions")) == 1
@@ -357,6 +363,75 @@ class TestAuthjs:
             report = runner(engine, provider).run()
         assert report.counts["created"] == 10
         assert len(rows(engine, "users")) == 30
+
+
+def test_sessions_are_counted_apart_from_users(engine: Engine, tmp_path: Path) -> None:
+    """Auth.js pages carry each user's sessions as logins: a pass over 30 unchanged users
+    reports 30 unchanged users, and their sessions under ``sessions``."""
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("prisma", app) as loader:
+        loader.populate(30)
+    settings = AuthjsSettings.model_validate({"database_url": app, "schema": "prisma"})
+    with closing(AuthjsProvider(settings, batch_size=10)) as provider:
+        first = runner(engine, provider).run(full=True)
+    live = len(rows(engine, "user_sessions"))
+    assert live > 0
+    assert dict(first.counts) == {"created": 30}
+    assert dict(first.sessions) == {"new": live}
+    with closing(AuthjsProvider(settings, batch_size=10)) as provider:
+        again = runner(engine, provider).run(full=True)
+    assert dict(again.counts) == {"unchanged": 30}
+    assert dict(again.sessions) == {"unchanged": live}
+    assert last_run(engine)["counts"] == {"unchanged": 30, "sessions_unchanged": live, "pages": 3}
+
+
+class RecordedProgress:
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.users = self.sessions = 0
+
+    def total(self, users: int) -> None:
+        assert self.users == 0, "a total comes with the first page"
+        self.totals.append(users)
+
+    def advance(self, users: int, sessions: int) -> None:
+        self.users += users
+        self.sessions += sessions
+
+
+def test_progress_counts_users_and_sessions_apart_with_the_sources_total(
+    engine: Engine, tmp_path: Path
+) -> None:
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("drizzle", app) as loader:
+        loader.populate(30)
+    settings = AuthjsSettings.model_validate({"database_url": app, "schema": "drizzle"})
+    progress = RecordedProgress()
+    with closing(AuthjsProvider(settings, batch_size=7)) as provider:
+        runner(engine, provider, progress=progress).run(full=True)
+    assert progress.totals == [30]  # Auth.js counts its users table
+    assert progress.users == 30
+    assert progress.sessions == len(rows(engine, "user_sessions")) > 0
+
+
+def test_progress_without_a_total_where_the_source_has_none(
+    engine: Engine, stack_fake: StackFake
+) -> None:
+    stack_fake.seed(23)
+    progress = RecordedProgress()
+    runner(engine, stack_provider(stack_fake), progress=progress).run(full=True)
+    assert (progress.totals, progress.users, progress.sessions) == ([], 23, 0)
+
+
+def test_a_pull_report_counts_sessions_apart_from_users(engine: Engine) -> None:
+    sync = BoundEngine(engine)
+    sync.apply([upsert("auth0|1"), login("auth0|1", "s1")], source=Source.PULL)
+    again = [upsert("auth0|1"), login("auth0|1", "s1"), login("auth0|1", "s2"),
+             login("auth0|3", "s4")]  # fmt: skip
+    report = PullReport(run_id=uuid.uuid4(), provider="auth0", kind="full", started_at=utcnow())
+    report.add(sync.apply(again, source=Source.PULL))
+    assert report.counts == {"unchanged": 1}
+    assert report.sessions == {"unchanged": 1, "new": 1, "failed": 1}
 
 
 def test_auth0_since_starts_the_log_at_a_time(engine: Engine) -> None:

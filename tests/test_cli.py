@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
+import tomllib
 from collections.abc import Callable
+from importlib.metadata import metadata as distribution
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from sqlalchemy import MetaData, Table, func, select
 
 from db.connect import make_engine
+from db.tables import metadata
 from sync_worker.cli import main
+from sync_worker.progress import FALLBACK_COLUMNS
+from tests.conftest import sqlalchemy_url
 from tests.factories import rows
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.authjs import make_loader
 from tests.fakes.stack import USERS_PATH, StackFake
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -108,6 +122,62 @@ def test_backfill_stack_dry_run_then_real(
     assert report["runs"][0]["counts"]["created"] == 12
 
 
+def table_counts(url: str) -> dict[str, int]:
+    """Rows in every table of the worker's database (its schema on PostgreSQL)."""
+    engine = make_engine(sqlalchemy_url(url), schema="identity")
+    try:
+        with engine.connect() as conn:
+            tables = [*metadata.sorted_tables, Table("alembic_version", MetaData())]
+            return {
+                t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                for t in tables
+            }
+    finally:
+        engine.dispose()
+
+
+def test_a_dry_run_writes_nothing_at_all(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate"]) == 0
+    with StackFake() as fake:
+        ids = fake.seed(12)
+        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
+        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        assert main(["backfill", "--provider", "stack"]) == 0
+        fake.delete_user(ids[0])
+        fake.seed(3)
+        before = table_counts(database_url)
+        assert main(["backfill", "--provider", "stack", "--full", "--dry-run"]) == 0
+        after = table_counts(database_url)
+    out = capsys.readouterr().out
+    assert "dry run (nothing written): stack full dry_run: created=3" in out
+    assert before["users"] == 12
+    assert before["sync_runs"] == 1
+    assert after == before
+
+
+def test_status_text_prints_cursors_as_json_without_trailing_spaces(
+    sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with StackFake() as fake:
+        fake.seed(4)
+        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
+        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        assert main(["backfill", "--provider", "stack"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    (stored,) = json.loads(capsys.readouterr().out)["cursors"]
+    assert main(["status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == []
+    (cursor_line,) = [line for line in lines if line.startswith("  stack ")]
+    printed = cursor_line.removeprefix("  stack ").rsplit("  (at ", 1)[0]
+    assert json.loads(printed) == stored["cursor"]
+
+
 def test_backfill_auth0_and_rejected_credentials_exit_1(
     sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -145,9 +215,52 @@ def test_backfill_authjs_from_a_real_authjs_database(
     monkeypatch.setenv("AUTHJS_SCHEMA", "prisma")
     assert main(["migrate"]) == 0
     assert main(["backfill", "--provider", "authjs"]) == 0
-    assert "authjs full succeeded: created=25" in capsys.readouterr().out
+    assert "authjs full succeeded: created=25 (sessions: new=" in capsys.readouterr().out
+    assert main(["backfill", "--provider", "authjs"]) == 0
+    again = capsys.readouterr().out  # sessions are not users: 25 unchanged users, whatever else
+    assert re.search(r"succeeded: unchanged=25 \(sessions: unchanged=\d+\) in \d+ pages", again)
     assert main(["backfill", "--provider", "authjs", "--since", "2026-01-01"]) == 2
     assert "--since" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "request_line"),
+    [
+        (["sync"], r"stack: GET {url}/api/v1/\S+"),
+        (["backfill", "--provider", "stack"], r"stack: GET {url}/api/v1/\S+"),
+        (["backfill", "--provider", "auth0"], r"auth0: POST {url}/oauth/token"),
+    ],
+)
+def test_a_wrong_base_url_names_the_host_and_reason_once(
+    sqlite_worker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    request_line: str,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for name, value in {
+        "STACK_PROJECT_ID": "proj",
+        "STACK_SECRET_SERVER_KEY": "ssk_s3cret",
+        "STACK_BASE_URL": url,
+        "AUTH0_DOMAIN": "tenant.example.com",
+        "AUTH0_CLIENT_ID": "client",
+        "AUTH0_CLIENT_SECRET": "cs_s3cret",
+        "AUTH0_BASE_URL": url,
+    }.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    started = time.monotonic()
+    assert main(command) == 1
+    assert time.monotonic() - started < 15  # not a minute of backoff
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    where = request_line.format(url=re.escape(url))
+    pattern = rf"sync-worker: {where}: connection refused \(after 3 attempts over \d+\.\d s\)"
+    assert re.fullmatch(pattern, last), last
+    assert "s3cret" not in err
 
 
 def test_provider_logs_follow_the_configured_json_format(
@@ -168,8 +281,13 @@ def test_provider_logs_follow_the_configured_json_format(
     assert "ssk_wrong" not in captured.err
 
 
-def test_sigterm_stops_a_backfill_cleanly(tmp_path: Path) -> None:
-    """A backfill killed with SIGTERM keeps its committed pages and records the run as failed."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_backfill_stops_cleanly_then_resumes(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C and SIGTERM alike: committed pages are kept, the run is recorded as failed naming
+    the signal, the exit status is 128 + the signal; the resumed pass says why it does not
+    reconcile."""
     worker = tmp_path / "worker.db"
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -194,33 +312,139 @@ def test_sigterm_stops_a_backfill_cleanly(tmp_path: Path) -> None:
         env.pop("DATABASE_URL", None)
         base = [sys.executable, "-m", "sync_worker", "--config", str(config)]
         subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+        backfill = [*base, "backfill", "--provider", "stack"]
         proc = subprocess.Popen(
-            [*base, "backfill", "--provider", "stack"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            backfill, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         deadline = time.monotonic() + 30
         while len(fake.requests_to(USERS_PATH)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143
-    assert err.strip().splitlines()[-1] == "sync-worker: terminated; committed pages are kept"
+        fake._faults.clear()
+        resumed = subprocess.run(
+            backfill, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert proc.returncode == 128 + signum
+    assert err.strip().splitlines()[-1] == (
+        f"sync-worker: interrupted by {signum.name}; committed pages are kept"
+    )
     engine = make_engine(f"sqlite:///{worker}", schema="identity")
     try:
-        users = rows(engine, "users")
-        run = only(rows(engine, "sync_runs"))
-        cursor = rows(engine, "sync_cursors")
+        interrupted, _ = sorted(rows(engine, "sync_runs"), key=lambda r: r["started_at"])
     finally:
         engine.dispose()
-    assert 0 < len(users) < 60
-    assert len(users) % 5 == 0  # whole pages only
-    assert (run["status"], run["error"]) == ("failed", "Terminated: terminated by SIGTERM")
-    assert cursor, "the cursor of the last committed page is kept"
+    committed = interrupted["counts"].get("created", 0)
+    assert 0 < committed < 60
+    assert committed % 5 == 0  # whole pages only
+    assert (interrupted["status"], interrupted["error"]) == (
+        "failed",
+        f"interrupted by {signum.name}",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"stack incremental succeeded: created={60 - committed}" in resumed.stdout
+    assert (
+        "reconcile skipped: the pass resumed from a cursor and did not see every user; "
+        "run `sync-worker backfill --provider stack --full` to reconcile"
+    ) in resumed.stdout
+    events = [json.loads(line) for line in resumed.stderr.splitlines()]
+    assert "reconcile_skipped" in {e["event"] for e in events}
 
 
-def only(items: list[dict]) -> dict:  # type: ignore[type-arg]
-    assert len(items) == 1, items
-    return items[0]
+@pytest.mark.parametrize("command", ["migrate", "status", "backfill", "sync"])
+def test_every_command_describes_itself_in_its_help(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    usage, description, *_ = capsys.readouterr().out.split("\n\n")
+    assert usage.startswith(f"usage: sync-worker {command}")
+    assert description.strip()
+    assert not description.startswith("options:")
+
+
+def test_backfill_provider_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["backfill", "--help"])
+    out = capsys.readouterr().out
+    provider = out[out.index("--provider {auth0,stack,authjs}\n") :].splitlines()
+    assert "identity provider" in provider[1]
+
+
+def test_the_licence_is_an_spdx_expression_built_by_a_setuptools_that_reads_it() -> None:
+    """PEP 639: a `license = {text=...}` table makes setuptools>=77 print a deprecation block
+    on every install; the SPDX string needs setuptools>=77 to build at all."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    (setuptools,) = [r for r in project["build-system"]["requires"] if "setuptools" in r]
+    specifier = Requirement(setuptools).specifier
+    assert specifier.contains("77.0")
+    assert not specifier.contains("76.9")
+    installed = distribution("sync-worker")  # re-installed by `make` when pyproject.toml changes
+    assert installed["License-Expression"] == "MIT"
+    assert installed.get_all("License") is None
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_on_a_terminal(
+    command: list[str], env: dict[str, str], columns: int
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """Run the CLI with stderr on a pseudo-terminal of ``columns`` columns (0: one that
+    reports no size); returns what the terminal received, without colour codes."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(
+        command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
+    os.close(slave)
+    received = bytearray()
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            received += data
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    done = subprocess.CompletedProcess(command, proc.returncode, out.decode(), "")
+    return ANSI.sub("", received.decode()), done
+
+
+@pytest.mark.parametrize("columns", [0, 120])
+def test_the_progress_bar_on_a_terminal(tmp_path: Path, columns: int) -> None:
+    """Users are counted (sessions apart) against the total Auth.js states, with an ETA; log
+    lines scroll above the bar instead of running into it; a terminal that reports 0
+    columns still gets a bar."""
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("prisma", app) as loader:
+        loader.populate(2100)  # three pages of 1,000
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "STACK_"))}
+    env |= {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
+        "AUTHJS_DATABASE_URL": app,
+        "AUTHJS_SCHEMA": "prisma",
+    }
+    base = [sys.executable, "-m", "sync_worker"]
+    subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    screen, done = run_on_a_terminal([*base, "backfill", "--provider", "authjs"], env, columns)
+    assert done.returncode == 0, screen
+    segments = re.split(r"[\r\n]", screen)
+    logs = [s for s in segments if "batch_applied" in s or "pull_finished" in s]
+    assert len(logs) == 4
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\S+Z \[info", line) for line in logs), logs
+    bars = [s for s in segments if s.startswith("authjs users:")]
+    sessions = int(re.findall(r"sessions: new=(\d+)", done.stdout)[0])
+    assert re.fullmatch(
+        rf"authjs users: 100%\|█+\| 2100/2100 \[\d\d:\d\d<00:00, [\d.]+ users/s, "
+        rf"sessions={sessions}\]",
+        bars[-1],
+    ), bars[-1]
+    assert any(re.search(r"\| 1000/2100 \[\d\d:\d\d<\d\d:\d\d", bar) for bar in bars)  # an ETA
+    assert len(bars[-1]) <= (columns or FALLBACK_COLUMNS)

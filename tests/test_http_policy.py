@@ -12,7 +12,13 @@ import pytest
 import requests
 from structlog.testing import capture_logs
 
-from providers.http import HttpClient, HttpPolicy, HttpStatusError, UpstreamStatusError
+from providers.http import (
+    HttpClient,
+    HttpPolicy,
+    HttpStatusError,
+    UpstreamStatusError,
+    UpstreamUnreachable,
+)
 from sync_worker.config import HttpSettings
 from sync_worker.errors import (
     ProviderAuthError,
@@ -200,16 +206,56 @@ def test_retry_after_beyond_the_budget_gives_up_at_once(
     assert fake_time.sleeps == []
 
 
-def test_connection_refused_is_unavailable(fake_time: FakeTime) -> None:
+def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+def test_connection_refused_names_the_url_and_the_reason_once_retried(
+    fake_time: FakeTime,
+) -> None:
+    """A refused connection is a wrong URL or a service that is down: a few quick attempts,
+    then one message naming where (without credentials or query) and why."""
+    port = closed_port()
     http = HttpClient(
-        f"http://127.0.0.1:{port}", provider="test", policy=FAST, sleep=fake_time.sleep
+        f"http://robot:s3cret@127.0.0.1:{port}/base",
+        provider="test",
+        policy=FAST,
+        sleep=fake_time.sleep,
+        clock=fake_time.clock,
     )
-    with pytest.raises(UpstreamUnavailable):
+    with pytest.raises(UpstreamUnreachable) as info:
+        http.get_json("/thing", params={"token": "q-s3cret"})
+    assert isinstance(info.value, UpstreamUnavailable)
+    assert http.stats.requests == FAST.unreachable_attempts == 3
+    waited = sum(fake_time.sleeps)
+    assert str(info.value) == (
+        f"test: GET http://127.0.0.1:{port}/base/thing: connection refused "
+        f"(after 3 attempts over {waited:.1f} s)"
+    )
+
+
+def test_unreachable_attempts_is_the_policys(fake_time: FakeTime) -> None:
+    policy = HttpPolicy(backoff_base=0.001, backoff_max=0.01, unreachable_attempts=1)
+    http = HttpClient(
+        f"http://127.0.0.1:{closed_port()}", provider="test", policy=policy, sleep=fake_time.sleep
+    )
+    with pytest.raises(UpstreamUnreachable) as info:
         http.get_json("/thing")
-    assert http.stats.requests == FAST.max_attempts
+    assert http.stats.requests == 1
+    assert str(info.value).endswith("/thing: connection refused")  # no retry, nothing to count
+
+
+def test_exhausted_5xx_names_the_host_status_and_attempts(
+    fake: FakeServer, fake_time: FakeTime
+) -> None:
+    fake.fail_next("/thing", status=503, times=10)
+    with pytest.raises(UpstreamStatusError) as info:
+        client(fake, fake_time).get_json("/thing", params={"sig": "q-s3cret"})
+    message = str(info.value)
+    assert message.startswith(f"test: GET {fake.url}/thing: HTTP 503 (after 5 attempts over ")
+    assert "s3cret" not in message
 
 
 def test_read_timeout_is_retried(fake: FakeServer, fake_time: FakeTime) -> None:
@@ -217,6 +263,17 @@ def test_read_timeout_is_retried(fake: FakeServer, fake_time: FakeTime) -> None:
     policy = HttpPolicy(read_timeout=0.05, backoff_base=0.001, backoff_max=0.01)
     assert client(fake, fake_time, policy=policy).get_json("/thing") == {"ok": True}
     assert len(fake_time.sleeps) == 1
+
+
+def test_an_exhausted_read_timeout_says_so(fake: FakeServer, fake_time: FakeTime) -> None:
+    fake.fail_next("/thing", status=None, delay=0.3, times=5)
+    policy = HttpPolicy(read_timeout=0.05, backoff_base=0.001, backoff_max=0.01, max_attempts=2)
+    with pytest.raises(UpstreamUnavailable) as info:
+        client(fake, fake_time, policy=policy).get_json("/thing")
+    assert not isinstance(info.value, UpstreamUnreachable)  # the full budget: it may recover
+    assert str(info.value).startswith(
+        f"test: GET {fake.url}/thing: read timed out (after 2 attempts over "
+    )
 
 
 def test_truncated_body_is_retried(fake: FakeServer, fake_time: FakeTime) -> None:

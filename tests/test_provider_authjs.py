@@ -398,7 +398,8 @@ def test_a_postgresql_pass_reads_each_table_once(
     finally:
         engine.dispose()
     assert len(pages) == 5
-    assert len(statements.statements) == 3  # users, accounts, sessions
+    assert len(statements.statements) == 4  # the users' count, users, accounts, sessions
+    assert [p.total for p in pages] == [50, None, None, None, None]
     for column in ACCOUNT_TOKEN_COLUMNS:
         assert not statements.matching(column)
 
@@ -420,7 +421,8 @@ def test_a_sqlite_pass_reads_per_page(
     finally:
         engine.dispose()
     assert len(pages) == 5
-    assert len(statements.statements) == 3 * len(pages)
+    assert len(statements.statements) == 1 + 3 * len(pages)  # the users' count, then per page
+    assert [p.total for p in pages] == [50, None, None, None, None]
 
 
 @pytest.mark.parametrize("flavour", PG_FLAVOURS)

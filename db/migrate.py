@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from db.connect import ensure_schema
+from db.errors import translated
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -21,6 +22,7 @@ def alembic_config() -> Config:
     return config
 
 
+@translated
 def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
     """Migrate to head. Returns (revision before, revision after)."""
     ensure_schema(engine, schema)
@@ -32,6 +34,7 @@ def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
     return before, head_revision()
 
 
+@translated
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

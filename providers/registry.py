@@ -54,6 +54,11 @@ _WEBHOOK_ENV = {
 }
 
 
+def webhook_env(name: str) -> str:
+    """The environment variable holding a provider's webhook secret (for messages)."""
+    return _WEBHOOK_ENV[name]
+
+
 def webhook_secrets(name: str, settings: Settings) -> tuple[str, ...]:
     """The configured secrets (or tokens) of a provider's endpoint; several during rotation."""
     providers = settings.providers

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 
 from db.connect import url_problem
@@ -103,6 +110,84 @@ class DrainSettings(_Model):
     poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
     #: /readyz reports the drainer stalled when its loop has not turned for this long.
     stale_after_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value: object) -> float:
+    """``30s``, ``5m``, ``1h``, ``1d`` (or a number of seconds) in seconds; ValueError else."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError("expected a duration such as 30s, 5m, 1h or 1d")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(duration_seconds)]
+
+
+class JobSettings(_Model):
+    """One scheduled job: ``every: 5m`` or ``cron: "m h dom mon dow"`` (UTC), and enabled."""
+
+    enabled: bool = True
+    every: Duration | None = None
+    cron: str | None = None
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> JobSettings:
+        if (self.every is None) == (self.cron is None):
+            raise ValueError("give exactly one of every or cron")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError("cron: expected five fields (minute hour day month weekday)")
+        return self
+
+
+def _job(**schedule: Any) -> JobSettings:
+    return JobSettings.model_validate(schedule)
+
+
+class JobsSettings(_Model):
+    """The scheduler's jobs; each tick runs once across every instance on one PostgreSQL."""
+
+    pull: JobSettings = _job(every="5m")
+    reconcile: JobSettings = _job(cron="17 3 * * *")
+    backfill_profiles: JobSettings = _job(every="1h")
+    session_cleanup: JobSettings = _job(every="1h")
+    retention: JobSettings = _job(cron="41 4 * * *")
+    retry: JobSettings = _job(every="30s")
+    #: A late tick (the process was busy or down) still runs within this; runs missed
+    #: while down coalesce into one.
+    misfire_grace: Duration = 3600.0
+
+
+#: Svix retries for about 28 hours; done inbox rows must outlive every sender's retries.
+INBOX_MIN_RETENTION_SECONDS = 2 * 86400.0
+
+
+def _retention_or_off(value: object) -> object:
+    return None if value in ("off", False) else value
+
+
+class RetentionSettings(_Model):
+    """How long rows are kept before the ``retention`` and ``session_cleanup`` jobs purge them."""
+
+    #: sync_audit rows; ``off`` keeps them forever.
+    audit: Annotated[Duration | None, BeforeValidator(_retention_or_off)] = 365 * 86400.0
+    #: done and ignored inbox rows (a redelivery within it is still recognised).
+    inbox_done: Annotated[float, BeforeValidator(duration_seconds),
+                          Field(ge=INBOX_MIN_RETENTION_SECONDS)] = 3 * 86400.0  # fmt: skip
+    #: expired or revoked user_sessions rows, after they ended.
+    sessions: Duration = 30 * 86400.0
+    #: also delete expired rows of the Auth.js app's own sessions table (Auth.js never does).
+    authjs_sessions: bool = False
+    #: rows deleted per transaction, so a purge never holds long locks.
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 1000
 
 
 class HttpSettings(_Model):
@@ -202,6 +287,8 @@ class Settings(_Model):
     logging: LoggingSettings = LoggingSettings()
     server: ServerSettings = ServerSettings()
     drain: DrainSettings = DrainSettings()
+    jobs: JobsSettings = JobsSettings()
+    retention: RetentionSettings = RetentionSettings()
     providers: ProvidersSettings = ProvidersSettings()
 
     def enabled_providers(self) -> list[str]:

@@ -6,10 +6,21 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, delete, func, insert, select, true
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    Engine,
+    Select,
+    Subquery,
+    delete,
+    func,
+    insert,
+    select,
+    true,
+)
 
 from db.errors import translated
-from db.tables import sync_seen
+from db.tables import sync_seen, user_identities
 
 
 @translated
@@ -34,3 +45,46 @@ def seen_ids(dialect: str, run_id: uuid.UUID) -> Select[Any]:
 def forget_seen(db: Engine, run_id: uuid.UUID) -> None:
     with db.begin() as conn:
         conn.execute(delete(sync_seen).where(sync_seen.c.run_id == run_id))
+
+
+@translated
+def live_ids(db: Engine, provider: str) -> list[str]:
+    """External ids of the provider's live primary identities (for a dry run's reconcile)."""
+    with db.connect() as conn:
+        return [str(e) for e in conn.execute(select(_live(provider).c.external_id)).scalars()]
+
+
+@translated
+def count_unseen(db: Engine, provider: str, run_id: uuid.UUID) -> tuple[int, int]:
+    """(live primary identities of the provider, how many of them the run did not see)."""
+    unseen = _unseen(db.dialect.name, provider, run_id).subquery()
+    with db.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(_live(provider))).scalar_one()
+        missing = conn.execute(select(func.count()).select_from(unseen)).scalar_one()
+    return int(total), int(missing)
+
+
+@translated
+def unseen_ids(db: Engine, provider: str, run_id: uuid.UUID) -> list[str]:
+    """The live ids the run did not see (bounded by the caller's deletion guard)."""
+    with db.connect() as conn:
+        return [str(e) for e in conn.execute(_unseen(db.dialect.name, provider, run_id)).scalars()]
+
+
+def _unseen(dialect: str, provider: str, run_id: uuid.UUID) -> CompoundSelect[Any]:
+    # EXCEPT, not NOT EXISTS: the seen ids are unnested from JSON arrays, which no index
+    # covers; both databases run a set difference in one pass over each side.
+    return select(_live(provider).c.external_id).except_(seen_ids(dialect, run_id))
+
+
+def _live(provider: str) -> Subquery:
+    """Primary identities of this provider that are not deleted (linked accounts excluded)."""
+    return (
+        select(user_identities.c.external_id)
+        .where(
+            user_identities.c.provider == provider,
+            user_identities.c.deleted_at.is_(None),
+            user_identities.c.content_hash.is_not(None),
+        )
+        .subquery()
+    )

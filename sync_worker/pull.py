@@ -19,13 +19,12 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import CompoundSelect, Engine, Subquery, func, select
+from sqlalchemy import Engine
 
 from db.cursors import load_cursor, save_cursor
 from db.runs import RunStatus, finish_run, start_run
-from db.seen import forget_seen, mark_seen, seen_ids
+from db.seen import count_unseen, forget_seen, live_ids, mark_seen, unseen_ids
 from db.snapshot import refresh_statistics
-from db.tables import user_identities
 from db.transaction import transaction
 from providers.base import Cursor, Page, Provider
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
@@ -134,6 +133,8 @@ class PullRunner:
         bound.info(
             "pull_finished", status=str(report.status), pages=report.pages, **report.flat_counts()
         )
+        if report.reconcile is not None and report.reconcile.refused:
+            raise ReconcileRefused(report)  # recorded above; the caller decides what follows
         return report
 
     def _pages(
@@ -230,10 +231,13 @@ class PullRunner:
         return ReconcileReport(live=live, missing=missing, deleted=deleted, refused=False)
 
 
-def reconcile_guard_error(report: PullReport) -> GuardRefused | None:
-    if report.reconcile is not None and report.reconcile.refused:
-        return GuardRefused(report.error or "reconcile refused")
-    return None
+class ReconcileRefused(GuardRefused):
+    """The deletion guard refused a reconcile; the pass itself was applied and recorded
+    (``report``, its sync_runs row failed with the reason)."""
+
+    def __init__(self, report: PullReport) -> None:
+        super().__init__(report.error or "reconcile refused")
+        self.report = report
 
 
 class _Seen(Protocol):
@@ -265,14 +269,11 @@ class _MemorySeen:
         self.ids.update(ids)
 
     def count(self, db: Engine, provider: str) -> tuple[int, int]:
-        with db.connect() as conn:
-            live = list(conn.execute(select(_live(provider).c.external_id)).scalars())
+        live = live_ids(db, provider)
         return len(live), sum(1 for e in live if e not in self.ids)
 
     def missing_ids(self, db: Engine, provider: str) -> list[str]:
-        with db.connect() as conn:
-            live = conn.execute(select(_live(provider).c.external_id)).scalars()
-            return [e for e in live if e not in self.ids]
+        return [e for e in live_ids(db, provider) if e not in self.ids]
 
     def close(self) -> None:
         return None
@@ -290,39 +291,14 @@ class _DbSeen:
     def remember(self, ids: Iterable[str]) -> None:
         return None
 
-    def _unseen(self, provider: str) -> CompoundSelect[Any]:
-        # EXCEPT, not NOT EXISTS: the seen ids are unnested from JSON arrays, which no index
-        # covers; both databases run a set difference in one pass over each side.
-        live = select(_live(provider).c.external_id)
-        return live.except_(seen_ids(self.db.dialect.name, self.run_id))
-
     def count(self, db: Engine, provider: str) -> tuple[int, int]:
-        unseen = self._unseen(provider).subquery()
-        with db.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(_live(provider))).scalar_one()
-            missing = conn.execute(select(func.count()).select_from(unseen)).scalar_one()
-        return int(total), int(missing)
+        return count_unseen(db, provider, self.run_id)
 
     def missing_ids(self, db: Engine, provider: str) -> list[str]:
-        # Bounded by the guard: at most max_delete_fraction of the provider's users.
-        with db.connect() as conn:
-            return [str(e) for e in conn.execute(self._unseen(provider)).scalars()]
+        return unseen_ids(db, provider, self.run_id)
 
     def close(self) -> None:
         forget_seen(self.db, self.run_id)
-
-
-def _live(provider: str) -> Subquery:
-    """Primary identities of this provider that are not deleted (linked accounts excluded)."""
-    return (
-        select(user_identities.c.external_id)
-        .where(
-            user_identities.c.provider == provider,
-            user_identities.c.deleted_at.is_(None),
-            user_identities.c.content_hash.is_not(None),
-        )
-        .subquery()
-    )
 
 
 def _records(page: Page) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from sync_worker.changes import (
 from sync_worker.config import Auth0Settings, AuthjsSettings, StackSettings
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.errors import UpstreamUnavailable
-from sync_worker.pull import PullReport, PullRunner
+from sync_worker.pull import PullReport, PullRunner, ReconcileRefused
 from tests.conftest import sqlalchemy_url
 from tests.factories import BoundEngine, audit, login, rows, upsert
 from tests.fakes.auth0 import FakeAuth0
@@ -220,7 +220,9 @@ class TestStack:
         runner(engine, stack_provider(stack_fake)).run(full=True)
         for user_id in ids[:3]:  # 30% > max_delete_fraction 20%
             stack_fake.delete_user(user_id)
-        report = runner(engine, stack_provider(stack_fake)).run(full=True)
+        with pytest.raises(ReconcileRefused, match="max_delete_fraction") as refused:
+            runner(engine, stack_provider(stack_fake)).run(full=True)
+        report = refused.value.report
         assert report.reconcile is not None
         assert report.reconcile.refused
         assert len(live_users(engine)) == 10

@@ -27,7 +27,7 @@ from sync_worker.config import Settings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, SyncWorkerError
 from sync_worker.progress import progress
-from sync_worker.pull import PullReport, PullRunner, reconcile_guard_error
+from sync_worker.pull import PullReport, PullRunner, ReconcileRefused
 from sync_worker.runtime import allow_collector_pauses
 
 
@@ -86,11 +86,20 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
                 source=Source.BACKFILL,
                 progress=bar,
             )
-            report = runner.run(full=args.full, dry_run=args.dry_run, cursor=cursor)
+            report = _refusal_reported(runner, full=args.full, dry_run=args.dry_run, cursor=cursor)
     finally:
         provider.close()
     _print_report(report, dry_run=args.dry_run)
     return _exit_for(report)
+
+
+def _refusal_reported(runner: PullRunner, **kwargs: Any) -> PullReport:
+    """The pass's report, also when the deletion guard refused its reconcile (the report
+    says so, and the exit code is 1)."""
+    try:
+        return runner.run(**kwargs)
+    except ReconcileRefused as refused:
+        return refused.report
 
 
 def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
@@ -114,7 +123,7 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
                     max_delete_fraction=settings.sync.max_delete_fraction,
                     source=Source.PULL,
                 )
-                report = runner.run()
+                report = _refusal_reported(runner)
             except SyncWorkerError as exc:
                 print(f"sync-worker: {_naming(name, exc)}", file=sys.stderr)
                 worst = EXIT_FAILURE
@@ -173,6 +182,6 @@ def _pairs(counts: Mapping[str, int]) -> str:
 
 
 def _exit_for(report: PullReport) -> int:
-    if reconcile_guard_error(report) is not None or report.status is RunStatus.FAILED:
+    if report.status is RunStatus.FAILED:
         return EXIT_FAILURE
     return EXIT_OK

@@ -19,7 +19,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from db import inbox
 from db.migrate import current_revision, head_revision
@@ -182,9 +182,7 @@ class _Readiness:
         return JSONResponse({"ready": not problems, "problems": problems}, status_code=status)
 
     def _database(self) -> list[str]:
-        try:
-            with transaction(self.db, rollback=True) as conn:
-                conn.execute(text("SELECT 1"))
+        try:  # reading the migration version is the round trip that proves the database
             if current_revision(self.db) != self.head:
                 return ["database: not migrated to this version"]
         except (StoreError, SyncWorkerError) as exc:

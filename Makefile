@@ -12,11 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## run: migrate the embedded SQLite database and run the sync worker's main job
+## run: the daemon in the foreground on the embedded SQLite database (migrated first)
 run: $(STAMP)
-	$(BIN)/sync-worker migrate
-	$(BIN)/sync-worker sync
-	$(BIN)/sync-worker status
+	$(BIN)/sync-worker run --migrate
 
 ## test: lint, type-check and run the whole test suite
 test: $(STAMP) lint typecheck

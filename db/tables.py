@@ -1,4 +1,4 @@
-"""The worker's tables, as SQLAlchemy Core. Names and columns follow DESIGN.md.
+"""The worker's tables, as SQLAlchemy Core. Names and columns: docs/architecture.md.
 
 Tables are defined without a schema; on PostgreSQL every connection's ``search_path`` is the
 configured schema (``identity`` by default), so they never collide with an app's own

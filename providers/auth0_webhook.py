@@ -1,4 +1,4 @@
-"""Auth0 push paths, both on ``POST /webhooks/auth0`` (reference/auth0.md §5).
+"""Auth0 push paths, both on ``POST /webhooks/auth0`` (docs/idp/auth0.md §5).
 
 **Log Streams, custom webhook.** Auth0 sends the configured Authorization token as-is and
 no signature. The body is a JSON array, JSON lines or a single object of ``{"log_id",

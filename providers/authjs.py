@@ -1,6 +1,6 @@
 """Auth.js adapter: reads users, linked accounts and sessions from the app's own database.
 
-Auth.js is a library, not a service (reference/authjs.md): its users live in tables the app
+Auth.js is a library, not a service (docs/idp/authjs.md): its users live in tables the app
 created for one of the adapters (``providers.authjs_schema`` describes the flavours). This
 module reads them over SQL through its own engine, separate from the worker's, which may
 point at the same database (the worker's tables live in schema ``identity``, Auth.js's in

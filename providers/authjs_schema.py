@@ -1,7 +1,7 @@
 """Auth.js table layouts ("flavours") as data, and the SQLAlchemy Core tables built from them.
 
 Auth.js keeps users in the app's own database through an adapter, and each adapter names
-things its own way (reference/authjs.md §1):
+things its own way (docs/idp/authjs.md §1):
 
     flavour   user     account     session     user id           timestamps
     pg        users    accounts    sessions    SERIAL integer    timestamptz

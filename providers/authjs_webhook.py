@@ -1,7 +1,7 @@
 """Auth.js webhooks: Standard Webhooks-signed POSTs that the app's ``events`` callbacks send.
 
 Body: ``{"type": "<event name>", "data": <the message Auth.js passes to that event>}``
-(DESIGN, Providers; reference/authjs.md §3), the user's adapter id in ``data.user.id``.
+(docs/architecture.md, Providers; docs/idp/authjs.md §3), the user's adapter id in ``data.user.id``.
 Verification is the ``standardwebhooks`` package's (``webhook-id``, ``webhook-timestamp``
 ±5 min, ``webhook-signature``), tried with every configured ``whsec_`` secret. The event id
 is ``webhook-id``. Bodies carry no time: a change's version is when the inbox received it.

@@ -1,6 +1,6 @@
 """Stack Auth (Hexclave) adapter: full listings of the server users API.
 
-Stack exposes no ``updated_at`` (reference/stack.md §2), so there is no incremental pull:
+Stack exposes no ``updated_at`` (docs/idp/stack.md §2), so there is no incremental pull:
 every pass lists every user (``include_anonymous=true``, which also includes restricted
 users; §1 "Default filtering") and the engine finds changes by content hash, which leaves
 out ``last_active_at_millis`` because it moves on every request a user makes. ``version``

@@ -1,4 +1,4 @@
-"""Stack Auth webhooks: Svix-signed ``{"type", "data"}`` bodies (reference/stack.md §3).
+"""Stack Auth webhooks: Svix-signed ``{"type", "data"}`` bodies (docs/idp/stack.md §3).
 
 Verification is the ``svix`` package's over the raw body: ``svix-id``, ``svix-timestamp``
 (±5 min) and ``svix-signature`` (several ``v1,`` entries during Svix's own rotation), tried

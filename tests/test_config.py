@@ -295,3 +295,14 @@ def test_the_authjs_adapter_never_creates_its_sqlite_file(tmp_path: Path) -> Non
     finally:
         provider.close()
     assert not missing.exists()
+
+
+def test_the_production_example_loads_with_secrets_from_the_environment() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {"DATABASE_URL": "postgresql://sync_worker@db.internal/app",
+           "STACK_WEBHOOK_SECRET": "whsec_c2VjcmV0"}  # fmt: skip
+    settings = load_settings(root / "deploy" / "config.yaml", env)
+    assert settings.database.url == "postgresql+psycopg://sync_worker@db.internal/app"
+    assert settings.providers.stack.webhook_secret == "whsec_c2VjcmV0"
+    assert settings.logging.format == "json"
+    assert "c2VjcmV0" not in repr(settings)

@@ -1,4 +1,4 @@
-"""The engine rules of DESIGN.md, proven on SQLite and on a real PostgreSQL."""
+"""The engine rules (docs/architecture.md), proven on SQLite and on a real PostgreSQL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A fake Auth0 tenant on loopback, following reference/auth0.md.
+"""A fake Auth0 tenant on loopback, following docs/idp/auth0.md.
 
 Endpoints: ``POST /oauth/token`` (client credentials, form-encoded), ``GET /api/v2/users``
 (page/per_page/include_totals, 400 past the 1,000-record cap), ``GET /api/v2/users/{id}``,

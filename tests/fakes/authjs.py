@@ -1,7 +1,7 @@
 """Auth.js databases as the real adapters leave them: the adapters' DDL and their own writes.
 
 Auth.js has no API to fake: its "server" is the app's database. A loader creates the
-schema exactly as each adapter's setup does (reference/authjs.md §1) and writes rows with
+schema exactly as each adapter's setup does (docs/idp/authjs.md §1) and writes rows with
 the column lists the adapters' ``createUser`` / ``linkAccount`` / ``createSession`` use
 (§1a, §5), so the worker's reader meets what production holds:
 

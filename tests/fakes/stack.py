@@ -1,4 +1,4 @@
-"""A fake Stack Auth (Hexclave) server REST API on loopback, shaped after reference/stack.md.
+"""A fake Stack Auth (Hexclave) server REST API on loopback, shaped after docs/idp/stack.md.
 
 Routes (under ``/api/v1``): ``GET /users`` (cursor pagination, default filtering),
 ``GET /users/{id}``, ``GET /teams`` (not paginated, ``?user_id=``), ``GET /teams/{id}``,

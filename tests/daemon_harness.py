@@ -96,6 +96,7 @@ def harness(
     max_body_bytes: int = 1_048_576,
     drain: DrainSettings | None = None,
     receivers: Mapping[str, Any] | None = None,
+    lookups: Mapping[str, Any] | None = None,
 ) -> Harness:
     settings = settings_with_secrets()
     metrics = Metrics(db)
@@ -103,7 +104,7 @@ def harness(
         db,
         SyncEngine(PlanSettings()),
         registry.decoders(settings),
-        {},
+        lookups or {},
         drain or DrainSettings(),
         observe=metrics.applied,
     )

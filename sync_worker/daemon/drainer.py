@@ -24,7 +24,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import structlog
@@ -159,14 +159,18 @@ class Drainer:
             except WebhookPayloadError as exc:  # it can never be applied: dead at once
                 resolved.poison[row.id] = str(exc)
         fetched, failed = self._fetch(rows, work)
-        for row_id, item in work.items():
-            provider = next(r.provider for r in rows if r.id == row_id)
-            wanted = [fetched.get((provider, e)) for e in item.fetch]
-            missing = [e for e in item.fetch if (provider, e) in failed]
-            if missing:
-                resolved.errors[row_id] = failed[(provider, missing[0])]
+        for row in rows:
+            item = work.get(row.id)
+            if item is None:
                 continue
-            resolved.changes[row_id] = [*item.changes, *(c for c in wanted if c is not None)]
+            keys = [(row.provider, e) for e in item.fetch]
+            errors = [failed[k] for k in keys if k in failed]
+            if errors:
+                resolved.errors[row.id] = errors[0]
+                continue
+            # A re-read user carries the event that asked for it, for the audit trail.
+            found = [replace(c, event_id=row.event_id) for k in keys if (c := fetched.get(k))]
+            resolved.changes[row.id] = [*item.changes, *found]
         return resolved
 
     def _decode(self, row: inbox.InboxRow) -> Work:

@@ -19,7 +19,7 @@ from providers.auth0 import Auth0Provider
 from providers.http import HttpPolicy
 from providers.stack import StackProvider
 from sync_worker.config import Auth0Settings, StackSettings
-from tests.daemon_harness import SECRETS, harness
+from tests.daemon_harness import SECRETS, Harness, harness
 from tests.factories import audit, rows
 from tests.fakes.auth0 import FakeAuth0
 from tests.fakes.stack import StackFake
@@ -43,9 +43,8 @@ def _stack_lookup(fake: StackFake) -> StackProvider:
     return StackProvider(settings, policy=FAST)
 
 
-def _signed_stack(
-    event_type: str, data: dict[str, object], event_id: str
-) -> tuple[dict[str, str], bytes]:
+def _send_stack(daemon: Harness, event_type: str, data: dict[str, object], event_id: str) -> int:
+    """Sign ``{"type", "data"}`` as Svix does and post it; the HTTP status."""
     body = json.dumps({"type": event_type, "data": data}).encode()
     now = datetime.now(UTC)
     headers = {

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+import structlog
 from sqlalchemy import Connection, Engine
 
 from db import export as store
@@ -46,6 +47,8 @@ CSV_COLUMNS = ("section", "record", "field", "value")
 # A cell starting with one of these is a formula to a spreadsheet (CSV injection): a name
 # such as "=HYPERLINK(...)" must stay text in the officer's spreadsheet.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+log = structlog.get_logger(__name__)
 
 
 class UserNotFound(SyncWorkerError):
@@ -105,6 +108,7 @@ def export_user(db: Engine, selector: Selector) -> dict[str, Any]:
     with store.snapshot(db) as conn:
         user_id = _resolve(conn, selector)
         found = store.person(conn, user_id)
+    log.info("user_exported", user_id=str(user_id), selected_by=selector.kind)  # id, no email
     document: dict[str, Any] = {
         "export": {"generated_at": utcnow().isoformat(), "selected_by": selector.kind}
     }

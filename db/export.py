@@ -53,7 +53,7 @@ def users_by_email(conn: Connection, email: str) -> list[uuid.UUID]:
     The users' side uses ``ix_users_lower_email``; identities have no email index, which a
     rare operator command can afford.
     """
-    wanted = email.lower()
+    wanted = func.lower(email)  # the database's lower(), as the index was built with
     own = select(users.c.id.label("user_id")).where(func.lower(users.c.email) == wanted)
     held = select(user_identities.c.user_id).where(func.lower(user_identities.c.email) == wanted)
     return _ids(conn, union(own, held).subquery())

@@ -86,6 +86,7 @@ JOB_CODES = frozenset({"sui"})
 _VOLATILE = frozenset({"last_login", "last_ip", "logins_count", "updated_at"})
 _IDP_SECRETS = frozenset({"access_token", "refresh_token", "access_token_secret"})
 _USERS_PATH = "/api/v2/users"
+_SESSION_ID_MAX = 255  # user_sessions.external_session_id
 # Export polling without a time_left_seconds hint overshoots completion by up to this much;
 # 15 s keeps that small, and a job of hours still costs only 4 polls a minute.
 _POLL_MAX_INTERVAL = 15.0
@@ -217,7 +218,8 @@ class LogPlan:
     """What one page of logs asks for, per user, the last lifecycle event winning.
 
     ``fetch`` and ``delete`` map a user id to the log event behind it (insertion order);
-    ``logins`` are the ``s`` events in order; ``skipped`` counts events of job-level codes.
+    ``logins`` are the session events in order (``s`` logins, and ``slo`` logouts that name
+    their session); ``skipped`` counts events of job-level codes.
     """
 
     fetch: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -253,8 +255,8 @@ def _log_action(event: Mapping[str, Any]) -> tuple[str, str]:
         return "skip", ""
     if not isinstance(user_id, str) or not user_id:
         return "ignore", ""
-    if code == "s":
-        return "login", user_id
+    if code == "s" or (code == "slo" and _session_id(event) is not None):
+        return "login", user_id  # a logout naming no session has nothing to revoke
     if code == "sdu":
         return "delete", user_id
     return ("fetch", user_id) if code in FETCH_CODES else ("ignore", "")
@@ -284,13 +286,22 @@ def _child(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 
 def login_change(event: Mapping[str, Any]) -> UserChange:
-    """A successful-login (``s``) log event as a LOGIN change."""
+    """A session event as a LOGIN change: a login (``s``), or a logout (``slo``) that revokes
+    the session at its time.
+
+    The session is Auth0's own, ``details.session_id``: the login that opened it, later
+    logins riding on it (single sign-on) and the logout that ends it all name it. A log
+    without one (older tenants) keys its login by ``log_id``, as before. ``ip`` and
+    ``user_agent`` are the device's, as Auth0 saw it.
+    """
     when = parse_timestamp(event.get("date"))
     log_id = str(event["log_id"])
+    logout = event.get("type") == "slo"
     session = SessionInfo(
-        external_session_id=log_id,
-        created_at=when,
+        external_session_id=_session_id(event) or log_id,
+        created_at=None if logout else when,  # a logout does not say when the session began
         last_seen_at=when,
+        revoked_at=when if logout else None,
         ip=event.get("ip") or None,
         user_agent=event.get("user_agent") or None,
     )
@@ -302,6 +313,12 @@ def login_change(event: Mapping[str, Any]) -> UserChange:
         session=session,
         event_id=log_id,
     )
+
+
+def _session_id(event: Mapping[str, Any]) -> str | None:
+    """Auth0's id of the session a log event belongs to, if it names one that fits."""
+    value = _child(event, "details").get("session_id")
+    return value if isinstance(value, str) and 0 < len(value) <= _SESSION_ID_MAX else None
 
 
 def delete_change(user_id: str, event: Mapping[str, Any]) -> UserChange:

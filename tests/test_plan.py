@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from db.rows import IdentityRow, ProfileRow, SessionRow, Snapshot, UserRow
-from sync_worker.changes import Action, UserChange
+from sync_worker.changes import Action, SessionInfo, UserChange
 from sync_worker.engine.plan import Plan, PlanSettings, dedupe, plan, unchanged
 from tests.factories import T0, at, delete, login, upsert
 
@@ -260,3 +260,17 @@ def test_dedupe_keeps_the_newest_per_identity_and_each_session_once() -> None:
 def test_the_timestamp_is_the_callers() -> None:
     decided = plan([upsert("auth0|1")], snapshot(), PlanSettings(), datetime(2030, 1, 1), ids())
     assert decided.writes.new_users[0]["updated_at"] == datetime(2030, 1, 1)
+
+
+def test_a_logout_is_not_a_login_time() -> None:
+    logout = UserChange(
+        provider="auth0",
+        external_id="auth0|1",
+        kind=login("auth0|1", "s-1").kind,
+        version=at(50),
+        session=SessionInfo(external_session_id="s-1", revoked_at=at(50)),
+    )
+    snap = snapshot(identity(ORIGINAL), users=(user(last_login_at=at(5)),))
+    decided = plan([logout], snap, PlanSettings(), NOW, ids())
+    assert decided.writes.sessions[0]["revoked_at"] == at(50)
+    assert decided.writes.user_updates == []  # last_login_at stays at 5 minutes

@@ -72,7 +72,8 @@ def test_log_record_without_its_own_log_id_uses_the_envelope() -> None:
     [login] = receiver().to_work(item.payload, event_id=item.event_id, received_at=RECEIVED).changes
     assert login.kind is ChangeKind.LOGIN
     assert login.session is not None
-    assert login.session.external_session_id == record["log_id"]
+    assert login.session.external_session_id == record["data"]["details"]["session_id"]
+    assert login.event_id == record["log_id"]
 
 
 def test_thousand_item_log_body() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from sync_worker import __version__
-from sync_worker.cli import daemon, pulls
+from sync_worker.cli import daemon, maintenance, pulls
 from sync_worker.cli.common import EXIT_FAILURE, EXIT_USAGE, Handler
 from sync_worker.config import config_path, load_settings
 from sync_worker.errors import ConfigError, SyncWorkerError
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pulls.register(commands)
     daemon.register(commands)
+    maintenance.register(commands)
     return parser
 
 

@@ -531,7 +531,10 @@ class _Planner:
         _fields(row).update(wanted)
         self.sessions[key] = row
         self.writes.sessions.append(row)
-        latest = _newest(self.users[user_id]["last_login_at"], seen_at)
+        # A logout that does not say when its session began is no login: it leaves the
+        # login time alone (Auth0 slo, an Auth.js sign-out without iat).
+        logout_only = session.revoked_at is not None and session.created_at is None
+        latest = _newest(self.users[user_id]["last_login_at"], None if logout_only else seen_at)
         diff = _set(
             _fields(self.users[user_id]), self.user_cols[user_id], {"last_login_at": latest}, ""
         )

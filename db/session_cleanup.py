@@ -1,0 +1,63 @@
+"""Deleting ended ``user_sessions`` rows, in bounded batches (the ``session_cleanup`` job).
+
+Two kinds of rows end: expired ones (``expires_at`` passed) and revoked ones (a logout, or
+the user's deletion). Expired rows are found through ``ix_user_sessions_expires_at``, oldest
+first, so a batch costs what it deletes. ``revoked_at`` has no index (a migration for it
+would be the only one this job needs): revoked rows are found by walking the primary key in
+windows, each window one bounded range read and one range delete, so a run reads the table
+once, in pieces, never a scan per batch. Each function is one batch in the caller's
+transaction; the job commits between them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import Connection, delete, select
+
+from db.errors import translated
+from db.lookup import among
+from db.tables import user_sessions
+
+_s = user_sessions
+
+
+@translated
+def delete_expired(conn: Connection, *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` rows that expired before ``before``, oldest first."""
+    expired = _s.c.expires_at < before
+    ids = list(
+        conn.execute(
+            select(_s.c.id).where(expired).order_by(_s.c.expires_at).limit(limit)
+        ).scalars()
+    )
+    if not ids:
+        return 0
+    # By key, as db.inbox.purge_done does: PostgreSQL planned ``id IN (subquery)`` as a
+    # hash join over the whole table.
+    return conn.execute(delete(_s).where(among(conn, _s.c.id, ids), expired)).rowcount
+
+
+@translated
+def delete_revoked_window(
+    conn: Connection, *, before: datetime, after: uuid.UUID | None, size: int
+) -> tuple[int, uuid.UUID | None]:
+    """Delete the rows revoked before ``before`` among the next ``size`` ids after ``after``.
+
+    Returns (rows deleted, the window's last id); the last id is None once no row is left
+    after ``after``: the walk is over.
+    """
+    window = select(_s.c.id).order_by(_s.c.id).limit(size)
+    if after is not None:
+        window = window.where(_s.c.id > after)
+    ids = window.subquery()
+    # No max(uuid) before PostgreSQL 16: the window's last id is its first, read backwards.
+    last: uuid.UUID | None = conn.execute(
+        select(ids.c.id).order_by(ids.c.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    if last is None:
+        return 0, None
+    in_window = _s.c.id <= last if after is None else (_s.c.id > after) & (_s.c.id <= last)
+    deleted = conn.execute(delete(_s).where(in_window, _s.c.revoked_at < before)).rowcount
+    return deleted, last

@@ -1,0 +1,1 @@
+"""Scheduled and one-off jobs: plain functions over the worker's database."""

@@ -262,9 +262,6 @@ class Delivery:
     headers: Mapping[str, str]
     body: bytes
 
-    def payload(self) -> Any:
-        return json.loads(self.body)
-
 
 _ids = itertools.count(1)
 
@@ -359,21 +356,14 @@ class Sender:
             self.session.close()  # a pooled connection to a dead process is no use
         return record
 
-    def send(
-        self,
-        item: Delivery,
-        *,
-        deadline: float,
-        sent: Sent | None = None,
-        give_up: Callable[[], bool] = lambda: False,
-    ) -> Sent:
-        """Retry until a 2xx; TimeoutError once ``deadline`` (monotonic) passes. ``give_up``
-        ends the retries early (the answers so far are in the result)."""
+    def send(self, item: Delivery, *, deadline: float, sent: Sent | None = None) -> Sent:
+        """Retry until a 2xx; TimeoutError once ``deadline`` (monotonic) passes. ``sent``:
+        the record of earlier attempts of the same delivery, to go on with."""
         record = sent or Sent(item)
         delay = self.backoff
         while True:
             self.post(item, record)
-            if record.acked or give_up():
+            if record.acked:
                 return record
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(f"{item.provider} {item.event_id}: answers {record.answers}")

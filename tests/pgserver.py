@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -113,3 +114,53 @@ def drop_database(admin_url: str, url: str) -> None:
     name = url.rpartition("/")[2]
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- stopping and starting a private cluster (for outage tests) ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterHandle:
+    """What ``pg_ctl`` needs to stop and start again a running private cluster."""
+
+    data_dir: Path
+    port: int
+    socket_dir: str
+
+
+def cluster_handle(admin_url: str) -> ClusterHandle:
+    """Ask a running cluster (e.g. one of ``temporary_cluster``) where it lives."""
+    with psycopg.connect(admin_url, connect_timeout=5, autocommit=True) as conn:
+
+        def show(name: str) -> str:
+            row = conn.execute(f"SHOW {name}").fetchone()
+            assert row is not None
+            return str(row[0])
+
+        data, port, sockets = show("data_directory"), show("port"), show("unix_socket_directories")
+    return ClusterHandle(Path(data), int(port), sockets.split(",")[0].strip())
+
+
+def stop_cluster(cluster: ClusterHandle, mode: str = "fast") -> None:
+    """``pg_ctl stop -m MODE``: waits until the server is down. Never the shared server:
+    only a cluster of ``temporary_cluster`` (its data dir is in a temp dir)."""
+    if not cluster.data_dir.parent.name.startswith("sw-pg-"):
+        raise RuntimeError(f"refusing to stop a cluster not started by the tests: {cluster}")
+    _pg_ctl(cluster, "-m", mode, "stop")
+
+
+def start_cluster(cluster: ClusterHandle) -> None:
+    """Start a stopped private cluster again, as ``temporary_cluster`` started it."""
+    options = (
+        f"-p {cluster.port} -k {cluster.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+    )
+    _pg_ctl(cluster, "-l", str(cluster.data_dir.parent / "log"), "-o", options, "start")
+
+
+def _pg_ctl(cluster: ClusterHandle, *args: str) -> None:
+    bindir = _pg_bindir()
+    if bindir is None:
+        raise RuntimeError("no PostgreSQL binaries (pg_ctl) installed")
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    command = [*prefix, str(bindir / "pg_ctl"), "-D", str(cluster.data_dir), "-w", "-t", "60"]
+    subprocess.run([*command, *args], check=True, capture_output=True, timeout=90)

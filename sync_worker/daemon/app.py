@@ -41,6 +41,9 @@ _JSON_TYPES = frozenset(
     {"application/json", "application/x-ndjson", "application/jsonl", "application/json-lines"}
 )
 
+#: Rejections answered before the body was read whole: the connection is closed after them.
+_UNREAD = frozenset({413, 415})
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Health:
@@ -131,7 +134,9 @@ class _Webhooks:
         self.metrics.webhook_requests.labels(provider=provider, status=str(status)).inc()
         log.warning("webhook_rejected", provider=provider, status=status, reason=reason)
         error = "database unavailable" if status == 503 else reason
-        headers = {"Retry-After": "5"} if status == 503 else None
+        headers = {"Retry-After": "5"} if status == 503 else {}
+        if status in _UNREAD:  # else uvicorn keeps the connection and reads the rest anyway
+            headers["Connection"] = "close"
         return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 

@@ -37,7 +37,7 @@ from providers.webhook import Work, WorkDecoder
 from sync_worker import config
 from sync_worker.changes import ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, SyncEngine
-from sync_worker.errors import ProviderError, StoreError, WebhookPayloadError
+from sync_worker.errors import ProviderError, StoreError, StoreUnavailable, WebhookPayloadError
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +100,10 @@ class Drainer:
         self.heartbeat = time.monotonic()
         self._wake = threading.Event()
         self._rng = random.Random()
+        # Rows claimed but not finished because the database went away: still ours (``hold``
+        # checks the claimant, not the lease), so they are finished first once it is back
+        # instead of waiting out their lease.
+        self._unfinished: list[inbox.InboxRow] = []
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -124,6 +128,10 @@ class Drainer:
 
     def drain_once(self) -> int:
         """Claim one batch and see it through; returns the number of rows claimed."""
+        if self._unfinished:
+            rows, self._unfinished = self._unfinished, []
+            self._process(rows)
+            return len(rows)
         with transaction(self.db) as conn:
             rows = inbox.claim(
                 conn,
@@ -139,10 +147,21 @@ class Drainer:
 
     # -- one batch ---------------------------------------------------------------------
 
+    def drain_until(self, deadline: float) -> int:
+        """Drain until nothing is due or ``time.monotonic()`` passes ``deadline`` (shutdown:
+        what the server acknowledged while stopping is applied before the process exits)."""
+        total = 0
+        while time.monotonic() < deadline and (claimed := self.drain_once()):
+            total += claimed
+        return total
+
     def _process(self, rows: Sequence[inbox.InboxRow]) -> None:
         resolved = self._resolve(rows)
         try:
             self._apply(resolved)
+        except StoreUnavailable:
+            self._unfinished = list(rows)  # the database went away: finish them when it is back
+            raise
         except StoreError as exc:
             # The whole batch failed to write (not one record: the engine isolates those).
             self._fail({i: str(exc) for i in resolved.changes}, resolved.poison)

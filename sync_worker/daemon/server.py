@@ -29,6 +29,7 @@ from sync_worker.daemon.app import Health, create_app, monotonic_age
 from sync_worker.daemon.drainer import Drainer, DrainSettings
 from sync_worker.daemon.metrics import Metrics
 from sync_worker.engine import SyncEngine
+from sync_worker.errors import StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +55,12 @@ class Daemon:
         self.threads.append(drainer)
 
     def shutdown(self, grace: float) -> None:
-        """Stop the loops; each finishes what it holds, within ``grace`` seconds in all."""
+        """Stop the loops; each finishes what it holds, within ``grace`` seconds in all.
+
+        Called once the HTTP server has stopped: deliveries it acknowledged while stopping
+        are then drained too, as long as the grace period lasts (the rest stay stored and
+        the next start applies them).
+        """
         self.stop.set()
         self.drainer.wake()
         deadline = time.monotonic() + grace
@@ -62,6 +68,13 @@ class Daemon:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("shutdown_thread_still_running", thread=thread.name)
+        if not any(t.name == "inbox-drainer" and t.is_alive() for t in self.threads):
+            try:
+                drained = self.drainer.drain_until(deadline)
+            except StoreError as exc:
+                log.warning("shutdown_drain_failed", error=str(exc))
+            else:
+                log.info("shutdown_drained", rows=drained)
         for lookup in self.lookups.values():
             close = getattr(lookup, "close", None)
             if close is not None:

@@ -376,7 +376,9 @@ def test_pacing_stays_under_an_enforced_limit() -> None:
 
 
 def test_an_unpaced_burst_would_be_throttled() -> None:
-    """Guards the test above: the same limit does reject a client that ignores the headers."""
-    with limited_server(TokenBucket(capacity=4, per_second=100)) as server, requests.Session() as s:
+    """Guards the test above: the bucket does reject a client that ignores the headers. Its
+    refill is slow here so that a loaded machine, whose requests are slow too, cannot keep
+    under it by accident (30 requests would need 13 s)."""
+    with limited_server(TokenBucket(capacity=4, per_second=2)) as server, requests.Session() as s:
         statuses = [s.get(f"{server.url}/limited").status_code for _ in range(30)]
     assert 429 in statuses

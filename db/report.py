@@ -59,7 +59,7 @@ def _ticks(conn: Connection) -> list[dict[str, Any]]:
     counts: dict[Any, Any] = {}
     if run_ids:
         query = select(sync_runs.c.id, sync_runs.c.counts).where(sync_runs.c.id.in_(run_ids))
-        counts = dict(conn.execute(query).tuples().all())
+        counts = dict(conn.execute(query).all())
     return [
         {
             "job": t.job,

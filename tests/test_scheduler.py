@@ -170,8 +170,13 @@ def test_the_plan_follows_the_config() -> None:
     config = settings(pull={"every": "1m"}, retention={"cron": "5 1 * * *", "enabled": False})
     planned = {p.job.name: p for p in plan(config)}
     assert list(planned) == [
-        "pull", "reconcile", "backfill_profiles", "session_cleanup", "retention", "retry"
-    ]  # fmt: skip
+        "pull",
+        "reconcile",
+        "backfill_profiles",
+        "session_cleanup",
+        "retention",
+        "retry",
+    ]
     assert planned["pull"].schedule == Schedule(every=M)
     assert planned["retention"].schedule == Schedule(cron="5 1 * * *")
     assert not planned["retention"].enabled
@@ -194,8 +199,15 @@ def away_from_ticks(step: timedelta, margin: float) -> datetime:
 def seed_tick(db: Engine, job: str, scheduled_at: datetime) -> None:
     with transaction(db) as conn:
         assert ledger.claim_tick(conn, job, None, scheduled_at, instance="earlier", now=utcnow())
-        ledger.finish_tick(conn, job, None, scheduled_at, instance="earlier",
-                           status=ledger.TickStatus.SUCCEEDED, now=utcnow())  # fmt: skip
+        ledger.finish_tick(
+            conn,
+            job,
+            None,
+            scheduled_at,
+            instance="earlier",
+            status=ledger.TickStatus.SUCCEEDED,
+            now=utcnow(),
+        )
 
 
 def test_after_downtime_of_several_intervals_one_catch_up_run(engine: Engine) -> None:
@@ -241,8 +253,12 @@ def test_a_late_fire_runs_within_the_misfire_grace_only(
     real = away_from_ticks(H, margin=5)
     tick = interval_tick(real, H)
     probe = Probe()
-    instance = scheduler(engine, every(3600, probe), config=settings(misfire_grace=grace),
-                         clock=lambda: tick + timedelta(seconds=1))  # fmt: skip
+    instance = scheduler(
+        engine,
+        every(3600, probe),
+        config=settings(misfire_grace=grace),
+        clock=lambda: tick + timedelta(seconds=1),
+    )
     instance.start()
     try:
         if runs_it:
@@ -261,8 +277,9 @@ def test_a_late_fire_runs_within_the_misfire_grace_only(
 def test_a_failing_job_is_recorded_failed_and_the_scheduler_goes_on(engine: Engine) -> None:
     metrics = Metrics()
     steady = Probe(name="steady")
-    instance = scheduler(engine, every(1, Probe(name="boom", fail="kaput")), every(1, steady),
-                         metrics=metrics)  # fmt: skip
+    instance = scheduler(
+        engine, every(1, Probe(name="boom", fail="kaput")), every(1, steady), metrics=metrics
+    )
     instance.start()
     try:
         assert wait_until(lambda: len(runs(engine, "boom")) >= 2, timeout=20)
@@ -365,13 +382,26 @@ def test_status_shows_schedules_last_and_next_runs() -> None:
         Planned(Probe(name="retention"), Schedule(cron="41 4 * * *"), enabled=False),
     ]
     tick = {
-        "job": "retry", "provider": None, "scheduled_at": "2026-11-28T12:00:00+00:00",
-        "started_at": "2026-11-28T12:00:00+00:00", "finished_at": "2026-11-28T12:00:01+00:00",
-        "status": "failed", "instance": "a", "run_id": None, "counts": {"requeued": 2},
+        "job": "retry",
+        "provider": None,
+        "scheduled_at": "2026-11-28T12:00:00+00:00",
+        "started_at": "2026-11-28T12:00:00+00:00",
+        "finished_at": "2026-11-28T12:00:01+00:00",
+        "status": "failed",
+        "instance": "a",
+        "run_id": None,
+        "counts": {"requeued": 2},
         "error": "StoreUnavailable: gone",
-    }  # fmt: skip
-    base = {"users": {"total": 0, "deleted": 0}, "profiles": 0, "identities": {},
-            "inbox": {"failed": 1}, "cursors": [], "runs": [], "ticks": [tick]}  # fmt: skip
+    }
+    base = {
+        "users": {"total": 0, "deleted": 0},
+        "profiles": 0,
+        "identities": {},
+        "inbox": {"failed": 1},
+        "cursors": [],
+        "runs": [],
+        "ticks": [tick],
+    }
     report = with_jobs(base, planned, at("2026-11-28 12:00:10"))
     assert "ticks" not in report
     assert [(j["job"], j["schedule"], j["next_run"]) for j in report["jobs"]] == [

@@ -70,8 +70,9 @@ def test_finish_and_last_ticks(engine: Engine) -> None:
             error="Boom:\n  line two",
         )
         # only the instance that claimed a tick records its end
-        assert not ledger.finish_tick(conn, "retry", None, T0, instance="b",
-                                      status=TickStatus.SUCCEEDED, now=T0)  # fmt: skip
+        assert not ledger.finish_tick(
+            conn, "retry", None, T0, instance="b", status=TickStatus.SUCCEEDED, now=T0
+        )
         latest = ledger.last_ticks(conn)
         assert ledger.last_scheduled(conn, "pull") == T0 + timedelta(minutes=5)
         assert ledger.last_scheduled(conn, "reconcile") is None
@@ -162,8 +163,9 @@ def test_the_ledger_migration_round_trips(engine: Engine) -> None:
 def tick_runner(db: Engine, instance: str = "a", **kwargs: Any) -> TickRunner:
     config = kwargs.pop("config", None) or settings()
     metrics = kwargs.pop("metrics", None) or Metrics()
-    return TickRunner(db, config, metrics.job_runs, instance=instance,
-                      stop=threading.Event(), **kwargs)  # fmt: skip
+    return TickRunner(
+        db, config, metrics.job_runs, instance=instance, stop=threading.Event(), **kwargs
+    )
 
 
 def test_a_tick_runs_once_and_the_loser_is_told(engine: Engine) -> None:
@@ -191,8 +193,9 @@ def test_a_tick_whose_job_still_runs_is_skipped(engine: Engine) -> None:
 
 
 def test_an_unreachable_ledger_fails_the_tick_without_raising() -> None:
-    nowhere = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1",
-                          schema=SCHEMA)  # fmt: skip
+    nowhere = make_engine(
+        "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1", schema=SCHEMA
+    )
     metrics = Metrics()
     (outcome,) = tick_runner(nowhere, metrics=metrics).run(Probe(), T0)
     assert outcome.status == "failed"
@@ -212,8 +215,14 @@ def test_every_configured_job_exists() -> None:
 
 
 def inbox_row(**values: Any) -> dict[str, Any]:
-    row = {"provider": "stack", "payload": {}, "received_at": T0, "next_attempt_at": None,
-           "claimed_by": None, "claimed_until": None}  # fmt: skip
+    row = {
+        "provider": "stack",
+        "payload": {},
+        "received_at": T0,
+        "next_attempt_at": None,
+        "claimed_by": None,
+        "claimed_until": None,
+    }
     return {**row, **values}
 
 
@@ -222,14 +231,30 @@ def test_retry_requeues_due_rows_buries_abandoned_ones_and_wakes_the_drainer(
 ) -> None:
     now = utcnow()
     with engine.begin() as conn:
-        conn.execute(insert(sync_inbox), [
-            inbox_row(event_id="due", status="failed", attempts=1,
-                      next_attempt_at=now - timedelta(seconds=5)),
-            inbox_row(event_id="later", status="failed", attempts=1,
-                      next_attempt_at=now + timedelta(hours=1)),
-            inbox_row(event_id="abandoned", status="pending", attempts=8,
-                      claimed_by="gone", claimed_until=now - timedelta(seconds=5)),
-        ])  # fmt: skip
+        conn.execute(
+            insert(sync_inbox),
+            [
+                inbox_row(
+                    event_id="due",
+                    status="failed",
+                    attempts=1,
+                    next_attempt_at=now - timedelta(seconds=5),
+                ),
+                inbox_row(
+                    event_id="later",
+                    status="failed",
+                    attempts=1,
+                    next_attempt_at=now + timedelta(hours=1),
+                ),
+                inbox_row(
+                    event_id="abandoned",
+                    status="pending",
+                    attempts=8,
+                    claimed_by="gone",
+                    claimed_until=now - timedelta(seconds=5),
+                ),
+            ],
+        )
     assert claim(engine, "retry", None, now - LEDGER_RETENTION - timedelta(days=1), "old")
     woken: list[int] = []
     (outcome,) = tick_runner(engine, wake_drainer=lambda: woken.append(1)).run(RetryJob(), now)
@@ -272,10 +297,12 @@ def maintenance(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
 def test_the_maintenance_jobs_call_the_agreed_functions(
     engine: Engine, maintenance: dict[str, dict[str, Any]]
 ) -> None:
-    config = settings_from_mapping({
-        "database": {"url": "sqlite:///:memory:"},
-        "retention": {"audit": "off", "sessions": "7d", "batch_size": 50},
-    })  # fmt: skip
+    config = settings_from_mapping(
+        {
+            "database": {"url": "sqlite:///:memory:"},
+            "retention": {"audit": "off", "sessions": "7d", "batch_size": 50},
+        }
+    )
     jobs = all_jobs()
     runner = tick_runner(engine, config=config)
     for name in ("backfill_profiles", "session_cleanup", "retention"):
@@ -308,8 +335,9 @@ def test_the_maintenance_jobs_call_the_agreed_functions(
 
 
 def _all_runs(db: Engine) -> list[dict[str, Any]]:
-    return [r for kind in ("backfill_profiles", "session_cleanup", "retention")
-            for r in runs(db, kind)]  # fmt: skip
+    return [
+        r for kind in ("backfill_profiles", "session_cleanup", "retention") for r in runs(db, kind)
+    ]
 
 
 def test_without_the_maintenance_module_only_its_jobs_fail(
@@ -329,12 +357,18 @@ def test_without_the_maintenance_module_only_its_jobs_fail(
 
 
 def stack_settings(fake: StackFake) -> Settings:
-    return settings_from_mapping({
-        "database": {"url": "sqlite:///:memory:"},
-        "providers": {"stack": {"project_id": fake.project_id,
-                                "secret_server_key": fake.secret_server_key,
-                                "base_url": fake.url}},
-    })  # fmt: skip
+    return settings_from_mapping(
+        {
+            "database": {"url": "sqlite:///:memory:"},
+            "providers": {
+                "stack": {
+                    "project_id": fake.project_id,
+                    "secret_server_key": fake.secret_server_key,
+                    "base_url": fake.url,
+                }
+            },
+        }
+    )
 
 
 def test_pull_and_reconcile_run_per_provider_and_a_refused_guard_fails(engine: Engine) -> None:

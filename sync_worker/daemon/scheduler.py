@@ -191,10 +191,6 @@ class Scheduler:
             return None
         return time.monotonic() - self.heartbeat
 
-    def next_runs(self) -> dict[str, datetime | None]:
-        """Each scheduled job's next fire time (None once stopped)."""
-        return {job.id: job.next_run_time for job in self.aps.get_jobs() if job.id != HEARTBEAT_JOB}
-
     def shutdown(self, grace: float) -> bool:
         """Fire nothing more; wait up to ``grace`` seconds for the runs in progress (a pull
         stops after its page in hand). True if every run ended in time."""

@@ -69,8 +69,9 @@ class Schedule:
     def trigger(self) -> BaseTrigger:
         """The APScheduler trigger firing at exactly these ticks."""
         if self.every is not None:
-            return IntervalTrigger(seconds=self.every.total_seconds(), start_date=EPOCH,
-                                   timezone=UTC)  # fmt: skip
+            return IntervalTrigger(
+                seconds=self.every.total_seconds(), start_date=EPOCH, timezone=UTC
+            )
         assert self.cron is not None
         return CronTrigger.from_crontab(self.cron, timezone=UTC)
 

@@ -119,8 +119,15 @@ class Scheduler:
         self.instance = instance or inbox.new_worker_id()
         self.grace = timedelta(seconds=settings.jobs.misfire_grace)
         self.clock = clock
-        self.ticks = TickRunner(db, settings, job_runs, instance=self.instance, stop=self.stop,
-                                wake_drainer=wake_drainer, clock=clock)  # fmt: skip
+        self.ticks = TickRunner(
+            db,
+            settings,
+            job_runs,
+            instance=self.instance,
+            stop=self.stop,
+            wake_drainer=wake_drainer,
+            clock=clock,
+        )
         self.heartbeat_seconds = heartbeat_seconds
         self.heartbeat = time.monotonic()
         self.executor = _ThreadPerRun()
@@ -157,12 +164,18 @@ class Scheduler:
         first = self._catch_up(item, now)
         # next_run_time in the past: APScheduler fires it at once, within the misfire grace
         options = {} if first is None else {"next_run_time": first}
-        self.aps.add_job(self._fire, schedule.trigger(), args=[item.job], id=name, name=name,
-                         **options)  # fmt: skip
+        self.aps.add_job(
+            self._fire, schedule.trigger(), args=[item.job], id=name, name=name, **options
+        )
         next_run = first or schedule.next_tick(now)
-        log.info("job_scheduled", job=name, schedule=schedule.describe(),
-                 next_run=next_run.isoformat(), catch_up=first is not None,
-                 providers=item.job.providers(self.ticks.settings))  # fmt: skip
+        log.info(
+            "job_scheduled",
+            job=name,
+            schedule=schedule.describe(),
+            next_run=next_run.isoformat(),
+            catch_up=first is not None,
+            providers=item.job.providers(self.ticks.settings),
+        )
 
     def _catch_up(self, item: Planned, now: datetime) -> datetime | None:
         """The missed tick to run at once, if every instance was down when it came."""

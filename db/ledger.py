@@ -155,7 +155,8 @@ def purge_ticks(conn: Connection, *, before: datetime) -> int:
 @contextmanager
 def job_lock(db: Engine, job: str, provider: str | None) -> Iterator[bool]:
     """Hold the (job, provider) lock for the ``with`` block: yields True if taken, False if
-    another run (in any instance) holds it. Never waits."""
+    another run (in any instance) holds it. Never waits. ``job`` names the lock: jobs that
+    must not overlap share one."""
     if db.dialect.name == "postgresql":
         with _advisory_lock(db, job, provider) as held:
             yield held

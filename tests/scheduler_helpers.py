@@ -35,7 +35,11 @@ class Probe:
     fail: str | None = None
     stoppable: bool = False
     records_own_run: bool = False
+    lock: str = ""  # the job's name unless given
     runs: list[datetime] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lock = self.lock or self.name
 
     def providers(self, settings: Settings) -> list[str | None]:
         return [None]

@@ -29,7 +29,7 @@ from db.migrate import upgrade
 from sync_worker.changes import utcnow
 from sync_worker.daemon.scheduler import Scheduler
 from sync_worker.jobs.base import Job
-from sync_worker.jobs.ticks import TAKEN, Outcome
+from sync_worker.jobs.ticks import PREVIOUS_RUNNING, TAKEN, Outcome
 from tests.conftest import SCHEMA, sqlalchemy_url
 from tests.scheduler_helpers import Probe, every, runs, scheduler, ticks, wait_until
 from tests.test_scheduler import assert_no_overlap
@@ -119,7 +119,7 @@ def test_an_overrunning_job_is_not_started_twice_across_instances(engine: Engine
     assert_no_overlap(done)
     ran = [t for t in ticks(engine, "slow") if t["status"] == "succeeded"]
     assert len(ran) == len(done)
-    assert {t["error"] for t in skipped()} == {"the previous run is still going"}
+    assert {t["error"] for t in skipped()} == {PREVIOUS_RUNNING}
 
 
 # -- two real daemons ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from sync_worker.jobs.base import JobStopped
 from sync_worker.jobs.pulls import PullJob, ReconcileJob, StopBetweenPages
 from sync_worker.jobs.registry import MAINTENANCE, all_jobs
 from sync_worker.jobs.retry import LEDGER_RETENTION, RetryJob
-from sync_worker.jobs.ticks import TAKEN, TickRunner
+from sync_worker.jobs.ticks import PREVIOUS_RUNNING, TAKEN, TickRunner
 from tests.conftest import SCHEMA
 from tests.fakes.stack import StackFake
 from tests.scheduler_helpers import Probe, runs, settings, ticks
@@ -187,7 +187,7 @@ def test_a_tick_whose_job_still_runs_is_skipped(engine: Engine) -> None:
     assert outcome.status == "skipped"
     assert runs(engine, "probe") == []
     assert [(t["status"], t["error"]) for t in ticks(engine, "probe")] == [
-        ("skipped", "the previous run is still going")
+        ("skipped", PREVIOUS_RUNNING)
     ]
     assert 'job="probe",status="skipped"} 1.0' in metrics.render().decode()
 
@@ -396,6 +396,20 @@ def test_pull_and_reconcile_run_per_provider_and_a_refused_guard_fails(engine: E
     text = metrics.render().decode()
     assert 'sync_worker_job_runs_total{job="reconcile",status="failed"} 1.0' in text
     assert 'sync_worker_job_runs_total{job="pull",status="succeeded"} 1.0' in text
+
+
+def test_pull_and_reconcile_of_one_provider_never_overlap(engine: Engine) -> None:
+    config = settings_from_mapping(
+        {
+            "database": {"url": "sqlite:///:memory:"},
+            "providers": {"stack": {"project_id": "p", "secret_server_key": "k"}},
+        }
+    )
+    assert ReconcileJob.lock == PullJob.lock
+    with ledger.job_lock(engine, PullJob.lock, "stack"):  # a pull of stack is going
+        (outcome,) = tick_runner(engine, config=config).run(ReconcileJob(), T0)
+    assert (outcome.status, outcome.error) == ("skipped", PREVIOUS_RUNNING)
+    assert runs(engine, "full") == []
 
 
 def test_a_pull_stops_between_pages_once_stop_is_set() -> None:

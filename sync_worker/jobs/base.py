@@ -49,6 +49,9 @@ class Job(Protocol):
     name: str
     #: True when ``run`` writes its own sync_runs row (the pull runner does)
     records_own_run: bool
+    #: runs of jobs with the same lock never overlap for one provider, in any instance (a
+    #: job's own name, or shared: pull and reconcile both move the provider's cursor)
+    lock: str
 
     def providers(self, settings: Settings) -> list[str | None]:
         """What one tick runs for: provider names, or ``[None]`` for one run of no provider."""

@@ -38,6 +38,7 @@ class StopBetweenPages:
 class PullJob:
     name = "pull"
     records_own_run = True
+    lock = "pull"  # reconcile too: two passes at once would fight over the cursor
     full = False
 
     def providers(self, settings: Settings) -> list[str | None]:

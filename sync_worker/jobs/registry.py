@@ -73,7 +73,7 @@ class _Once:
 class BackfillProfilesJob(_Once):
     """A profile for every user without one, with the configured defaults."""
 
-    name = "backfill_profiles"
+    name = lock = "backfill_profiles"
 
     def run(self, ctx: JobContext, provider: str | None) -> Mapping[str, int]:
         backfill: _BackfillProfiles = _maintenance("backfill_profiles")
@@ -90,7 +90,7 @@ class SessionCleanupJob(_Once):
     """Sessions ended longer than ``retention.sessions`` ago; with
     ``retention.authjs_sessions``, also the expired rows of the Auth.js app's own table."""
 
-    name = "session_cleanup"
+    name = lock = "session_cleanup"
 
     def run(self, ctx: JobContext, provider: str | None) -> Mapping[str, int]:
         cleanup: _CleanupSessions = _maintenance("cleanup_sessions")
@@ -112,7 +112,7 @@ class RetentionJob(_Once):
     """Audit rows past ``retention.audit`` (unless off) and done inbox rows past
     ``retention.inbox_done``."""
 
-    name = "retention"
+    name = lock = "retention"
 
     def run(self, ctx: JobContext, provider: str | None) -> Mapping[str, int]:
         purge: _PurgeRetention = _maintenance("purge_retention")

@@ -21,7 +21,7 @@ LEDGER_RETENTION = timedelta(days=30)
 
 
 class RetryJob:
-    name = "retry"
+    name = lock = "retry"
     records_own_run = False
 
     def providers(self, settings: Settings) -> list[str | None]:

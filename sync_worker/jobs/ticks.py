@@ -4,7 +4,8 @@ For each provider the job runs for::
 
     claim_tick (commit)  --lost-->  another instance runs it: nothing to do
         | won
-    job_lock  --busy-->  the previous run is still going (here or elsewhere): tick skipped
+    job_lock  --busy-->  a run holding the job's lock is still going (here or elsewhere):
+        |                 tick skipped
         | held
     run the job  ->  sync_runs row (the job's own, or one written here), finish_tick, metric
 
@@ -39,7 +40,7 @@ log = structlog.get_logger(__name__)
 
 #: Outcome of one (tick, provider) here: ``taken`` means another instance claimed it.
 TAKEN = "taken"
-PREVIOUS_RUNNING = "the previous run is still going"
+PREVIOUS_RUNNING = "a run holding the job's lock is still going"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,7 +123,7 @@ class TickRunner:
         if not won:
             bound.debug("job_tick_taken")
             return tick.outcome(TAKEN)
-        with ledger.job_lock(self.db, job.name, provider) as held:
+        with ledger.job_lock(self.db, job.lock, provider) as held:
             if held:
                 outcome = self._execute(tick, bound)
             else:

@@ -10,8 +10,8 @@ For each provider the job runs for::
     run the job  ->  sync_runs row (the job's own, or one written here), finish_tick, metric
 
 Each provider's run stands alone: one failing does not keep the next from running. A run
-that fails is recorded failed with its error; nothing a job raises escapes this module, so
-the scheduler thread is never at risk.
+that fails is recorded failed with its error; no exception of a job, nor a database that
+cannot be reached, escapes ``run``.
 """
 
 from __future__ import annotations

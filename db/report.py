@@ -1,11 +1,13 @@
-"""The status report's figures: counts, cursors, inbox and recent runs (read only)."""
+"""The status report's figures: counts, cursors, inbox, recent runs and the latest tick of
+each scheduled job (read only)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Connection, Engine, case, func, select
 
+from db import ledger
 from db.errors import translated
 from db.tables import profiles, sync_cursors, sync_inbox, sync_runs, user_identities, users
 
@@ -46,7 +48,33 @@ def collect(db: Engine, *, runs: int = 10) -> dict[str, Any]:
                 for c in cursors
             ],
             "runs": [_run(r) for r in recent],
+            "ticks": _ticks(conn),
         }
+
+
+def _ticks(conn: Connection) -> list[dict[str, Any]]:
+    """The latest tick of each scheduled job and provider, with its run's counts."""
+    ticks = ledger.last_ticks(conn)
+    run_ids = [t.run_id for t in ticks if t.run_id is not None]
+    counts: dict[Any, Any] = {}
+    if run_ids:
+        query = select(sync_runs.c.id, sync_runs.c.counts).where(sync_runs.c.id.in_(run_ids))
+        counts = dict(conn.execute(query).all())
+    return [
+        {
+            "job": t.job,
+            "provider": t.provider,
+            "scheduled_at": _iso(t.scheduled_at),
+            "started_at": _iso(t.started_at),
+            "finished_at": _iso(t.finished_at),
+            "status": t.status,
+            "instance": t.instance,
+            "run_id": str(t.run_id) if t.run_id is not None else None,
+            "counts": counts.get(t.run_id),
+            "error": t.error,
+        }
+        for t in ticks
+    ]
 
 
 def _run(row: Any) -> dict[str, Any]:

@@ -222,3 +222,25 @@ sync_seen = Table(
     Column("external_ids", JSONType, nullable=False),
 )
 Index("ix_sync_seen_run_id", sync_seen.c.run_id)
+
+JOB_TICK_STATUSES = ("running", "succeeded", "failed", "skipped")
+NO_PROVIDER = ""  # the ledger's provider for a job that is not per provider (a key: not NULL)
+
+# The scheduler's run ledger: one row per tick of a job (per provider). Every instance tries
+# to insert the tick's row and the primary key lets exactly one win, so with several
+# instances on one database each tick runs once. Rows older than a few weeks are purged.
+sync_job_ticks = Table(
+    "sync_job_ticks",
+    metadata,
+    Column("job", String(64), primary_key=True),
+    Column("provider", String(64), primary_key=True),
+    Column("scheduled_at", UTCDateTime, primary_key=True),
+    Column("instance", String(128), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("status", String(16), nullable=False),
+    Column("run_id", Uuid),
+    Column("error", Text),
+    CheckConstraint("status IN ('running', 'succeeded', 'failed', 'skipped')", name="status"),
+)
+Index("ix_sync_job_ticks_scheduled_at", sync_job_ticks.c.scheduled_at)

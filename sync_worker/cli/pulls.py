@@ -14,7 +14,7 @@ from db.report import collect as collect_status
 from db.runs import RunStatus
 from providers.base import Provider
 from sync_worker import status
-from sync_worker.changes import Source
+from sync_worker.changes import Source, utcnow
 from sync_worker.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -26,6 +26,7 @@ from sync_worker.cli.common import (
 from sync_worker.config import Settings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, SyncWorkerError
+from sync_worker.jobs.registry import plan
 from sync_worker.progress import progress
 from sync_worker.pull import PullReport, PullRunner, ReconcileRefused
 from sync_worker.runtime import allow_collector_pauses
@@ -34,7 +35,7 @@ from sync_worker.runtime import allow_collector_pauses
 def register(commands: Commands) -> None:
     command(commands, "migrate", "create or upgrade the worker's tables (safe to repeat)",
             cmd_migrate)  # fmt: skip
-    show = command(commands, "status", "users, profiles, cursors, inbox and recent runs",
+    show = command(commands, "status", "users, profiles, cursors, inbox, jobs and recent runs",
                    cmd_status)  # fmt: skip
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     backfill = command(commands, "backfill", "one-off sync of one provider", cmd_backfill)
@@ -64,7 +65,7 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     with open_database(settings) as engine:
-        report = collect_status(engine)
+        report = status.with_jobs(collect_status(engine), plan(settings), utcnow())
     print(json.dumps(report, indent=2, default=str) if args.json else status.render(report))
     return EXIT_OK
 

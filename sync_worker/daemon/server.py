@@ -28,6 +28,7 @@ from sync_worker.config import Settings
 from sync_worker.daemon.app import Health, create_app, monotonic_age
 from sync_worker.daemon.drainer import Drainer, DrainSettings
 from sync_worker.daemon.metrics import Metrics
+from sync_worker.daemon.scheduler import Scheduler
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import StoreError
 
@@ -45,6 +46,7 @@ class Daemon:
     lookups: Mapping[str, UserLookup]
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
+    scheduler: Scheduler | None = None
 
     def start(self) -> None:
         """Start the background loops (drainer; scheduler)."""
@@ -53,6 +55,8 @@ class Daemon:
         )
         drainer.start()
         self.threads.append(drainer)
+        if self.scheduler is not None:
+            self.scheduler.start()
 
     def shutdown(self, grace: float) -> None:
         """Stop the loops; each finishes what it holds, within ``grace`` seconds in all.
@@ -64,6 +68,8 @@ class Daemon:
         self.stop.set()
         self.drainer.wake()
         deadline = time.monotonic() + grace
+        if self.scheduler is not None:  # its runs stop alongside the drainer (same event)
+            self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
@@ -87,6 +93,7 @@ def build(settings: Settings, db: Engine, secrets: Mapping[str, str] | None = No
     receivers = registry.receivers(settings, local=secrets or {})
     lookups = registry.lookups(settings)
     drain = settings.drain
+    stop = threading.Event()
     drainer = Drainer(
         db,
         SyncEngine.from_settings(settings),
@@ -95,10 +102,21 @@ def build(settings: Settings, db: Engine, secrets: Mapping[str, str] | None = No
         DrainSettings.from_config(drain),
         observe=metrics.applied,
     )
+    scheduler = Scheduler(
+        db,
+        settings,
+        metrics.job_runs,
+        stop=stop,
+        wake_drainer=drainer.wake,
+        heartbeat_seconds=min(5.0, drain.stale_after_seconds / 3),
+    )
 
     def heartbeats() -> dict[str, float | None]:
         alive = any(t.name == "inbox-drainer" and t.is_alive() for t in threading.enumerate())
-        return {"drainer": monotonic_age(drainer.heartbeat) if alive else None}
+        return {
+            "drainer": monotonic_age(drainer.heartbeat) if alive else None,
+            "scheduler": scheduler.heartbeat_age(),
+        }
 
     app = create_app(
         db,
@@ -108,7 +126,7 @@ def build(settings: Settings, db: Engine, secrets: Mapping[str, str] | None = No
         on_stored=drainer.wake,
         health=Health(heartbeats=heartbeats, stale_after=drain.stale_after_seconds),
     )
-    return Daemon(app, drainer, metrics, receivers, lookups)
+    return Daemon(app, drainer, metrics, receivers, lookups, stop=stop, scheduler=scheduler)
 
 
 def serve(daemon: Daemon, host: str, port: int, *, grace: float) -> int:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection
 
 from db.errors import translated
 from db.tables import sync_audit
+from db.windows import delete_window
 
 _a = sync_audit
 
@@ -34,15 +35,4 @@ def purge_window(
 
     Returns (rows deleted, the window's last id), the last id None when no row is left.
     """
-    window = select(_a.c.id).order_by(_a.c.id).limit(size)
-    if after is not None:
-        window = window.where(_a.c.id > after)
-    ids = window.subquery()
-    last: int | None = conn.execute(
-        select(ids.c.id).order_by(ids.c.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    if last is None:
-        return 0, None
-    in_window = _a.c.id <= last if after is None else (_a.c.id > after) & (_a.c.id <= last)
-    deleted = conn.execute(delete(_a).where(in_window, _a.c.occurred_at < before)).rowcount
-    return deleted, last
+    return delete_window(conn, _a, _a.c.occurred_at < before, after=after, size=size)

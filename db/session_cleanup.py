@@ -19,6 +19,7 @@ from sqlalchemy import Connection, delete, select
 from db.errors import translated
 from db.lookup import among
 from db.tables import user_sessions
+from db.windows import delete_window
 
 _s = user_sessions
 
@@ -48,16 +49,4 @@ def delete_revoked_window(
     Returns (rows deleted, the window's last id); the last id is None once no row is left
     after ``after``: the walk is over.
     """
-    window = select(_s.c.id).order_by(_s.c.id).limit(size)
-    if after is not None:
-        window = window.where(_s.c.id > after)
-    ids = window.subquery()
-    # No max(uuid) before PostgreSQL 16: the window's last id is its first, read backwards.
-    last: uuid.UUID | None = conn.execute(
-        select(ids.c.id).order_by(ids.c.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    if last is None:
-        return 0, None
-    in_window = _s.c.id <= last if after is None else (_s.c.id > after) & (_s.c.id <= last)
-    deleted = conn.execute(delete(_s).where(in_window, _s.c.revoked_at < before)).rowcount
-    return deleted, last
+    return delete_window(conn, _s, _s.c.revoked_at < before, after=after, size=size)

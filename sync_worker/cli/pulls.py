@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Engine
+
 from db.migrate import upgrade
 from db.report import collect as collect_status
 from db.runs import RunStatus
@@ -27,7 +29,7 @@ from sync_worker.config import Settings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, SyncWorkerError
 from sync_worker.jobs.registry import plan
-from sync_worker.progress import progress
+from sync_worker.progress import Progress, progress
 from sync_worker.pull import PullReport, PullRunner, ReconcileRefused
 from sync_worker.runtime import allow_collector_pauses
 
@@ -79,19 +81,25 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     try:
         cursor = _since_cursor(provider, args.since)
         with open_database(settings) as engine, progress(f"{args.provider} users") as bar:
-            runner = PullRunner(
-                engine,
-                SyncEngine.from_settings(settings),
-                provider,
-                max_delete_fraction=settings.sync.max_delete_fraction,
-                source=Source.BACKFILL,
-                progress=bar,
-            )
+            runner = _runner(engine, settings, provider, Source.BACKFILL, bar)
             report = _refusal_reported(runner, full=args.full, dry_run=args.dry_run, cursor=cursor)
     finally:
         provider.close()
     _print_report(report, dry_run=args.dry_run)
     return _exit_for(report)
+
+
+def _runner(
+    db: Engine, settings: Settings, provider: Provider, source: Source, bar: Progress | None = None
+) -> PullRunner:
+    return PullRunner(
+        db,
+        SyncEngine.from_settings(settings),
+        provider,
+        max_delete_fraction=settings.sync.max_delete_fraction,
+        source=source,
+        progress=bar,
+    )
 
 
 def _refusal_reported(runner: PullRunner, **kwargs: Any) -> PullReport:
@@ -117,14 +125,7 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
         for name in enabled:
             provider = registry.build(name, settings)
             try:
-                runner = PullRunner(
-                    engine,
-                    SyncEngine.from_settings(settings),
-                    provider,
-                    max_delete_fraction=settings.sync.max_delete_fraction,
-                    source=Source.PULL,
-                )
-                report = _refusal_reported(runner)
+                report = _refusal_reported(_runner(engine, settings, provider, Source.PULL))
             except SyncWorkerError as exc:
                 print(f"sync-worker: {_naming(name, exc)}", file=sys.stderr)
                 worst = EXIT_FAILURE

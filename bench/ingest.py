@@ -21,7 +21,8 @@ server and PostgreSQL, and a lean client leaves the server the most. Parts, in o
    bench/pull.py). After each daemon run the inbox is let drain before the peer's run.
 2. Lag: deliveries paced at 500/s to the daemon; receipt to applied is the inbox row's
    ``processed_at - received_at`` (both the daemon's clock). The peer gets the same pace:
-   it applies inside the request, so its response time is its receipt to applied.
+   it applies inside the request, so its response time is its receipt to applied. When the
+   daemon took much less than 500/s in part 1, again at half its accepted rate, unsaturated.
 3. Backlog: 20,000 deliveries stored straight into the daemon's inbox in one transaction
    (``db.inbox.store``, 4 events for each of 5,000 users, round robin so that no batch
    holds one user twice and every row is a real write); the drain rate comes from the
@@ -531,25 +532,24 @@ class Bench:
 
     # -- part 2 -----------------------------------------------------------------------
 
-    def lag(self) -> tuple[Load, Applied, Load]:
-        n = int(LAG_RATE * self.opts.lag_seconds)
-        sent = build("lag", n, self.opts.users, self.secret)
+    def lag(self, rate: float, tag: str) -> Lag:
+        n = int(rate * self.opts.lag_seconds)
+        sent = build(tag, n, self.opts.users, self.secret)
         requests_ = [s.request for s in sent]
         mark = max_inbox_id(self.daemon_db)
-        daemon = self._load(self.daemon, requests_, rate=LAG_RATE)
+        daemon = self._load(self.daemon, requests_, rate=rate)
         wait_drained(self.daemon_db)
         self.daemon_ledger.record(sent, daemon)
         applied = applied_since(self.daemon_db, mark)
-        peer = self._load(self.peer, requests_, rate=LAG_RATE)
+        peer = self._load(self.peer, requests_, rate=rate)
         self.peer_ledger.record(sent, peer)
-        lags = sorted(applied.lags)
+        lag = Lag(rate, daemon, applied, peer)
         log(
-            f"lag at {LAG_RATE:.0f}/s: daemon sent {daemon.ok / daemon.wall:,.0f}/s, lag p50 "
-            f"{quantile(lags, 0.5) * 1e3:.0f} p99 {quantile(lags, 0.99) * 1e3:.0f} ms, response "
-            f"p99 {daemon.p99 * 1e3:.1f} ms; peer response p50 {peer.p50 * 1e3:.1f} p99 "
-            f"{peer.p99 * 1e3:.1f} ms"
+            f"lag at {rate:.0f}/s: daemon took {lag.taken:,.0f}/s, lag p50 {lag.p50 * 1e3:.0f} "
+            f"p99 {lag.p99 * 1e3:.0f} ms, response p99 {daemon.p99 * 1e3:.1f} ms; peer response "
+            f"p50 {peer.p50 * 1e3:.1f} p99 {peer.p99 * 1e3:.1f} ms"
         )
-        return daemon, applied, peer
+        return lag
 
     # -- part 3 -----------------------------------------------------------------------
 
@@ -594,6 +594,29 @@ class Bench:
             f"{result.start_delay:.2f} s after the commit; stored in {stored:.1f} s)"
         )
         return result
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """Part 2 at one pace: the client's view of both servers, the daemon's inbox rows."""
+
+    rate: float
+    daemon: Load
+    applied: Applied
+    peer: Load
+
+    @property
+    def taken(self) -> float:
+        """Deliveries/s the daemon took: below the pace when it could not keep up."""
+        return self.daemon.ok / self.daemon.wall
+
+    @property
+    def p50(self) -> float:
+        return quantile(sorted(self.applied.lags), 0.50)
+
+    @property
+    def p99(self) -> float:
+        return quantile(sorted(self.applied.lags), 0.99)
 
 
 @dataclass(frozen=True, slots=True)
@@ -730,7 +753,7 @@ def spread(values: Sequence[float], fmt: str = "{:,.0f}") -> str:
 def rows_of(
     opts: Options,
     pairs: Sequence[Pair],
-    lag: tuple[Load, Applied, Load],
+    lags: Sequence[Lag],
     backlog: Backlog,
     lost: Losses,
     peer_lost: Losses,
@@ -738,7 +761,7 @@ def rows_of(
     return [
         *accept_rows(opts, pairs),
         apply_row(pairs, backlog),
-        lag_row(opts, lag),
+        *(lag_row(opts, lag) for lag in lags),
         backlog_row(opts, backlog),
         lost_row(lost, peer_lost),
     ]
@@ -811,27 +834,27 @@ def apply_row(pairs: Sequence[Pair], backlog: Backlog) -> list[object]:
     ]
 
 
-def lag_row(opts: Options, lag: tuple[Load, Applied, Load]) -> list[object]:
-    daemon, applied, peer = lag
-    lags = sorted(applied.lags)
-    p50, p99 = quantile(lags, 0.50), quantile(lags, 0.99)
-    sent = daemon.ok / daemon.wall
+def lag_row(opts: Options, lag: Lag) -> list[object]:
+    daemon, peer = lag.daemon, lag.peer
     overloaded = (
-        f" **The daemon took {sent:,.0f}/s, not {LAG_RATE:.0f}/s: deliveries queued, so this "
-        "lag is that of an overloaded daemon.**"
-        if sent < 0.95 * LAG_RATE
+        f" **The daemon took {lag.taken:,.0f}/s, not {lag.rate:.0f}/s: deliveries queued in "
+        "the sender, so this is the lag of an overloaded daemon.**"
+        if lag.taken < 0.95 * lag.rate
         else ""
     )
+    at_target = lag.rate == LAG_RATE
+    what = "" if at_target else " (half the daemon's accepted rate of part 1: not saturated)"
     return [
-        f"Lag, receipt to applied, p50 / p99: paced {LAG_RATE:.0f}/s for {opts.lag_seconds:g} s",
-        f"{ms(p50)} / {ms(p99)}",
+        f"Lag, receipt to applied, p50 / p99: paced {lag.rate:.0f}/s for "
+        f"{opts.lag_seconds:g} s{what}",
+        f"{ms(lag.p50)} / {ms(lag.p99)}",
         f"{ms(peer.p50)} / {ms(peer.p99)} (its response time)",
-        f"p99 <= {TARGET_LAG_P99:g} s",
-        met(p99 <= TARGET_LAG_P99),
-        f"inbox processed_at - received_at over {applied.rows:,} rows; the daemon's response "
-        f"p50 / p99 at this pace {ms(daemon.p50)} / {ms(daemon.p99)} (from each request's "
-        f"scheduled time); taken: daemon {sent:,.0f}/s, peer {peer.ok / peer.wall:,.0f}/s."
-        f"{overloaded}",
+        f"p99 <= {TARGET_LAG_P99:g} s" + ("" if at_target else f" (at {LAG_RATE:.0f}/s)"),
+        met(lag.p99 <= TARGET_LAG_P99) if at_target else "",
+        f"inbox processed_at - received_at over {lag.applied.rows:,} rows; the daemon's "
+        f"response p50 / p99 at this pace {ms(daemon.p50)} / {ms(daemon.p99)} (from each "
+        f"request's scheduled time); taken: daemon {lag.taken:,.0f}/s, peer "
+        f"{peer.ok / peer.wall:,.0f}/s.{overloaded}",
     ]
 
 
@@ -862,14 +885,17 @@ def lost_row(lost: Losses, peer_lost: Losses) -> list[object]:
 
 
 NOTES = """\
-Both servers run as subprocesses on loopback (uvicorn as `sync-worker run` configures it:
-h11, asyncio loop, one process); the client is `bench/ingest.py` itself, an asyncio
-HTTP/1.1 client over keep-alive connections sending pre-signed requests (real Svix
-signatures from `sync_worker.simulate.build`). Client, servers and PostgreSQL share the
-2 cores, so every figure includes their contention; the client's own CPU share is in the
-notes. The numbers are noisy: the machine is shared with other engineers' test runs while
-this was recorded (to be re-recorded on a quiet machine). Ratios compare figures from the
-same run; part 1 alternates daemon and peer and shows the pair with the median ratio."""
+Both servers run as subprocesses on loopback, served as `sync-worker run` serves (uvicorn:
+h11, asyncio loop, one process; `httptools` and `uvloop` are not dependencies); the client
+is `bench/ingest.py` itself, an asyncio HTTP/1.1 client over keep-alive connections sending
+requests signed beforehand (real Svix signatures from `sync_worker.simulate.build`). The
+daemon is as shipped: `config.yaml`'s defaults (pool of 5 connections, drain batches of
+200), no pull credentials. Client, servers and PostgreSQL share the machine's 2 cores, so
+every figure includes their contention; the CPU per request in the notes is the steadier
+figure. **Noisy:** this machine is shared with other engineers' test runs (load average
+below), so absolute figures are low and vary run to run; to be re-recorded on a quiet
+machine. Ratios compare figures of the same run; part 1 alternates daemon and peer and shows
+the pair with the median ratio (every run's figures in the notes)."""
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -893,7 +919,11 @@ def run(opts: Options) -> tuple[list[list[object]], float]:
                 bench = Bench(opts, secret, daemon, peer, daemon_db, peer_db)
                 log(f"daemon on :{daemon.port} (pid {daemon.pid}), peer on :{peer.port}")
                 pairs = bench.pairs()
-                lag = bench.lag()
+                lags = [bench.lag(LAG_RATE, "lag")]
+                # Below saturation too, when the target's pace is more than it takes.
+                calm = 10 * (statistics.median(p.daemon.rate for p in pairs) // 20)
+                if 0 < calm < LAG_RATE / 2:
+                    lags.append(bench.lag(calm, "calm"))
                 backlog = bench.backlog()
                 lost = daemon_losses(daemon_db, bench.daemon_ledger)
                 peer_lost = peer_losses(peer_db, bench.peer_ledger)
@@ -901,7 +931,7 @@ def run(opts: Options) -> tuple[list[list[object]], float]:
         finally:
             daemon_db.dispose()
             peer_db.dispose()
-    return rows_of(opts, pairs, lag, backlog, lost, peer_lost), time.perf_counter() - started
+    return rows_of(opts, pairs, lags, backlog, lost, peer_lost), time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -914,13 +944,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     opts = Options.quick(args.concurrency) if args.quick else Options(concurrency=args.concurrency)
     log(f"starting: {opts}")
+    load_before = os.getloadavg()[0]
     rows, seconds = run(opts)
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     markdown = table(HEADERS, rows)
     print(markdown)
-    print(f"\ntotal {seconds:.0f} s")
+    print(f"\ntotal {seconds:.0f} s, {load}")
     if not args.no_write:
         mode = " (--quick)" if args.quick else ""
-        stamp = f"_{opts.repeat} paired runs{mode}, {seconds:.0f} s in all_"
+        stamp = f"_{opts.repeat} paired runs{mode}, {seconds:.0f} s in all, {load}_"
         write_section(
             "ingest", f"## Webhook ingest (`bench/ingest.py`)\n\n{NOTES}\n\n{markdown}\n\n{stamp}"
         )

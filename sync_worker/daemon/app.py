@@ -3,7 +3,8 @@
 ``POST /webhooks/{provider}`` answers 2xx only once the delivery is durably in
 ``sync_inbox``: content type first (415), then size while reading (413: a body is never read
 past the limit), then the signature (401) and the shape (400), then one transaction that
-stores every event of the body (503 when the database cannot). A rejected request stores
+stores every event of the body (503 when the database cannot; concurrent requests share it:
+``group_store``). A rejected request stores
 nothing and is logged with its reason, never its body. A redelivery is 2xx and changes
 nothing. An endpoint whose secret is not configured answers 404.
 """
@@ -23,9 +24,9 @@ from sqlalchemy import Engine
 
 from db import inbox
 from db.migrate import current_revision, head_revision
-from db.transaction import transaction
 from providers.webhook import InboxItem, WebhookReceiver
 from sync_worker.changes import utcnow
+from sync_worker.daemon.group_store import GroupStore
 from sync_worker.daemon.metrics import CONTENT_TYPE, Metrics
 from sync_worker.errors import (
     StoreError,
@@ -97,8 +98,9 @@ class _Webhooks:
         on_stored: Callable[[], None],
         clock: Callable[[], datetime],
     ) -> None:
-        self.db, self.receivers, self.metrics = db, receivers, metrics
+        self.receivers, self.metrics = receivers, metrics
         self.limit, self.on_stored, self.clock = limit, on_stored, clock
+        self.group = GroupStore(db, clock)
 
     async def post(self, provider: str, request: Request) -> Response:
         receiver = self.receivers.get(provider)
@@ -108,7 +110,7 @@ class _Webhooks:
             _check_type(request.headers.get("content-type"))
             body = await _read_limited(request, self.limit)
             items = receiver.verify(request.headers, body, now=self.clock())
-            stored = await run_in_threadpool(self._store, provider, items)
+            stored = await self._store(provider, items)
         except _Rejected as exc:
             return self._reject(provider, exc.status, exc.reason)
         except WebhookVerificationError as exc:
@@ -122,11 +124,9 @@ class _Webhooks:
         self.on_stored()
         return JSONResponse({"stored": stored.inserted, "duplicates": stored.duplicates})
 
-    def _store(self, provider: str, items: Sequence[InboxItem]) -> inbox.StoreResult:
-        deliveries = [_delivery(i) for i in items]
+    async def _store(self, provider: str, items: Sequence[InboxItem]) -> inbox.StoreResult:
         try:
-            with transaction(self.db) as conn:
-                return inbox.store(conn, provider, deliveries, now=self.clock())
+            return await self.group.store(provider, [_delivery(i) for i in items])
         except ValueError as exc:  # a value wider than its column
             raise _Rejected(400, str(exc)) from exc
 

@@ -1,0 +1,74 @@
+"""Group commit: concurrent deliveries share a transaction; a refused one fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import Engine, event
+
+from db import inbox
+from sync_worker.daemon.group_store import GroupStore
+from sync_worker.errors import StoreError
+from tests.daemon_harness import harness
+
+
+def _delivery(event_id: str) -> list[inbox.Delivery]:
+    return [inbox.Delivery(event_id=event_id, payload={"n": event_id})]
+
+
+def _commits(db: Engine) -> list[int]:
+    counted: list[int] = []
+    event.listen(db, "commit", lambda _conn: counted.append(1))
+    return counted
+
+
+def test_concurrent_requests_share_commits_and_a_refused_one_fails_alone(engine: Engine) -> None:
+    group = GroupStore(engine, lambda: datetime.now(UTC))
+    commits = _commits(engine)
+    gate = threading.Event()
+    slow = inbox.store
+
+    def held_store(*args: object, **kwargs: object) -> inbox.StoreResult:
+        gate.wait(5)  # the first group waits, so the others queue up behind it
+        return slow(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def run() -> list[inbox.StoreResult | BaseException]:
+        first = asyncio.ensure_future(group.store("stack", _delivery("first")))
+        await asyncio.sleep(0.2)
+        rest = [group.store("stack", _delivery(f"e{n}")) for n in range(20)]
+        rest.append(group.store("stack", _delivery("x" * 300)))  # too wide: refused
+        waiting = asyncio.gather(first, *rest, return_exceptions=True)
+        await asyncio.sleep(0.2)
+        gate.set()
+        return await waiting
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inbox, "store", held_store)
+        outcomes = asyncio.run(run())
+    stored = [o for o in outcomes if isinstance(o, inbox.StoreResult)]
+    refused = [o for o in outcomes if isinstance(o, ValueError)]
+    assert (len(stored), len(refused)) == (21, 1)
+    assert all(o.inserted == 1 for o in stored)
+    assert len(commits) <= 3  # 22 requests: the first alone, then the rest together
+
+
+def test_a_database_that_cannot_store_fails_every_request_of_the_group() -> None:
+    from sqlalchemy import create_engine
+
+    dead = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    group = GroupStore(dead, lambda: datetime.now(UTC))
+
+    async def run() -> list[object]:
+        calls = [group.store("stack", _delivery(f"e{n}")) for n in range(3)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    assert all(isinstance(o, StoreError) for o in asyncio.run(run()))
+
+
+def test_the_app_answers_after_the_commit(engine: Engine) -> None:
+    daemon = harness(engine)
+    assert daemon.send("stack", "user.created").json() == {"stored": 1, "duplicates": 0}
+    assert len(daemon.inbox()) == 1  # stored when the answer came

@@ -547,6 +547,32 @@ def _is_utf8(body: bytes) -> bool:
     return True
 
 
+# -- found by the fuzzing above, kept as plain regression tests ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("declared", "status"),
+    [("\xb2", 401), ("1\xb3", 401), ("9" * 5000, 413), ("9" * 21, 413), (str(LIMIT), 401)],
+    ids=["superscript two", "one superscript three", "5000 digits", "21 digits", "the limit"],
+)
+def test_an_odd_declared_length_is_never_a_500(daemon: Harness, declared: str, status: int) -> None:
+    """str.isdigit() accepts digits int() refuses, and int() refuses 4,300 digits or more:
+    both were 500s. A length not in ASCII digits is ignored (the body is read, and fails its
+    signature here); one of more than 20 digits is over any limit."""
+    headers = [(b"content-type", b"application/json"), (b"content-length",
+               declared.encode("latin-1"))]  # fmt: skip
+    assert post(daemon.client.app, "stack", headers, b"{}", chunk=65536) == status
+
+
+@pytest.mark.parametrize("code", [[], {}, ["s"]], ids=["empty list", "object", "list"])
+def test_an_auth0_log_whose_type_is_not_a_string_is_400(daemon: Harness, code: object) -> None:
+    """The log planner looks the type up in sets: an unhashable one raised TypeError (500)."""
+    body = json.dumps([{"log_id": "90020", "data": {"type": code, "user_id": "auth0|1"}}])
+    headers = raw(signed_headers("auth0", body.encode()))
+    assert post(daemon.client.app, "auth0", headers, body.encode(), chunk=65536) == 400
+    assert inbox_count(daemon.db) == 0
+
+
 def test_an_over_long_user_id_fails_alone(engine: Engine, request: pytest.FixtureRequest) -> None:
     """A validly signed Stack user whose id is over 255 characters fails on its own: the
     good delivery drained in the same batch is applied, and ``drain_once`` raises nothing."""

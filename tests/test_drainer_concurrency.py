@@ -211,10 +211,14 @@ def test_drainer_processes_on_one_inbox_apply_each_event_once(
     for w in workers:
         w.start()
     try:
-        for deliveries in (first, second):  # round two needs every user of round one
-            store(db, deliveries)
-            barrier.wait(timeout=120)
-            barrier.wait(timeout=120)
+        try:
+            for deliveries in (first, second):  # round two needs every user of round one
+                store(db, deliveries)
+                barrier.wait(timeout=120)
+                barrier.wait(timeout=120)
+        except threading.BrokenBarrierError:  # a drainer failed and aborted: say why
+            errors = [results.get(timeout=30)[-1] for _ in range(results.qsize())]
+            pytest.fail(f"a drainer process failed: {errors}")
         reports = [results.get(timeout=120) for _ in workers]
     finally:
         for w in workers:

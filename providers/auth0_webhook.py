@@ -205,7 +205,8 @@ def _log_item(record: Mapping[str, Any], index: int) -> InboxItem:
     log_id = event_id_from(record.get("log_id"), field=f"item {index} log_id")
     data = _data(record, index)
     code = data.get("type")
-    plan = plan_logs([{**data, "log_id": log_id}])
+    with payload_errors(PROVIDER, f"item {index}"):  # e.g. a list as the type: unhashable
+        plan = plan_logs([{**data, "log_id": log_id}])
     return InboxItem(
         event_id=log_id,
         event_type=code if isinstance(code, str) and code else "unknown",

@@ -159,7 +159,9 @@ def _check_type(value: str | None) -> None:
 async def _read_limited(request: Request, limit: int) -> bytes:
     """The body, refused (413) as soon as it passes ``limit``: never read whole first."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    # isascii: str.isdigit() accepts "²" (header bytes are read as latin-1), int() does not.
+    # Over 20 digits (h11's cap) is over any limit, and int() refuses 4,300 digits or more.
+    if declared.isascii() and declared.isdigit() and (len(declared) > 20 or int(declared) > limit):
         raise _Rejected(413, f"body of {declared} bytes is over the limit of {limit}")
     chunks: list[bytes] = []
     size = 0

@@ -91,11 +91,12 @@ class GroupStore:
         results: list[tuple[_Waiting, inbox.StoreResult | BaseException]] = []
         try:
             with transaction(self.db) as conn:
-                now = self.clock()
                 for waiting in group:
+                    # Each request its own receipt time: versionless payloads are ordered by
+                    # it, and equal times would leave two deliveries without an order.
                     try:
                         result: inbox.StoreResult | BaseException = inbox.store(
-                            conn, waiting.provider, waiting.deliveries, now=now
+                            conn, waiting.provider, waiting.deliveries, now=self.clock()
                         )
                     except ValueError as exc:  # refused before any SQL: this request alone
                         result = exc

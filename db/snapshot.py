@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, select, text
+from sqlalchemy import Connection, bindparam, func, select, text
 
 from db.errors import translated
 from db.lookup import among
@@ -41,6 +42,31 @@ def lock_writers(conn: Connection) -> None:
         conn.execute(_LOCK, {"key": WRITER_LOCK})
 
 
+@contextmanager
+def planned_per_run(conn: Connection) -> Iterator[None]:
+    """Plan every statement run inside afresh: no server-side prepared plan (PostgreSQL).
+
+    psycopg prepares a statement on its fifth run and PostgreSQL keeps that plan for the
+    connection's life; nothing replans it as the tables grow unless their statistics are
+    refreshed, and autovacuum may be off. A plan cached while ``user_sessions`` was empty
+    read the whole table for every batch: 87 % of a 100,000-user load (issue #13). An
+    unnamed statement's generic plan is made against the tables' current size (PostgreSQL
+    scales its row estimates by the current number of pages), so it follows their growth,
+    for about 0.1 ms of planning per lookup (``among`` keeps that planning cheap).
+    tests/test_engine_scale.py checks every statement at two table sizes.
+    """
+    driver = conn.connection.driver_connection if conn.dialect.name == "postgresql" else None
+    if driver is None:
+        yield
+        return
+    previous = driver.prepare_threshold
+    driver.prepare_threshold = None
+    try:
+        yield
+    finally:
+        driver.prepare_threshold = previous
+
+
 @translated
 def refresh_statistics(conn: Connection) -> None:
     """ANALYZE the looked-up tables that have more than doubled since their last ANALYZE.
@@ -61,7 +87,7 @@ def refresh_statistics(conn: Connection) -> None:
         conn.execute(text(f"ANALYZE {', '.join(names)}"))
 
 
-_LOOKED_UP = ("users", "profiles", "user_identities")
+_LOOKED_UP = ("users", "profiles", "user_identities", "user_sessions")
 _ANALYZE_FLOOR = 1000  # modified rows; below this a scan costs little
 _STALE = text(
     "SELECT s.relname FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid"
@@ -182,17 +208,27 @@ def _sessions(conn: Connection, changes: Sequence[UserChange]) -> dict[Key, Sess
 def _stale_audited(
     conn: Connection, stale: Sequence[UserChange]
 ) -> frozenset[tuple[str, str, str]]:
-    event_ids = sorted({c.event_id for c in stale if c.event_id})
-    if not event_ids:
-        return frozenset()
-    stmt = select(sync_audit.c.provider, sync_audit.c.external_id, sync_audit.c.event_id).where(
-        and_(
-            sync_audit.c.action == str(Action.STALE_SKIPPED),
-            sync_audit.c.event_id.in_(bindparam("ids", expanding=True)),
-        )
-    )
-    rows = conn.execute(stmt, {"ids": event_ids})
-    return frozenset((r.provider, r.external_id, r.event_id) for r in rows)
+    """Earlier stale-skip audit rows of these deliveries, found through the audit's
+    (provider, external_id) index: sync_audit only grows, and ``event_id`` has none."""
+    by_provider: dict[str, set[str]] = defaultdict(set)
+    for change in stale:
+        if change.event_id:
+            by_provider[change.provider].add(change.external_id)
+    event_ids = {c.event_id for c in stale if c.event_id}
+    found: set[tuple[str, str, str]] = set()
+    for provider, ids in by_provider.items():
+        for chunk in _chunks(sorted(ids)):
+            stmt = select(sync_audit.c.external_id, sync_audit.c.event_id).where(
+                sync_audit.c.provider == provider,
+                among(conn, sync_audit.c.external_id, chunk),
+                sync_audit.c.action == str(Action.STALE_SKIPPED),
+            )
+            found.update(
+                (provider, r.external_id, r.event_id)
+                for r in conn.execute(stmt)
+                if r.event_id in event_ids
+            )
+    return frozenset(found)
 
 
 def _keyed(rows: Iterable[object]) -> dict[Key, IdentityRow]:

@@ -106,7 +106,7 @@ class SyncEngine:
         the same transaction. Raises StoreError (never a driver error) when the database
         fails as a whole; a single refused record is isolated instead.
         """
-        with collector_paused():
+        with collector_paused(), store.planned_per_run(conn):
             batch = _Batch(Stamp(now=self.clock(), source=str(source), run_id=run_id))
             for reject in rejected:
                 self._record_failure(batch, reject.as_change(), reject.reason)

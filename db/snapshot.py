@@ -125,9 +125,11 @@ def load_snapshot(
     *,
     link_by_email: bool,
     stale: Sequence[UserChange] = (),
+    sessions: Mapping[Key, SessionRow] | None = None,
 ) -> Snapshot:
     """The rows ``changes`` touch; ``stale`` are the changes older than their stored identity,
-    whose earlier stale-skip audit rows are looked up (a redelivery is audited once)."""
+    whose earlier stale-skip audit rows are looked up (a redelivery is audited once).
+    ``sessions`` are those ``load_sessions`` already read for these changes."""
     held = dict(identities)
     user_ids = {row["user_id"] for row in identities.values()}
     owners = _email_owners(conn, changes, identities) if link_by_email else {}
@@ -145,7 +147,7 @@ def load_snapshot(
         users=found_users,
         profiles=found_profiles,
         verified_email_owner=owners,
-        sessions=_sessions(conn, changes),
+        sessions=load_sessions(conn, changes) if sessions is None else sessions,
         stale_audited=_stale_audited(conn, stale),
     )
 
@@ -186,7 +188,9 @@ def _email_owners(
     return owners
 
 
-def _sessions(conn: Connection, changes: Sequence[UserChange]) -> dict[Key, SessionRow]:
+@translated
+def load_sessions(conn: Connection, changes: Iterable[UserChange]) -> dict[Key, SessionRow]:
+    """The stored sessions of the batch's logins, by (provider, upstream session id)."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for change in changes:
         if change.kind is ChangeKind.LOGIN and change.session is not None:

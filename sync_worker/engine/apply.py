@@ -25,7 +25,7 @@ from db.rows import AuditRow, IdentityRow, Key
 from db.writes import Stamp, append_audit, write
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.config import Settings
-from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, unchanged
+from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, triage
 from sync_worker.engine.validate import problem
 from sync_worker.errors import RecordRefused
 from sync_worker.runtime import collector_paused
@@ -147,20 +147,18 @@ class SyncEngine:
     ) -> list[Outcome]:
         store.lock_writers(conn)
         identities = store.load_identities(conn, changes)
-        noop: list[Outcome] = []
-        todo: list[UserChange] = []
-        for change in changes:
-            held = identities.get((change.provider, change.external_id))
-            if unchanged(change, held):
-                assert held is not None
-                noop.append(Outcome.of(change, Action.UNCHANGED, held["user_id"]))
-            else:
-                todo.append(change)
+        sessions = store.load_sessions(conn, changes)
+        noop, todo = triage(changes, identities, sessions, stamp.now)
         if not todo:
             return noop
         stale = [c for c in todo if c.event_id and _is_stale(c, identities)]
         snap = store.load_snapshot(
-            conn, todo, identities, link_by_email=self.settings.link_by_verified_email, stale=stale
+            conn,
+            todo,
+            identities,
+            link_by_email=self.settings.link_by_verified_email,
+            stale=stale,
+            sessions=sessions,
         )
         decided = plan(todo, snap, self.settings, stamp.now, self.new_id)
         write(conn, decided.writes, stamp)

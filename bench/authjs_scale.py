@@ -192,7 +192,10 @@ def _cycles(stderr: str) -> list[float]:
 
 
 def worker_env(worker_url: str, source_url: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "STACK_"))}
+    """The worker's environment as an operator's shell has it: no provider but Auth.js, and
+    Python's bytecode cache on (PYTHONDONTWRITEBYTECODE recompiled every module each start)."""
+    skip = ("AUTH0_", "STACK_", "PYTHONDONTWRITEBYTECODE")
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
     return {
         **keep,
         "DATABASE_URL": worker_url,

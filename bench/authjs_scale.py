@@ -69,7 +69,7 @@ SCHEMA = "identity"
 WORKER_TABLES = ("users", "profiles", "user_identities", "user_sessions", "sync_audit")
 SYNC_WORKER = Path(sys.executable).parent / "sync-worker"
 LATENCY_SIZES = {1: 300, 10: 100, 100: 30}  # batch size: batches timed (after 5 warm-ups)
-NAIVE_USERS = 2_000
+NAIVE_USERS = 1_000
 
 # Targets of issue #13.
 TARGET_FLOOR = 2.0  # initial load / COPY floor

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from sqlalchemy import Connection, Engine, event, text
 
 from db.connect import make_engine
 from db.migrate import upgrade
+from db.snapshot import refresh_statistics
 from sync_worker.changes import ChangeKind, SessionInfo, Source, UserChange
 from sync_worker.engine import PlanSettings, SyncEngine
 from tests.conftest import sqlalchemy_url
@@ -272,3 +274,37 @@ def test_sqlite_runs_no_full_scan_of_a_worker_table(lite: Engine) -> None:
                 if match and match.group(1) in _WORKER_TABLES and "USING" not in detail:
                     scans.append(f"{statement}\n  {details}")
     assert not scans, "\n".join(scans)
+
+
+# -- the statistics refresh --------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_the_statistics_refresh_covers_every_looked_up_table(fresh_pg: Engine) -> None:
+    """The pull runner re-analyzes what the lookups read once it has doubled, sessions
+    included (they were left out: issue #13)."""
+    with fresh_pg.begin() as conn:
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+    seed(fresh_pg, 1, 1500)
+    with fresh_pg.begin() as conn:
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+    deadline = time.monotonic() + 10
+    query = text(
+        "SELECT n_mod_since_analyze FROM pg_stat_user_tables"
+        " WHERE schemaname = 'identity' AND relname = 'user_sessions'"
+    )
+    while time.monotonic() < deadline:  # the seeding backend reports its counts when idle
+        with fresh_pg.connect() as conn:
+            if (conn.execute(query).scalar() or 0) >= 1500:
+                break
+        time.sleep(0.1)
+    with fresh_pg.begin() as conn:
+        refresh_statistics(conn)
+    with fresh_pg.connect() as conn:
+        analyzed = conn.execute(
+            text(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'identity'::regnamespace"
+                " AND relkind = 'r' AND reltuples >= 1500"
+            )
+        ).scalars()
+        assert {"users", "profiles", "user_identities", "user_sessions"} <= set(analyzed)

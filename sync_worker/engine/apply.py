@@ -3,10 +3,11 @@
 Every path (pulls, webhooks, CLI) ends in ``SyncEngine.apply(conn, changes, ...)``. The
 caller owns the transaction, so it can commit what belongs with the batch in the same one (a
 pull's cursor, a drainer's inbox rows). A batch is validated and deduplicated; unchanged
-upserts are set aside on a cheap read; the rows the rest touch are loaded with a few set
-queries (``db.snapshot``), ``plan`` decides the writes and ``db.writes`` runs them as a few
-multi-row statements. A record the database refuses is isolated by bisecting the batch
-inside savepoints; it is recorded as failed and the rest commits.
+upserts and logins are set aside on two cheap reads (identities without ``raw``, and
+sessions); the rows the rest touch are loaded with a few set queries (``db.snapshot``),
+``plan`` decides the writes and ``db.writes`` runs them as a few multi-row statements. A
+record the database refuses is isolated by bisecting the batch inside savepoints; it is
+recorded as failed and the rest commits.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ class Writes:
     profile_updates: list[UpdateGroup[ProfileRow]] = field(default_factory=list)
     new_identities: list[IdentityRow] = field(default_factory=list)
     identity_updates: list[IdentityRow] = field(default_factory=list)
-    sessions: list[SessionRow] = field(default_factory=list)
+    new_sessions: list[SessionRow] = field(default_factory=list)
+    sessions: list[SessionRow] = field(default_factory=list)  # stored ones that changed
     revoke_sessions_of: list[tuple[str, uuid.UUID]] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
 
@@ -128,6 +129,6 @@ class Writes:
     def empty(self) -> bool:
         return not (
             self.new_users or self.user_updates or self.new_profiles or self.profile_updates
-            or self.new_identities or self.identity_updates or self.sessions
+            or self.new_identities or self.identity_updates or self.new_sessions or self.sessions
             or self.revoke_sessions_of or self.audit
         )  # fmt: skip

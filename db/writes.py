@@ -49,6 +49,7 @@ def write(conn: Connection, writes: Writes, stamp: Stamp) -> None:
         conflict=["provider", "external_id"],
         update=_IDENTITY_UPDATE,
     )
+    insert_rows(conn, user_sessions, writes.new_sessions)
     upsert_rows(
         conn,
         user_sessions,

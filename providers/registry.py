@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import timedelta
 
-from providers.auth0 import Auth0Provider
 from providers.base import Provider, UserLookup
-from providers.http import HttpPolicy
 from providers.webhook import WebhookReceiver, WorkDecoder, secrets_from
 from sync_worker.config import Settings
 from sync_worker.errors import ConfigError
@@ -26,11 +24,16 @@ def build(name: str, settings: Settings) -> Provider:
         raise ConfigError(f"--provider: unknown provider {name!r} (choose from {', '.join(NAMES)})")
     if not settings.provider(name).pull_enabled:
         raise ConfigError(f"providers.{name}: not configured for pulls (set {_ENV_HINT[name]})")
+    # Each adapter is imported when built: an Auth.js run loads no HTTP client library.
     batch = settings.sync.batch_size
     if name == "auth0":
+        from providers.auth0 import Auth0Provider
+        from providers.http import HttpPolicy
+
         auth0 = settings.providers.auth0
         return Auth0Provider(auth0, policy=HttpPolicy.from_settings(auth0.http), batch_size=batch)
     if name == "stack":
+        from providers.http import HttpPolicy
         from providers.stack import StackProvider
 
         stack = settings.providers.stack

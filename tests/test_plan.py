@@ -18,7 +18,7 @@ import pytest
 
 from db.rows import IdentityRow, ProfileRow, SessionRow, Snapshot, UserRow
 from sync_worker.changes import Action, SessionInfo, UserChange
-from sync_worker.engine.plan import Plan, PlanSettings, dedupe, plan, unchanged
+from sync_worker.engine.plan import Plan, PlanSettings, dedupe, plan, triage, unchanged
 from tests.factories import T0, at, delete, login, upsert
 
 NOW = at(60)
@@ -156,7 +156,7 @@ CASES = [
          {"user_updates": 1, "identity_updates": 1, "audit": 1}),
     Case("a first login records the session and the login time",
          snapshot(identity(ORIGINAL), users=(user(),)), [login("auth0|1", "s-1", 5)],
-         [Action.LOGIN], {"sessions": 1, "user_updates": 1, "audit": 1}),
+         [Action.LOGIN], {"new_sessions": 1, "user_updates": 1, "audit": 1}),
     Case("a login for an unknown identity fails, audited",
          snapshot(), [login("auth0|1", "s-1", 5)], [Action.FAILED], {"audit": 1}),
     Case("a record stating no linked accounts removes the stored one",
@@ -184,7 +184,7 @@ def _written(decided: Plan) -> dict[str, int]:
     counts = {
         name: len(getattr(writes, name))
         for name in ("new_users", "new_profiles", "new_identities", "identity_updates",
-                     "sessions", "revoke_sessions_of", "audit")
+                     "new_sessions", "sessions", "revoke_sessions_of", "audit")
     }  # fmt: skip
     counts["user_updates"] = sum(len(g.rows) for g in writes.user_updates)
     counts["profile_updates"] = sum(len(g.rows) for g in writes.profile_updates)
@@ -208,18 +208,21 @@ def test_app_owned_profile_fields_are_never_clobbered() -> None:
 def test_a_login_keeps_the_newest_login_time() -> None:
     snap = snapshot(identity(ORIGINAL), users=(user(last_login_at=at(30)),))
     decided = plan([login("auth0|1", "s-1", 5)], snap, PlanSettings(), NOW, ids())
-    assert decided.writes.sessions[0]["created_at"] == at(5)
+    assert decided.writes.new_sessions[0]["created_at"] == at(5)
     assert decided.writes.user_updates == []  # 30 minutes is newer than 5
+
+
+HELD_SESSION: SessionRow = {
+    "id": U2, "user_id": U1, "provider": "auth0", "external_session_id": "s-1",
+    "ip": "203.0.113.7", "user_agent": None, "created_at": at(5), "last_seen_at": at(5),
+    "expires_at": None, "revoked_at": None,
+}  # fmt: skip
 
 
 def test_a_stored_session_seen_again_unchanged_writes_nothing() -> None:
     change = login("auth0|1", "s-1", 5)
     assert change.session is not None
-    held: SessionRow = {
-        "id": U2, "user_id": U1, "provider": "auth0", "external_session_id": "s-1",
-        "ip": "203.0.113.7", "user_agent": None, "created_at": at(5), "last_seen_at": at(5),
-        "expires_at": None, "revoked_at": None,
-    }  # fmt: skip
+    held = HELD_SESSION
     snap = snapshot(identity(ORIGINAL), users=(user(last_login_at=at(5)),),
                     sessions={("auth0", "s-1"): held})  # fmt: skip
     decided = plan([change], snap, PlanSettings(), NOW, ids())
@@ -272,5 +275,28 @@ def test_a_logout_is_not_a_login_time() -> None:
     )
     snap = snapshot(identity(ORIGINAL), users=(user(last_login_at=at(5)),))
     decided = plan([logout], snap, PlanSettings(), NOW, ids())
-    assert decided.writes.sessions[0]["revoked_at"] == at(50)
+    assert decided.writes.new_sessions[0]["revoked_at"] == at(50)
     assert decided.writes.user_updates == []  # last_login_at stays at 5 minutes
+
+
+def test_triage_sets_aside_unchanged_upserts_and_logins_before_loading() -> None:
+    identities = {("auth0", "auth0|1"): identity(ORIGINAL)}
+    sessions = {("auth0", "s-1"): HELD_SESSION}
+    again, moved = login("auth0|1", "s-1", 5), login("auth0|1", "s-1", 9)
+    done, todo = triage([ORIGINAL, again, moved, upsert("auth0|2")], identities, sessions, NOW)
+    assert [(o.action, o.is_session) for o in done] == [
+        (Action.UNCHANGED, False),
+        (Action.UNCHANGED, True),
+    ]
+    assert todo == [upsert("auth0|2"), moved]
+
+
+def test_triage_leaves_a_login_to_the_planner_when_its_identity_is_deleted() -> None:
+    sessions = {("auth0", "s-1"): HELD_SESSION}
+    again = login("auth0|1", "s-1", 5)
+    gone = {("auth0", "auth0|1"): identity(ORIGINAL, deleted_at=at(1))}
+    assert triage([again], gone, sessions, NOW)[1] == [again]
+    live = {("auth0", "auth0|1"): identity(ORIGINAL)}
+    deleting = delete("auth0|1", 7)
+    assert triage([deleting, again], live, sessions, NOW)[1] == [deleting, again]
+    assert triage([again], {}, sessions, NOW)[1] == [again]

@@ -3,10 +3,11 @@
 Every path (pulls, webhooks, CLI) ends in ``SyncEngine.apply(conn, changes, ...)``. The
 caller owns the transaction, so it can commit what belongs with the batch in the same one (a
 pull's cursor, a drainer's inbox rows). A batch is validated and deduplicated; unchanged
-upserts are set aside on a cheap read; the rows the rest touch are loaded with a few set
-queries (``db.snapshot``), ``plan`` decides the writes and ``db.writes`` runs them as a few
-multi-row statements. A record the database refuses is isolated by bisecting the batch
-inside savepoints; it is recorded as failed and the rest commits.
+upserts and logins are set aside on two cheap reads (identities without ``raw``, and
+sessions); the rows the rest touch are loaded with a few set queries (``db.snapshot``),
+``plan`` decides the writes and ``db.writes`` runs them as a few multi-row statements. A
+record the database refuses is isolated by bisecting the batch inside savepoints; it is
+recorded as failed and the rest commits.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from db.rows import AuditRow, IdentityRow, Key
 from db.writes import Stamp, append_audit, write
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.config import Settings
-from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, unchanged
+from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, triage
 from sync_worker.engine.validate import problem
 from sync_worker.errors import RecordRefused
 from sync_worker.runtime import collector_paused
@@ -106,7 +107,7 @@ class SyncEngine:
         the same transaction. Raises StoreError (never a driver error) when the database
         fails as a whole; a single refused record is isolated instead.
         """
-        with collector_paused():
+        with collector_paused(), store.planned_per_run(conn):
             batch = _Batch(Stamp(now=self.clock(), source=str(source), run_id=run_id))
             for reject in rejected:
                 self._record_failure(batch, reject.as_change(), reject.reason)
@@ -147,20 +148,18 @@ class SyncEngine:
     ) -> list[Outcome]:
         store.lock_writers(conn)
         identities = store.load_identities(conn, changes)
-        noop: list[Outcome] = []
-        todo: list[UserChange] = []
-        for change in changes:
-            held = identities.get((change.provider, change.external_id))
-            if unchanged(change, held):
-                assert held is not None
-                noop.append(Outcome.of(change, Action.UNCHANGED, held["user_id"]))
-            else:
-                todo.append(change)
+        sessions = store.load_sessions(conn, changes)
+        noop, todo = triage(changes, identities, sessions, stamp.now)
         if not todo:
             return noop
         stale = [c for c in todo if c.event_id and _is_stale(c, identities)]
         snap = store.load_snapshot(
-            conn, todo, identities, link_by_email=self.settings.link_by_verified_email, stale=stale
+            conn,
+            todo,
+            identities,
+            link_by_email=self.settings.link_by_verified_email,
+            stale=stale,
+            sessions=sessions,
         )
         decided = plan(todo, snap, self.settings, stamp.now, self.new_id)
         write(conn, decided.writes, stamp)

@@ -129,6 +129,71 @@ def unchanged(change: UserChange, held: IdentityRow | None, digest: str | None =
     )
 
 
+def triage(
+    changes: Sequence[UserChange],
+    identities: Mapping[Key, IdentityRow],
+    sessions: Mapping[Key, SessionRow],
+    now: datetime,
+) -> tuple[list[Outcome], list[UserChange]]:
+    """(outcomes of the changes that write nothing, the changes left to plan).
+
+    On the cheap triage reads, before anything else is loaded: an unchanged upsert, and a
+    login whose stored session already says what it says (most of a full pass: every
+    user's live sessions come again each time). A login whose identity the batch deletes
+    is planned: the deletion makes it fail.
+    """
+    done: list[Outcome] = []
+    todo: list[UserChange] = []
+    logins: list[UserChange] = []
+    for change in changes:
+        if change.kind is ChangeKind.LOGIN:
+            logins.append(change)
+            continue
+        held = identities.get((change.provider, change.external_id))
+        if unchanged(change, held):
+            assert held is not None
+            done.append(Outcome.of(change, Action.UNCHANGED, held["user_id"]))
+        else:
+            todo.append(change)
+    deleting = {(c.provider, c.external_id) for c in todo if c.kind is ChangeKind.DELETE}
+    for change in logins:
+        key = (change.provider, change.external_id)
+        held = identities.get(key)
+        if key in deleting or held is None or held["deleted_at"] is not None:
+            todo.append(change)
+        elif session_unchanged(change, sessions, now):
+            done.append(Outcome.of(change, Action.UNCHANGED, held["user_id"]))
+        else:
+            todo.append(change)
+    return done, todo
+
+
+def session_unchanged(
+    change: UserChange, sessions: Mapping[Key, SessionRow], now: datetime
+) -> bool:
+    """A login whose session is stored with every field it states."""
+    assert change.session is not None
+    row = sessions.get((change.provider, change.session.external_session_id))
+    if row is None:
+        return False
+    stored = _fields(row)
+    return all(stored.get(k) == v for k, v in _session_fields(change, now)[1].items())
+
+
+def _session_fields(change: UserChange, now: datetime) -> tuple[datetime, dict[str, Any]]:
+    """(when the login happened, the session columns it states)."""
+    session = change.session
+    assert session is not None
+    seen_at = session.created_at or change.version or now
+    return seen_at, {
+        "last_seen_at": session.last_seen_at or seen_at,
+        "expires_at": session.expires_at,
+        "revoked_at": session.revoked_at,
+        "ip": session.ip,
+        "user_agent": session.user_agent,
+    }
+
+
 def older(candidate: datetime | None, held: datetime | None) -> bool:
     return candidate is not None and held is not None and candidate < held
 
@@ -514,23 +579,17 @@ class _Planner:
             return
         user_id = held["user_id"]
         key = (change.provider, session.external_session_id)
-        seen_at = session.created_at or change.version or self.now
-        row = self.sessions.get(key)
-        wanted = {
-            "last_seen_at": session.last_seen_at or seen_at,
-            "expires_at": session.expires_at,
-            "revoked_at": session.revoked_at,
-            "ip": session.ip,
-            "user_agent": session.user_agent,
-        }
-        if row is not None and all(_fields(row).get(k) == v for k, v in wanted.items()):
+        if session_unchanged(change, self.sessions, self.now):
             self._outcome(change, Action.UNCHANGED, user_id)
             return
+        seen_at, wanted = _session_fields(change, self.now)
+        row = self.sessions.get(key)
         new = row is None
         row = self._session_row(row, change, user_id, seen_at)
         _fields(row).update(wanted)
         self.sessions[key] = row
-        self.writes.sessions.append(row)
+        # New sessions are inserted (COPY on PostgreSQL: 3x cheaper than the upsert).
+        (self.writes.new_sessions if new else self.writes.sessions).append(row)
         # A logout that does not say when its session began is no login: it leaves the
         # login time alone (Auth0 slo, an Auth.js sign-out without iat).
         logout_only = session.revoked_at is not None and session.created_at is None

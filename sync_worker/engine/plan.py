@@ -39,6 +39,7 @@ from sync_worker.changes import (
 PROFILE_IDP_FIELDS = {"display_name": "name", "avatar_url": "avatar_url"}
 APP_PROFILE_FIELDS = ("timezone", "currency", "locale", "settings")
 _USER_FIELDS = (*IDP_FIELDS, *OPTIONAL_FIELDS)
+_PROVIDER_WIDTH, _ID_WIDTH = 64, 255  # sync_audit's provider; external_id and event_id
 Diff = dict[str, list[Any]]
 
 
@@ -206,12 +207,14 @@ def audit_row(
     error: str | None = None,
 ) -> AuditRow:
     return {
-        "provider": change.provider,
-        "external_id": change.external_id,
+        "provider": change.provider[:_PROVIDER_WIDTH],
+        # A change refused for an over-long id is still audited: cut to the column, or the
+        # failure's own row would be refused and roll back the whole batch.
+        "external_id": change.external_id[:_ID_WIDTH],
         "user_id": user_id,
         "action": str(action),
         "changes": diff,
-        "event_id": change.event_id,
+        "event_id": change.event_id[:_ID_WIDTH] if change.event_id else None,
         "error": error,
     }
 

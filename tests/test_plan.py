@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,7 @@ import pytest
 
 from db.rows import IdentityRow, ProfileRow, SessionRow, Snapshot, UserRow
 from sync_worker.changes import Action, SessionInfo, UserChange
+from sync_worker.engine.ids import time_ordered_id
 from sync_worker.engine.plan import Plan, PlanSettings, dedupe, plan, triage, unchanged
 from tests.factories import T0, at, delete, login, upsert
 
@@ -300,3 +302,15 @@ def test_triage_leaves_a_login_to_the_planner_when_its_identity_is_deleted() -> 
     deleting = delete("auth0|1", 7)
     assert triage([deleting, again], live, sessions, NOW)[1] == [deleting, again]
     assert triage([again], {}, sessions, NOW)[1] == [again]
+
+
+def test_new_ids_are_time_ordered_version_7() -> None:
+    first = time_ordered_id()
+    time.sleep(0.002)
+    later = [time_ordered_id() for _ in range(1000)]
+    assert {u.version for u in [first, *later]} == {7}
+    assert {u.variant for u in later} == {uuid.RFC_4122}
+    assert len(set(later)) == 1000
+    assert all(first < u for u in later)  # a later millisecond sorts after
+    millis = first.int >> 80
+    assert abs(millis - time.time() * 1000) < 60_000

@@ -26,6 +26,7 @@ from db.rows import AuditRow, IdentityRow, Key
 from db.writes import Stamp, append_audit, write
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.config import Settings
+from sync_worker.engine.ids import time_ordered_id
 from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, triage
 from sync_worker.engine.validate import problem
 from sync_worker.errors import RecordRefused
@@ -82,7 +83,7 @@ class SyncEngine:
         settings: PlanSettings,
         *,
         clock: Callable[[], datetime] = utcnow,
-        new_id: Callable[[], uuid.UUID] = uuid.uuid4,
+        new_id: Callable[[], uuid.UUID] = time_ordered_id,
     ) -> None:
         self.settings = settings
         self.clock = clock

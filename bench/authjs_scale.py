@@ -36,7 +36,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,7 +50,7 @@ from sqlalchemy import func, select, text  # noqa: E402
 from sqlalchemy.orm import Mapped, Session  # noqa: E402
 
 from bench.engine import Base, Identity, User, naive_apply  # noqa: E402
-from bench.results import table, write_section  # noqa: E402
+from bench.results import pg_database, sqlalchemy_url, table, write_section  # noqa: E402
 from db.connect import make_engine  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from db.tables import sync_audit, user_sessions, users  # noqa: E402
@@ -61,10 +60,8 @@ from sync_worker.changes import ChangeKind, Source, UserChange, utcnow  # noqa: 
 from sync_worker.config import AuthjsSettings  # noqa: E402
 from sync_worker.engine import PlanSettings, SyncEngine  # noqa: E402
 from sync_worker.logging import configure  # noqa: E402
-from tests import pgserver  # noqa: E402
 from tests.fakes.authjs import FakeAccount, FakeSession, FakeUser, make_loader  # noqa: E402
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCHEMA = "identity"
 WORKER_TABLES = ("users", "profiles", "user_identities", "user_sessions", "sync_audit")
 SYNC_WORKER = Path(sys.executable).parent / "sync-worker"
@@ -130,19 +127,6 @@ def load_source(url: str, n: int) -> tuple[list[FakeUser], float]:
     finally:
         loader.close()
     return loaded, time.perf_counter() - started
-
-
-@contextmanager
-def pg_database(prefix: str = "sw_scale") -> Iterator[str]:
-    url = pgserver.create_database(PG_ADMIN, prefix=prefix)
-    try:
-        yield url
-    finally:
-        pgserver.drop_database(PG_ADMIN, url)
-
-
-def sa_url(libpq: str) -> str:
-    return libpq.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 # -- whole processes -------------------------------------------------------------------
@@ -253,7 +237,7 @@ def check_worker(worker_url: str, n: int, audit_rows: int | None = None) -> int:
 
 def copy_floor(worker_libpq: str) -> float:
     """COPY the initial load's final rows into empty indexed copies; seconds of the COPYs."""
-    floor_engine = make_engine(sa_url(worker_libpq), schema="bench_floor")
+    floor_engine = make_engine(sqlalchemy_url(worker_libpq), schema="bench_floor")
     upgrade(floor_engine, "bench_floor")
     floor_engine.dispose()
     dumps: dict[str, bytes] = {}
@@ -315,7 +299,7 @@ def child_dlt(source: str, dest: str, pipelines: str) -> None:
     """One dlt run: the three tables, merged on their primary keys."""
     dlt: Any = importlib.import_module("dlt")
     sources: Any = importlib.import_module("dlt.sources.sql_database")
-    src = sources.sql_database(credentials=sa_url(source), table_names=TABLES_DLT)
+    src = sources.sql_database(credentials=sqlalchemy_url(source), table_names=TABLES_DLT)
     for name in TABLES_DLT:
         src.resources[name].apply_hints(write_disposition="merge", primary_key="id")
     pipeline = dlt.pipeline(
@@ -402,7 +386,7 @@ def naive_changes(source: str, n: int) -> list[UserChange]:
 
 def naive_loop(worker_libpq: str, source: str, n: int) -> float:
     """Seconds for the naive loop to load ``n`` users and their sessions (empty tables)."""
-    engine = make_engine(sa_url(worker_libpq), schema="bench_naive")
+    engine = make_engine(sqlalchemy_url(worker_libpq), schema="bench_naive")
     upgrade(engine, "bench_naive")
     changes = naive_changes(source, n)
     try:
@@ -423,7 +407,7 @@ def naive_loop(worker_libpq: str, source: str, n: int) -> float:
 
 def latencies(worker_libpq: str, loaded: Sequence[FakeUser]) -> dict[int, list[float]]:
     """Milliseconds per batch of k changed users (each batch its own transaction)."""
-    db = make_engine(sa_url(worker_libpq), schema=SCHEMA)
+    db = make_engine(sqlalchemy_url(worker_libpq), schema=SCHEMA)
     engine = SyncEngine(PlanSettings())
     rng = random.Random(7)
     found: dict[int, list[float]] = {}
@@ -505,20 +489,20 @@ class SizeRun:
 
 def bench_size(n: int, opts: argparse.Namespace, *, last: bool) -> SizeRun:
     run = SizeRun(n)
-    with pg_database() as source:
+    with pg_database("sw_scale") as source:
         say(f"{n:,}: loading the source")
         loaded, run.source_load = load_source(source, n)
         run.read_floor = read_floor(source)
         say(f"{n:,}: read floor {run.read_floor:.2f} s")
         keep_worker: str | None = None
         for attempt in range(opts.repeat):
-            with pg_database() as worker:
+            with pg_database("sw_scale") as worker:
                 say(f"{n:,}: PostgreSQL backfill pair {attempt + 1}")
-                pair = backfill_pair(sa_url(worker), source)
-                audit = check_worker(sa_url(worker), n)
+                pair = backfill_pair(sqlalchemy_url(worker), source)
+                audit = check_worker(sqlalchemy_url(worker), n)
                 assert audit == 2 * n, f"audit rows after the initial load: {audit}"
                 run.copy_floor.append(copy_floor(worker))
-                check_worker(sa_url(worker), n, audit)
+                check_worker(sqlalchemy_url(worker), n, audit)
                 run.pg.append(pair)
                 say(f"{n:,}: pg {pair[0].seconds:.2f} / {pair[1].seconds:.2f} s, "
                     f"floor {run.copy_floor[-1]:.2f} s")  # fmt: skip

@@ -67,15 +67,13 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository importable
 import requests  # noqa: E402
 from sqlalchemy import Connection, Engine, text  # noqa: E402
 
-from bench.results import table, write_section  # noqa: E402
+from bench.results import pg_database, sqlalchemy_url, table, write_section  # noqa: E402
 from db import inbox  # noqa: E402
 from db.connect import make_engine  # noqa: E402
 from db.transaction import transaction  # noqa: E402
 from sync_worker import simulate  # noqa: E402
 from sync_worker.changes import utcnow  # noqa: E402
-from tests import pgserver  # noqa: E402
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCHEMA = "identity"
 HOST = "127.0.0.1"
 PEER = Path(__file__).resolve().parent / "peer_clerk.py"
@@ -308,19 +306,6 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-@contextmanager
-def pg_database() -> Iterator[str]:
-    url = pgserver.create_database(PG_ADMIN, prefix="sw_bench_ingest")
-    try:
-        yield url
-    finally:
-        pgserver.drop_database(PG_ADMIN, url)
-
-
-def sqlalchemy_url(libpq_url: str) -> str:
-    return libpq_url.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 @dataclass(slots=True)
@@ -908,7 +893,7 @@ def new_secret() -> str:
 def run(opts: Options) -> tuple[list[list[object]], float]:
     secret = new_secret()
     started = time.perf_counter()
-    with pg_database() as daemon_url, pg_database() as peer_url:
+    with pg_database("sw_bench_ingest") as daemon_url, pg_database("sw_bench_ingest") as peer_url:
         daemon_db = make_engine(sqlalchemy_url(daemon_url), schema=SCHEMA)
         peer_db = make_engine(sqlalchemy_url(peer_url), schema="public")
         try:

@@ -48,7 +48,14 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository importable
 from sqlalchemy import Connection as DbConnection  # noqa: E402
 from sqlalchemy import Engine, func, select  # noqa: E402
 
-from bench.results import RESULTS, apply_batch, table, write_section  # noqa: E402
+from bench.results import (  # noqa: E402
+    RESULTS,
+    apply_batch,
+    pg_database,
+    sqlalchemy_url,
+    table,
+    write_section,
+)
 from db.connect import make_engine  # noqa: E402
 from db.migrate import upgrade  # noqa: E402
 from db.tables import sync_audit  # noqa: E402
@@ -71,13 +78,11 @@ from sync_worker.engine import (  # noqa: E402
 from sync_worker.logging import configure  # noqa: E402
 from sync_worker.pull import PullReport, PullRunner  # noqa: E402
 from sync_worker.runtime import allow_collector_pauses, tune_gc  # noqa: E402
-from tests import pgserver  # noqa: E402
 from tests.fakes.auth0 import FakeAuth0  # noqa: E402
 from tests.fakes.authjs import make_loader  # noqa: E402
 from tests.fakes.http_server import Request, Response  # noqa: E402
 from tests.fakes.stack import StackFake  # noqa: E402
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SCHEMA = "identity"
 PARTS = ("auth0", "stack", "authjs", "memory")
 BATCH = 1000  # SyncSettings.batch_size default, as providers.registry passes it
@@ -163,23 +168,9 @@ def count_row(what: str, count: int, note: str = "") -> Row:
 
 
 @contextmanager
-def pg_database() -> Iterator[str]:
-    """A throwaway PostgreSQL database (libpq URL), dropped afterwards."""
-    url = pgserver.create_database(PG_ADMIN, prefix="sw_bench_pull")
-    try:
-        yield url
-    finally:
-        pgserver.drop_database(PG_ADMIN, url)
-
-
-def sqlalchemy_url(libpq_url: str) -> str:
-    return libpq_url.replace("postgresql://", "postgresql+psycopg://", 1)
-
-
-@contextmanager
 def worker_db() -> Iterator[Engine]:
     """A migrated, empty worker database."""
-    with pg_database() as url:
+    with pg_database("sw_bench_pull") as url:
         engine = make_engine(sqlalchemy_url(url), schema=SCHEMA)
         upgrade(engine, SCHEMA)
         try:
@@ -741,7 +732,7 @@ def bench_authjs(opts: Options) -> list[Row]:
     users = opts.size(100_000, 1_000)
     baselines: list[float] = []
     pulls: list[Pulled] = []
-    with pg_database() as source:
+    with pg_database("sw_bench_pull") as source:
         loaded = load_authjs(source, users)
         pages, fetch = prefetch(authjs_provider(source))
         for _ in range(opts.repeat):
@@ -820,7 +811,7 @@ def child_backfill(source: str, worker: str) -> None:
 
 
 def measure_backfill(users: int) -> dict[str, Any]:
-    with pg_database() as source, tempfile.TemporaryDirectory() as tmp:
+    with pg_database("sw_bench_pull") as source, tempfile.TemporaryDirectory() as tmp:
         loaded = load_authjs(source, users)
         stock = page_seconds(source)  # the adapter's schema as shipped: no "userId" index
         worker = f"sqlite:///{tmp}/worker.db"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from db.snapshot import refresh_statistics
 from db.transaction import transaction
 from sync_worker.changes import Source, UserChange
 from sync_worker.engine import BatchResult, SyncEngine
+from tests import pgserver
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = (
@@ -55,3 +59,17 @@ def apply_batch(
         with transaction(db) as conn:
             refresh_statistics(conn)
     return result
+
+
+@contextmanager
+def pg_database(prefix: str = "sw_bench") -> Iterator[str]:
+    """A throwaway PostgreSQL database (libpq URL) on 127.0.0.1:5432, dropped afterwards."""
+    url = pgserver.create_database(PG_ADMIN, prefix=prefix)
+    try:
+        yield url
+    finally:
+        pgserver.drop_database(PG_ADMIN, url)
+
+
+def sqlalchemy_url(libpq_url: str) -> str:
+    return libpq_url.replace("postgresql://", "postgresql+psycopg://", 1)

@@ -158,6 +158,21 @@ def store(
     Raises ValueError for a value wider than its column (checked alike on both dialects:
     SQLite would store it).
     """
+    check(provider, items)
+    return store_arrivals(conn, [Arrival(provider, items, now)])[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """The deliveries of one request, with the time it was received."""
+
+    provider: str
+    items: Sequence[Delivery]
+    received_at: datetime
+
+
+def check(provider: str, items: Sequence[Delivery]) -> None:
+    """Refuse (ValueError) deliveries the inbox cannot store, before any SQL runs."""
     _check_width("provider", provider)
     for item in items:
         _check_width("event_id", item.event_id)
@@ -165,11 +180,33 @@ def store(
             _check_width("event_type", item.event_type)
         if item.status not in ("pending", "ignored"):
             raise ValueError(f"inbox: a delivery arrives pending or ignored, not {item.status}")
-    if not items:
-        return StoreResult(inserted=0, duplicates=0)
-    rows = [_new_row(provider, item, now) for item in items]
-    inserted = conn.execute(_insert_new(conn.dialect.name), rows).all()
-    return StoreResult(inserted=len(inserted), duplicates=len(items) - len(inserted))
+
+
+def store_arrivals(conn: Connection, arrivals: Sequence[Arrival]) -> list[StoreResult]:
+    """Store several requests' deliveries in one INSERT; one result per arrival, in order.
+
+    The group commit's statement: the requests waiting together share one round trip. An
+    event id listed twice (in one request, or in two requests of the group, such as a
+    sender's retry racing its first attempt) is inserted once and counted stored for the
+    first arrival that lists it, a duplicate for the others. Callers ``check`` first.
+    """
+    rows: list[dict[str, Any]] = []
+    first: dict[tuple[str, str], int] = {}  # (provider, event_id) -> the arrival storing it
+    for index, arrival in enumerate(arrivals):
+        for item in arrival.items:
+            key = (arrival.provider, item.event_id)
+            if key not in first:
+                first[key] = index
+                rows.append(_new_row(arrival.provider, item, arrival.received_at))
+    inserted = [0] * len(arrivals)
+    if rows:
+        statement = _insert_new(conn.dialect.name).returning(_t.c.provider, _t.c.event_id)
+        for provider, event_id in conn.execute(statement, rows):
+            inserted[first[(provider, event_id)]] += 1
+    return [
+        StoreResult(inserted=n, duplicates=len(arrival.items) - n)
+        for n, arrival in zip(inserted, arrivals, strict=True)
+    ]
 
 
 def claim(
@@ -470,11 +507,7 @@ _record_failure = (
 
 def _insert_new(dialect: str) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return (
-        insert(_t)
-        .on_conflict_do_nothing(index_elements=[_t.c.provider, _t.c.event_id])
-        .returning(_t.c.id)
-    )
+    return insert(_t).on_conflict_do_nothing(index_elements=[_t.c.provider, _t.c.event_id])
 
 
 def _new_row(provider: str, item: Delivery, now: datetime) -> dict[str, Any]:

@@ -29,9 +29,9 @@ def test_concurrent_requests_share_commits_and_a_refused_one_fails_alone(engine:
     group = GroupStore(engine, lambda: datetime.now(UTC))
     commits = _commits(engine)
     gate = threading.Event()
-    slow = inbox.store
+    slow = inbox.store_arrivals
 
-    def held_store(*args: object, **kwargs: object) -> inbox.StoreResult:
+    def held_store(*args: object, **kwargs: object) -> list[inbox.StoreResult]:
         gate.wait(5)  # the first group waits, so the others queue up behind it
         return slow(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -46,7 +46,7 @@ def test_concurrent_requests_share_commits_and_a_refused_one_fails_alone(engine:
         return await waiting
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(inbox, "store", held_store)
+        patch.setattr(inbox, "store_arrivals", held_store)
         outcomes = asyncio.run(run())
     stored = [o for o in outcomes if isinstance(o, inbox.StoreResult)]
     refused = [o for o in outcomes if isinstance(o, ValueError)]
@@ -72,3 +72,43 @@ def test_the_app_answers_after_the_commit(engine: Engine) -> None:
     daemon = harness(engine)
     assert daemon.send("stack", "user.created").json() == {"stored": 1, "duplicates": 0}
     assert len(daemon.inbox()) == 1  # stored when the answer came
+
+
+def test_one_statement_stores_a_group_and_counts_duplicates_per_request(engine: Engine) -> None:
+    from db.transaction import transaction
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    with transaction(engine) as conn:
+        inbox.store(conn, "stack", _delivery("old"), now=t0)
+    statements: list[str] = []
+
+    def seen(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    arrivals = [
+        inbox.Arrival("stack", _delivery("a") + _delivery("b"), t0.replace(second=1)),
+        inbox.Arrival("stack", _delivery("b") + _delivery("old"), t0.replace(second=2)),
+        inbox.Arrival("authjs", _delivery("a"), t0.replace(second=3)),  # another provider's
+        inbox.Arrival("stack", [], t0.replace(second=4)),
+    ]
+    try:
+        with transaction(engine) as conn:
+            results = inbox.store_arrivals(conn, arrivals)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert [(r.inserted, r.duplicates) for r in results] == [(2, 0), (0, 2), (1, 0), (0, 0)]
+    assert sum("INSERT" in s for s in statements) == 1
+    rows = {(r.provider, r.event_id): r.received_at for r in inbox_rows(engine)}
+    assert rows[("stack", "b")] == t0.replace(second=1)  # the first request listing it
+    assert rows[("authjs", "a")] == t0.replace(second=3)
+    assert rows[("stack", "old")] == t0  # a redelivery changes nothing
+
+
+def inbox_rows(engine: Engine) -> list[inbox.InboxRow]:
+    from sqlalchemy import select
+
+    from db.tables import sync_inbox
+
+    with engine.connect() as conn:
+        return [inbox._inbox_row(r) for r in conn.execute(select(sync_inbox))]

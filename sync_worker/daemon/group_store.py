@@ -88,28 +88,32 @@ class GroupStore:
         return group
 
     def _commit(self, group: list[_Waiting]) -> None:
-        results: list[tuple[_Waiting, inbox.StoreResult | BaseException]] = []
+        outcomes: dict[int, inbox.StoreResult | BaseException] = {}
+        arrivals: list[tuple[int, inbox.Arrival]] = []
+        for index, waiting in enumerate(group):
+            try:
+                inbox.check(waiting.provider, waiting.deliveries)
+            except ValueError as exc:  # refused before any SQL: this request alone
+                outcomes[index] = exc
+                continue
+            # Each request its own receipt time: versionless payloads are ordered by it,
+            # and equal times would leave two deliveries without an order.
+            arrivals.append((index, inbox.Arrival(waiting.provider, waiting.deliveries,
+                                                  self.clock())))  # fmt: skip
         try:
-            with transaction(self.db) as conn:
-                for waiting in group:
-                    # Each request its own receipt time: versionless payloads are ordered by
-                    # it, and equal times would leave two deliveries without an order.
-                    try:
-                        result: inbox.StoreResult | BaseException = inbox.store(
-                            conn, waiting.provider, waiting.deliveries, now=self.clock()
-                        )
-                    except ValueError as exc:  # refused before any SQL: this request alone
-                        result = exc
-                    results.append((waiting, result))
+            if arrivals:
+                with transaction(self.db) as conn:
+                    stored = inbox.store_arrivals(conn, [a for _, a in arrivals])
+                outcomes.update((i, r) for (i, _), r in zip(arrivals, stored, strict=True))
         except StoreError as exc:
             log.warning("inbox_store_failed", requests=len(group), error=str(exc))
-            results = [(waiting, exc) for waiting in group]
+            outcomes.update((i, exc) for i, _ in arrivals)
         except Exception as exc:  # a bug must not leave requests waiting for ever: 503
             log.exception("inbox_store_crashed", requests=len(group))
             failed = StoreError(f"storing failed: {type(exc).__name__}")
-            results = [(waiting, failed) for waiting in group]
-        for waiting, outcome in results:
-            waiting.loop.call_soon_threadsafe(_settle, waiting.answer, outcome)
+            outcomes.update((i, failed) for i, _ in arrivals)
+        for index, waiting in enumerate(group):
+            waiting.loop.call_soon_threadsafe(_settle, waiting.answer, outcomes[index])
 
 
 def _settle(

@@ -22,6 +22,7 @@ from providers import registry
 from sync_worker import simulate
 from sync_worker.config import settings_from_mapping
 from sync_worker.daemon.app import create_app
+from sync_worker.daemon.drain_host import counts_of
 from sync_worker.daemon.drainer import Drainer, DrainSettings
 from sync_worker.daemon.metrics import Metrics
 from sync_worker.engine import PlanSettings, SyncEngine
@@ -106,7 +107,7 @@ def harness(
         registry.decoders(settings),
         lookups or {},
         drain or DrainSettings(),
-        observe=metrics.applied,
+        observe=lambda result, seconds: metrics.applied(counts_of(result), seconds),
     )
     found = registry.receivers(settings, local={}) if receivers is None else receivers
     woken: list[int] = []

@@ -150,6 +150,53 @@ def assert_applied_once(url: str, acked: Sequence[Sent]) -> None:
         assert audits[sent.delivery.event_id] == 1, f"{key}: {audits[key[1]]} audit rows"
 
 
+# -- the drainer's child process ----------------------------------------------------------
+
+
+def drainer_pids(daemon: DaemonProcess) -> list[int]:
+    """Pids of the drainer processes the daemon started, in order (from its log)."""
+    return [e["pid"] for e in daemon.log_events() if e.get("event") == "drainer_process_started"]
+
+
+def running(pid: int) -> bool:
+    try:  # a zombie (dead, not yet reaped) counts as ended
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class TestDrainerProcess:
+    def test_a_drainer_that_dies_is_started_again_and_its_applies_reach_metrics(
+        self, make_pg_database: Callable[[], str], daemons: Daemons
+    ) -> None:
+        url = make_pg_database()
+        daemon = daemons(url)
+        daemon.start()
+        [first] = drainer_pids(daemon)
+        assert running(first)
+        assert first != daemon.pid
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: len(drainer_pids(daemon)) == 2, timeout=30, what="a new drainer")
+        daemon.wait_ready(30)
+        sender = Sender(daemon.base_url)
+        item = delivery("stack", "user.created", email="again@example.org", secrets=daemon.secrets)
+        sender.send(item, deadline=time.monotonic() + 30)
+        wait_until(lambda: live_emails(url) == ["again@example.org"], timeout=20, what="applied")
+        metrics = requests.get(daemon.url("/metrics"), timeout=5).text
+        assert 'sync_worker_changes_applied_total{action="created",provider="stack"} 1.0' in metrics
+        assert daemon.stop() == 0
+        assert not running(drainer_pids(daemon)[-1])
+
+    def test_the_drainer_ends_when_the_daemon_is_killed(
+        self, make_pg_database: Callable[[], str], daemons: Daemons
+    ) -> None:
+        daemon = daemons(make_pg_database())
+        daemon.start()
+        [child] = drainer_pids(daemon)
+        assert daemon.kill() == -signal.SIGKILL
+        wait_until(lambda: not running(child), timeout=GRACE + 10, what="the drainer's end")
+
+
 # -- 1. serve and stop ---------------------------------------------------------------------
 
 
@@ -288,10 +335,15 @@ def _rename(where: str, name: str) -> Callable[[dict[str, Any]], None]:
 
 
 def run_lanes(
-    base_url: str, lanes: Sequence[Sequence[Delivery]], *, timeout: float, acked: list[Sent]
+    base_url: str,
+    lanes: Sequence[Sequence[Delivery]],
+    *,
+    timeout: float,
+    acked: list[Sent],
+    pause: float = 0.0,
 ) -> None:
     """Send every lane's deliveries in order, each retried until a 2xx (``acked`` grows as
-    they are); raises the first sender's failure."""
+    they are), ``pause`` seconds apart; raises the first sender's failure."""
     deadline = time.monotonic() + timeout
 
     def lane(items: Sequence[Delivery]) -> None:
@@ -299,6 +351,7 @@ def run_lanes(
         try:
             for item in items:
                 acked.append(sender.send(item, deadline=deadline))
+                time.sleep(pause)
         finally:
             sender.close()
 
@@ -331,7 +384,9 @@ class TestKill9:
 
         def senders() -> None:
             try:
-                run_lanes(daemon.base_url, lanes, timeout=120, acked=acked)
+                # Paced (about 40 a second in all): the stream outlasts the kills and restarts,
+                # however fast the daemon acknowledges.
+                run_lanes(daemon.base_url, lanes, timeout=120, acked=acked, pause=0.15)
             except BaseException as exc:
                 failure.append(exc)
 

@@ -11,7 +11,6 @@ nothing. An endpoint whose secret is not configured answers 404.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -200,8 +199,3 @@ class _Readiness:
         except Exception as exc:  # a driver error outside the store boundary
             return [f"database: {type(exc).__name__}"]
         return []
-
-
-def monotonic_age(mark: float) -> float:
-    """Seconds since a ``time.monotonic()`` heartbeat."""
-    return time.monotonic() - mark

@@ -147,6 +147,13 @@ class Drainer:
 
     # -- one batch ---------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Close the IdP clients of the lookups (their HTTP sessions)."""
+        for lookup in self.lookups.values():
+            close = getattr(lookup, "close", None)
+            if close is not None:
+                close()
+
     def drain_until(self, deadline: float) -> int:
         """Drain until nothing is due or ``time.monotonic()`` passes ``deadline`` (shutdown:
         what the server acknowledged while stopping is applied before the process exits)."""

@@ -9,7 +9,7 @@ carry provider names, statuses and actions only: never an id, an email or a secr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 
 import structlog
@@ -28,7 +28,6 @@ from sqlalchemy import Engine
 from db import inbox
 from db.transaction import transaction
 from sync_worker.changes import utcnow
-from sync_worker.engine import BatchResult
 from sync_worker.errors import StoreError
 
 log = structlog.get_logger(__name__)
@@ -80,11 +79,11 @@ class Metrics:
     def delivered(self, provider: str) -> None:
         self.last_delivery.labels(provider=provider).set(time.time())
 
-    def applied(self, result: BatchResult, seconds: float) -> None:
-        """One batch applied: its outcomes and its latency."""
+    def applied(self, counts: Mapping[tuple[str, str], int], seconds: float) -> None:
+        """One batch applied: its changes by (provider, action), and its latency."""
         self.apply_seconds.observe(seconds)
-        for outcome in result.outcomes:
-            self.changes_applied.labels(provider=outcome.provider, action=str(outcome.action)).inc()
+        for (provider, action), n in counts.items():
+            self.changes_applied.labels(provider=provider, action=action).inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,7 @@
-"""``sync-worker run``: the webhook server, the inbox drainer and the scheduler in one process.
+"""``sync-worker run``: the webhook server, the inbox drainer and the scheduler.
+
+The drainer runs in a child process on PostgreSQL and in a thread on SQLite
+(``drain_host``).
 
 Start-up logs which providers' pulls and webhook endpoints are on. SIGTERM or SIGINT stops
 accepting requests, lets requests in flight finish, lets the drainer finish the batch in
@@ -22,15 +25,12 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from providers import registry
-from providers.base import UserLookup
 from providers.webhook import WebhookReceiver
 from sync_worker.config import Settings
-from sync_worker.daemon.app import Health, create_app, monotonic_age
-from sync_worker.daemon.drainer import Drainer, DrainSettings
+from sync_worker.daemon.app import Health, create_app
+from sync_worker.daemon.drain_host import DrainerHost, host_for
 from sync_worker.daemon.metrics import Metrics
 from sync_worker.daemon.scheduler import Scheduler
-from sync_worker.engine import SyncEngine
-from sync_worker.errors import StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -40,21 +40,15 @@ class Daemon:
     """The pieces of a running daemon, built from settings (``build``)."""
 
     app: FastAPI
-    drainer: Drainer
+    drainer: DrainerHost
     metrics: Metrics
     receivers: Mapping[str, WebhookReceiver]
-    lookups: Mapping[str, UserLookup]
     stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
     scheduler: Scheduler | None = None
 
     def start(self) -> None:
         """Start the background loops (drainer; scheduler)."""
-        drainer = threading.Thread(
-            target=self.drainer.run, args=(self.stop,), name="inbox-drainer", daemon=True
-        )
-        drainer.start()
-        self.threads.append(drainer)
+        self.drainer.start()
         if self.scheduler is not None:
             self.scheduler.start()
 
@@ -66,42 +60,19 @@ class Daemon:
         the next start applies them).
         """
         self.stop.set()
-        self.drainer.wake()
         deadline = time.monotonic() + grace
-        if self.scheduler is not None:  # its runs stop alongside the drainer (same event)
+        if self.scheduler is not None:
             self.scheduler.shutdown(max(0.0, deadline - time.monotonic()))
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                log.warning("shutdown_thread_still_running", thread=thread.name)
-        if not any(t.name == "inbox-drainer" and t.is_alive() for t in self.threads):
-            try:
-                drained = self.drainer.drain_until(deadline)
-            except StoreError as exc:
-                log.warning("shutdown_drain_failed", error=str(exc))
-            else:
-                log.info("shutdown_drained", rows=drained)
-        for lookup in self.lookups.values():
-            close = getattr(lookup, "close", None)
-            if close is not None:
-                close()
+        self.drainer.stop(deadline)
 
 
 def build(settings: Settings, db: Engine, secrets: Mapping[str, str] | None = None) -> Daemon:
     """Wire the daemon; ``secrets`` are the generated local ones of the embedded default."""
     metrics = Metrics(db)
     receivers = registry.receivers(settings, local=secrets or {})
-    lookups = registry.lookups(settings)
     drain = settings.drain
     stop = threading.Event()
-    drainer = Drainer(
-        db,
-        SyncEngine.from_settings(settings),
-        registry.decoders(settings),
-        lookups,
-        DrainSettings.from_config(drain),
-        observe=metrics.applied,
-    )
+    drainer = host_for(settings, db, metrics.applied)
     scheduler = Scheduler(
         db,
         settings,
@@ -112,11 +83,7 @@ def build(settings: Settings, db: Engine, secrets: Mapping[str, str] | None = No
     )
 
     def heartbeats() -> dict[str, float | None]:
-        alive = any(t.name == "inbox-drainer" and t.is_alive() for t in threading.enumerate())
-        return {
-            "drainer": monotonic_age(drainer.heartbeat) if alive else None,
-            "scheduler": scheduler.heartbeat_age(),
-        }
+        return {"drainer": drainer.heartbeat_age(), "scheduler": scheduler.heartbeat_age()}
 
     app = create_app(
         db,
@@ -126,7 +93,7 @@ def build(settings: Settings, db: Engine, secrets: Mapping[str, str] | None = No
         on_stored=drainer.wake,
         health=Health(heartbeats=heartbeats, stale_after=drain.stale_after_seconds),
     )
-    return Daemon(app, drainer, metrics, receivers, lookups, stop=stop, scheduler=scheduler)
+    return Daemon(app, drainer, metrics, receivers, stop=stop, scheduler=scheduler)
 
 
 def serve(daemon: Daemon, host: str, port: int, *, grace: float) -> int:

@@ -220,7 +220,8 @@ def load_json(text: bytes | str, *, what: str = "body") -> Any:
     """
     try:
         value = json.loads(text, parse_constant=_reject_constant)
-        _check_storable(value)
+        if not _plainly_storable(text):
+            _check_storable(value)
     except (ValueError, RecursionError) as exc:
         raise WebhookPayloadError(f"{what}: not JSON the inbox can store") from exc
     return value
@@ -228,6 +229,18 @@ def load_json(text: bytes | str, *, what: str = "body") -> Any:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _plainly_storable(text: bytes | str) -> bool:
+    """True when no string in the document can hold a NUL or a lone surrogate: strict UTF-8
+    with no ``\\u`` escape anywhere (the only way JSON text spells either). Spares most
+    bodies the walk over every value (a fifth of a delivery's CPU)."""
+    if isinstance(text, str):
+        return False  # may hold lone surrogates already
+    try:
+        return "\\u" not in text.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
 
 
 def _check_storable(value: Any) -> None:

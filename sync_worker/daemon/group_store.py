@@ -88,7 +88,7 @@ class GroupStore:
         return group
 
     def _commit(self, group: list[_Waiting]) -> None:
-        outcomes: dict[int, inbox.StoreResult | BaseException] = {}
+        outcomes: dict[int, _Outcome] = {}
         arrivals: list[tuple[int, inbox.Arrival]] = []
         for index, waiting in enumerate(group):
             try:
@@ -112,16 +112,23 @@ class GroupStore:
             log.exception("inbox_store_crashed", requests=len(group))
             failed = StoreError(f"storing failed: {type(exc).__name__}")
             outcomes.update((i, failed) for i, _ in arrivals)
+        # One wake-up of each event loop for the whole group, not one per request.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Answer, _Outcome]]] = {}
         for index, waiting in enumerate(group):
-            waiting.loop.call_soon_threadsafe(_settle, waiting.answer, outcomes[index])
+            by_loop.setdefault(waiting.loop, []).append((waiting.answer, outcomes[index]))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
 
 
-def _settle(
-    answer: asyncio.Future[inbox.StoreResult], outcome: inbox.StoreResult | BaseException
-) -> None:
-    if answer.done():  # the client went away and the request was cancelled
-        return
-    if isinstance(outcome, BaseException):
-        answer.set_exception(outcome)
-    else:
-        answer.set_result(outcome)
+_Answer = asyncio.Future[inbox.StoreResult]
+_Outcome = inbox.StoreResult | BaseException
+
+
+def _settle_all(settled: list[tuple[_Answer, _Outcome]]) -> None:
+    for answer, outcome in settled:
+        if answer.done():  # the client went away and the request was cancelled
+            continue
+        if isinstance(outcome, BaseException):
+            answer.set_exception(outcome)
+        else:
+            answer.set_result(outcome)

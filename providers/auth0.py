@@ -249,6 +249,8 @@ def plan_logs(logs: Iterable[Mapping[str, Any]]) -> LogPlan:
 
 def _log_action(event: Mapping[str, Any]) -> tuple[str, str]:
     code, user_id = event.get("type"), event.get("user_id") or ""
+    if not isinstance(code, str):  # a list or an object: unhashable, and no event we know
+        return "ignore", ""
     if code == "sapi":
         return _api_action(event)
     if code in JOB_CODES:

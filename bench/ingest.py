@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import gc
 import json
 import math
@@ -226,9 +227,15 @@ def drive(
 
 
 def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from /proc."""
+    """CPU seconds (user + system) a process and its live children have used so far, from
+    /proc: on PostgreSQL the daemon's drainer is a child process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else ():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += process_cpu(int(child))
+    return total
 
 
 # -- deliveries ---------------------------------------------------------------------------
@@ -780,7 +787,7 @@ def accept_rows(opts: Options, pairs: Sequence[Pair]) -> list[list[object]]:
             f"the pair with the median share; shares {spread([p.share for p in pairs], '{:.0%}')}"
             f"; daemon runs {spread([p.daemon.rate for p in pairs])}/s, peer "
             f"{spread([p.peer.rate for p in pairs])}/s; server CPU per delivery: daemon "
-            f"{d.server_cpu / d.ok * 1e3:.2f} ms (its drainer included), peer "
+            f"{d.server_cpu / d.ok * 1e3:.2f} ms (its drainer process included), peer "
             f"{peer.server_cpu / peer.ok * 1e3:.2f} ms",
         ],
         [
@@ -871,7 +878,8 @@ def lost_row(lost: Losses, peer_lost: Losses) -> list[object]:
 
 NOTES = """\
 Both servers run as subprocesses on loopback, served as `sync-worker run` serves (uvicorn:
-h11, asyncio loop, one process; `httptools` and `uvloop` are not dependencies); the client
+h11, asyncio loop, one process, the daemon's drainer in a child process of its own;
+`httptools` and `uvloop` are not dependencies); the client
 is `bench/ingest.py` itself, an asyncio HTTP/1.1 client over keep-alive connections sending
 requests signed beforehand (real Svix signatures from `sync_worker.simulate.build`). The
 daemon is as shipped: `config.yaml`'s defaults (pool of 5 connections, drain batches of

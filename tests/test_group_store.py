@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, event
@@ -112,3 +112,20 @@ def inbox_rows(engine: Engine) -> list[inbox.InboxRow]:
 
     with engine.connect() as conn:
         return [inbox._inbox_row(r) for r in conn.execute(select(sync_inbox))]
+
+
+def test_requests_get_strictly_increasing_receipt_times_even_from_a_stopped_clock(
+    engine: Engine,
+) -> None:
+    frozen = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    group = GroupStore(engine, lambda: frozen)
+
+    async def run() -> None:
+        await asyncio.gather(*(group.store("stack", _delivery(f"e{n}")) for n in range(5)))
+        await group.store("stack", _delivery("later"))
+
+    asyncio.run(run())
+    times = sorted(r.received_at for r in inbox_rows(engine))
+    assert len(set(times)) == 6
+    assert times[0] == frozen
+    assert times[-1] - times[0] == timedelta(microseconds=5)

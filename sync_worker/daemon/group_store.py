@@ -18,7 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from sqlalchemy import Engine
@@ -33,6 +33,7 @@ log = structlog.get_logger(__name__)
 MAX_GROUP = 64
 #: The writer thread ends after this long without work, and starts again on demand.
 IDLE_SECONDS = 5.0
+_TICK = timedelta(microseconds=1)  # the resolution of received_at on both dialects
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,15 @@ class GroupStore:
         self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
+        self._last = datetime.min.replace(tzinfo=UTC)  # the last receipt time handed out
+
+    def _receipt_time(self) -> datetime:
+        """Each request its own receipt time, strictly later than the one before: versionless
+        payloads are ordered by it, and two equal times (a coarse or stepped-back clock)
+        would leave two deliveries without an order."""
+        now = max(self.clock(), self._last + _TICK)
+        self._last = now
+        return now
 
     async def store(self, provider: str, deliveries: Sequence[inbox.Delivery]) -> inbox.StoreResult:
         """Store ``deliveries`` durably; returns once their transaction has committed."""
@@ -96,10 +106,8 @@ class GroupStore:
             except ValueError as exc:  # refused before any SQL: this request alone
                 outcomes[index] = exc
                 continue
-            # Each request its own receipt time: versionless payloads are ordered by it,
-            # and equal times would leave two deliveries without an order.
             arrivals.append((index, inbox.Arrival(waiting.provider, waiting.deliveries,
-                                                  self.clock())))  # fmt: skip
+                                                  self._receipt_time())))  # fmt: skip
         try:
             if arrivals:
                 with transaction(self.db) as conn:

@@ -1,0 +1,273 @@
+"""The bulk create path: new users of a large batch written as rows straight to COPY.
+
+An initial load is almost all creates: a new identity, its linked accounts and sessions.
+The planner handles every case through one working copy of dict rows, sets and diffs; for a
+create that no other change of the batch touches, that generality costs ~3x the rows' own
+encoding (measured: issue #13). ``split`` picks those creates (and their new sessions) out
+of a batch; ``plan_creates`` builds their rows as tuples in the store's column order
+(``db.bulk``), with the audit rows and outcomes the planner would give them, using the
+planner's own rules (``plan.new_user_row`` and friends: one definition). Every other change
+(updates, links, restores, deletes, stale versions, anything odd) goes through the planner,
+in the same transaction, after the creates are written.
+
+A create is *simple* when nothing else in the batch or the database can meet it:
+
+- no stored identity under its key (not an update, restore or tombstone);
+- each of its identity keys (its own and its linked accounts') named once in the batch, and
+  none of its linked accounts stored: the planner would move such an account between users;
+- no verified-email link: linking off, its email unverified, or no live user owning the
+  address and no other create in the batch claiming it.
+
+A login is written here when its identity is such a create, its session is not stored, and
+every login of that identity is too; otherwise all of that identity's logins go to the
+planner, which then finds the user stored (so each login's diff is computed in batch order,
+as the planner computes it).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from db.rows import IdentityRow, Key, SessionRow
+from sync_worker.changes import Action, ChangeKind, UserChange
+from sync_worker.engine.plan import (
+    USER_FIELDS,
+    Outcome,
+    PlanSettings,
+    audit_row,
+    compact,
+    json_value,
+    newest,
+    session_fields,
+)
+
+#: Changes left after triage from which a batch takes the bulk path (PostgreSQL only).
+#: Below it the two extra lookups and the COPYs' set-up cost more than they save.
+THRESHOLD = 200
+
+NewIds = Callable[[int], list[uuid.UUID]]
+
+
+@dataclass(slots=True)
+class Candidates:
+    """What ``split`` needs the store to answer before it can decide."""
+
+    emails: set[str] = field(default_factory=set)  # lower-cased verified emails of creates
+    linked: set[Key] = field(default_factory=set)  # linked-account keys of creates
+
+
+@dataclass(slots=True)
+class BulkRows:
+    """Rows of the simple creates, as tuples in ``db.bulk``'s column order."""
+
+    users: list[tuple[Any, ...]] = field(default_factory=list)
+    profiles: list[tuple[Any, ...]] = field(default_factory=list)
+    identities: list[tuple[Any, ...]] = field(default_factory=list)
+    sessions: list[tuple[Any, ...]] = field(default_factory=list)
+    #: (provider, external_id, user_id, action, changes, event_id, error): the audit row
+    #: without what the writer stamps (occurred_at, run_id, source).
+    audit: list[tuple[Any, ...]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+def candidates(
+    changes: Sequence[UserChange], identities: Mapping[Key, IdentityRow], *, link: bool
+) -> Candidates:
+    """The emails and linked keys of the batch's creates, to look up in the store."""
+    found = Candidates()
+    for change in changes:
+        if change.kind is not ChangeKind.UPSERT or (change.provider, change.external_id) in (
+            identities
+        ):
+            continue
+        attrs = change.attributes
+        if link and attrs is not None and attrs.email and attrs.email_verified:
+            found.emails.add(attrs.email.lower())
+        if change.linked_stated:
+            found.linked.update((i.provider, i.external_id) for i in change.linked)
+    return found
+
+
+def split(
+    changes: Sequence[UserChange],
+    identities: Mapping[Key, IdentityRow],
+    sessions: Mapping[Key, SessionRow],
+    *,
+    link: bool,
+    owned_emails: Collection[str],
+    stored_linked: Collection[Key],
+) -> tuple[list[UserChange], list[UserChange], list[UserChange]]:
+    """(simple creates, their logins, the rest) of a triaged batch, each in batch order.
+
+    ``owned_emails`` are the candidates' emails a live user holds verified;
+    ``stored_linked`` the candidates' linked keys already stored.
+    """
+    named, claimed = _claims(changes, identities, link=link)
+    creates: dict[Key, UserChange] = {}
+    for change in changes:
+        key = (change.provider, change.external_id)
+        if change.kind is ChangeKind.UPSERT and key not in identities and named[key] == 1:
+            linked = [(i.provider, i.external_id) for i in change.linked]
+            if change.linked_stated and any(named[k] != 1 or k in stored_linked for k in linked):
+                continue
+            email = _link_email(change, link)
+            if email is None or (email not in owned_emails and claimed[email] == 1):
+                creates[key] = change
+
+    # Logins of a create: all written here, or all left to the planner.
+    planner_only: set[Key] = set()
+    for change in changes:
+        if change.kind is ChangeKind.LOGIN:
+            assert change.session is not None
+            key = (change.provider, change.external_id)
+            if key in creates and (change.provider, change.session.external_session_id) in (
+                sessions
+            ):
+                planner_only.add(key)
+    logins: list[UserChange] = []
+    rest: list[UserChange] = []
+    for change in changes:
+        key = (change.provider, change.external_id)
+        if change.kind is ChangeKind.LOGIN:
+            simple = key in creates and key not in planner_only
+            (logins if simple else rest).append(change)
+        elif creates.get(key) is not change:
+            rest.append(change)
+    return list(creates.values()), logins, rest
+
+
+def _claims(
+    changes: Sequence[UserChange], identities: Mapping[Key, IdentityRow], *, link: bool
+) -> tuple[Counter[Key], Counter[str]]:
+    """(how often each identity key is named by an upsert or delete, how many creates
+    would link by each verified email)."""
+    named: Counter[Key] = Counter()
+    claimed: Counter[str] = Counter()
+    for change in changes:
+        if change.kind is ChangeKind.LOGIN:
+            continue
+        key = (change.provider, change.external_id)
+        named[key] += 1
+        if change.kind is ChangeKind.UPSERT:
+            if change.linked_stated:
+                named.update((i.provider, i.external_id) for i in change.linked)
+            email = _link_email(change, link)
+            if email is not None and key not in identities:
+                claimed[email] += 1
+    return named, claimed
+
+
+def _link_email(change: UserChange, link: bool) -> str | None:
+    attrs = change.attributes
+    if link and attrs is not None and attrs.email and attrs.email_verified:
+        return attrs.email.lower()
+    return None
+
+
+def plan_creates(
+    creates: Sequence[UserChange],
+    logins: Sequence[UserChange],
+    settings: PlanSettings,
+    now: datetime,
+    new_ids: NewIds,
+) -> BulkRows:
+    """The rows, audit rows and outcomes of ``split``'s creates and logins, as the planner
+    would write them (tests/contract runs every engine rule through both)."""
+    out = BulkRows()
+    ids = iter(new_ids(2 * len(creates) + len(logins)))
+    defaults = dict(settings.profile_defaults)
+    users: dict[Key, list[Any]] = {}
+    for change in creates:
+        attrs = change.attributes
+        assert attrs is not None
+        user_id = next(ids)
+        user = [
+            user_id, attrs.email, attrs.email_verified, attrs.name, attrs.given_name,
+            attrs.family_name, attrs.phone, attrs.avatar_url,
+            attrs.role or settings.default_role, attrs.tenant_id, attrs.blocked,
+            attrs.last_login_at, attrs.created_at or now, now, None,
+        ]  # fmt: skip
+        key = (change.provider, change.external_id)
+        users[key] = user
+        app = {**defaults, **attrs.profile} if attrs.profile else defaults
+        out.profiles.append(
+            (
+                next(ids), user_id, attrs.name, attrs.avatar_url, app.get("timezone", "UTC"),
+                app.get("currency", "USD"), app.get("locale", "en"),
+                app.get("settings") or {}, now, now,
+            )
+        )  # fmt: skip
+        out.identities.append(
+            (
+                change.provider, change.external_id, user_id, attrs.email, change.version,
+                change.content_hash(), change.raw, now, now, None,
+            )
+        )  # fmt: skip
+        diff = compact({f: [None, json_value(user[i])] for f, i in _CREATED_FIELDS})
+        if change.linked_stated and change.linked:
+            wanted = {(i.provider, i.external_id): i for i in change.linked}
+            for (provider, external_id), linked in wanted.items():
+                out.identities.append(
+                    (provider, external_id, user_id, linked.email, None, None, None, now, now,
+                     None)
+                )  # fmt: skip
+            diff["identities"] = [[], sorted(map(":".join, wanted))]
+        _audit(out, change, Action.CREATED, user_id, diff)
+    for change in logins:
+        _login(out, change, users[(change.provider, change.external_id)], now, next(ids))
+    out.users = [tuple(user) for user in users.values()]
+    return out
+
+
+# users' columns (db.bulk.USER_COLUMNS) that USER_FIELDS name, in USER_FIELDS' order
+_USER_INDEX = {
+    "email": 1, "email_verified": 2, "name": 3, "given_name": 4, "family_name": 5,
+    "phone": 6, "avatar_url": 7, "role": 8, "tenant_id": 9, "blocked": 10, "last_login_at": 11,
+}  # fmt: skip
+_LAST_LOGIN = _USER_INDEX["last_login_at"]
+_CREATED_FIELDS = tuple((f, _USER_INDEX[f]) for f in USER_FIELDS)  # the created audit's order
+
+
+def _login(
+    out: BulkRows, change: UserChange, user: list[Any], now: datetime, session_id: uuid.UUID
+) -> None:
+    """A new session of a new user: the planner's ``_login`` for that case."""
+    session = change.session
+    assert session is not None
+    seen_at, wanted = session_fields(change, now)
+    out.sessions.append(
+        (
+            session_id, user[0], change.provider, session.external_session_id, wanted["ip"],
+            wanted["user_agent"], seen_at, wanted["last_seen_at"], wanted["expires_at"],
+            wanted["revoked_at"],
+        )
+    )  # fmt: skip
+    logout_only = session.revoked_at is not None and session.created_at is None
+    held = user[_LAST_LOGIN]
+    latest = newest(held, None if logout_only else seen_at)
+    diff: dict[str, list[Any]] = {}
+    if held != latest:
+        diff["last_login_at"] = [json_value(held), json_value(latest)]
+        user[_LAST_LOGIN] = latest
+    diff["session"] = [None, session.external_session_id]
+    _audit(out, change, Action.LOGIN, user[0], diff)
+
+
+def _audit(
+    out: BulkRows,
+    change: UserChange,
+    action: Action,
+    user_id: uuid.UUID,
+    diff: dict[str, list[Any]],
+) -> None:
+    out.outcomes.append(Outcome.of(change, action, user_id, diff=dict(diff)))
+    row = audit_row(change, action, user_id, diff)
+    out.audit.append(
+        (row["provider"], row["external_id"], user_id, row["action"], row["changes"],
+         row["event_id"], None)
+    )  # fmt: skip

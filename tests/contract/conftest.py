@@ -12,7 +12,6 @@ the differential test of the two (``test_differential.py``).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine
@@ -24,10 +23,10 @@ PATHS = {"per_row": sys.maxsize, "bulk": 0}
 
 
 @pytest.fixture(params=[pytest.param(p, marks=pytest.mark.postgres) for p in PATHS])
-def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The path every SyncEngine made during the test takes (read at construction)."""
     monkeypatch.setattr(bulk, "THRESHOLD", PATHS[request.param])
-    yield request.param
+    return str(request.param)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.postgres
 NOW = T0 + timedelta(days=1)
 IDS = [f"auth0|{i}" for i in range(4)]
 EMAILS = ["ada@example.org", "ADA@example.org", "grace@example.org", None, "no-at-sign"]
-ACCOUNTS = [LinkedIdentity(provider="auth0:github", external_id=f"g{i}") for i in range(3)]
+ACCOUNTS = tuple(LinkedIdentity(provider="auth0:github", external_id=f"g{i}") for i in range(3))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ user owns, and which of its linked accounts are stored already.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from sqlalchemy import Connection, func, select
@@ -72,17 +72,18 @@ def stored_keys(conn: Connection, keys: Collection[Key]) -> set[Key]:
 def write_creates(
     conn: Connection,
     *,
-    users_rows: Sequence[tuple[Any, ...]],
-    profile_rows: Sequence[tuple[Any, ...]],
-    identity_rows: Sequence[tuple[Any, ...]],
-    session_rows: Sequence[tuple[Any, ...]],
-    audit_rows: Sequence[tuple[Any, ...]],
+    users_rows: Iterable[tuple[Any, ...]],
+    profile_rows: Iterable[tuple[Any, ...]],
+    identity_rows: Iterable[tuple[Any, ...]],
+    session_rows: Iterable[tuple[Any, ...]],
+    audit_rows: Iterable[tuple[Any, ...]],
     stamp: Stamp,
 ) -> None:
-    """COPY the creates' rows, in the order the foreign keys need."""
+    """COPY the creates' rows, in the order the foreign keys need. Each iterable is consumed
+    while its COPY streams (the engine computes rows lazily to overlap with the server)."""
     insert_tuples(conn, users, USER_COLUMNS, users_rows)
     insert_tuples(conn, profiles, PROFILE_COLUMNS, profile_rows)
     insert_tuples(conn, user_identities, IDENTITY_COLUMNS, identity_rows)
     insert_tuples(conn, user_sessions, SESSION_COLUMNS, session_rows)
     head = (stamp.now, stamp.run_id, stamp.source)
-    insert_tuples(conn, sync_audit, AUDIT_COLUMNS, [head + row for row in audit_rows])
+    insert_tuples(conn, sync_audit, AUDIT_COLUMNS, (head + row for row in audit_rows))

@@ -9,8 +9,9 @@ more than the database spent running them.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -49,29 +50,42 @@ def _send(conn: Connection, plan: _InsertPlan, values: list[list[Any]]) -> None:
 
 
 def insert_tuples(
-    conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: Iterable[Sequence[Any]]
 ) -> None:
     """Insert rows given as tuples in ``columns``' order: ``insert_rows`` without the dicts.
 
-    On PostgreSQL's binary COPY only the JSON columns need their bind processor (the
-    psycopg ``Jsonb`` wrapper): the driver sends an aware datetime, a bool or a UUID as the
-    same value the processors would hand it, so they are skipped. The bulk create path
-    (``db.bulk``) writes tens of thousands of rows a batch this way.
+    On PostgreSQL ``rows`` is consumed while the COPY streams: a generator's work (the bulk
+    create path computes content hashes and audit diffs this way) runs while the server
+    inserts the rows already sent, instead of before. On its binary COPY only the JSON
+    columns need their bind processor (the psycopg ``Jsonb`` wrapper): the driver sends an
+    aware datetime, a bool or a UUID as the same value the processors would hand it.
     """
-    if not rows:
-        return
     plan = _insert_plan(conn.dialect, table, columns)
-    if plan.types:
-        wrap = [(i, f) for i, f in plan.processors if plan.types[i] in ("json", "jsonb")]
-    else:
-        wrap = plan.processors
-    values: list[list[Any]] = []
-    for row in rows:
-        value = list(row)
-        for index, process in wrap:
-            value[index] = process(value[index])
-        values.append(value)
-    _send(conn, plan, values)
+    if not plan.copy or not plan.types:
+        values = [plan.bind(dict(zip(columns, row, strict=True))) for row in rows]
+        if values:
+            _send(conn, plan, values)
+        return
+    pending = iter(rows)
+    first = next(pending, None)
+    if first is None:
+        return
+    wrap = [(i, f) for i, f in plan.processors if plan.types[i] in ("json", "jsonb")]
+    driver: Any = conn.connection.driver_connection
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with driver.cursor() as cursor, cursor.copy(plan.statement) as copy:
+            copy.set_types(plan.types)
+            for row in itertools.chain((first,), pending):
+                if wrap:
+                    row = list(row)  # noqa: PLW2901
+                    for index, process in wrap:
+                        row[index] = process(row[index])
+                copy.write_row(row)
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(
+            plan.statement, None, exc, dbapi.Error, dialect=conn.dialect
+        ) from exc
 
 
 def upsert_rows(

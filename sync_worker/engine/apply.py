@@ -207,14 +207,14 @@ class SyncEngine:
         )
         if not creates:
             return [], todo
-        rows = bulk.plan_creates(creates, logins, self.settings, stamp.now, self._new_ids)
-        bulk_store.write_creates(
+        rows = bulk.BulkPlan(creates, logins, self.settings, stamp.now, self._new_ids)
+        bulk_store.write_creates(  # consumes the lazy row iterators, table by table
             conn,
-            users_rows=rows.users,
-            profile_rows=rows.profiles,
-            identity_rows=rows.identities,
+            users_rows=rows.users(),
+            profile_rows=rows.profiles(),
+            identity_rows=rows.identities(),
             session_rows=rows.sessions,
-            audit_rows=rows.audit,
+            audit_rows=rows.audit(),
             stamp=stamp,
         )
         return rows.outcomes, rest

@@ -4,7 +4,7 @@ An initial load is almost all creates: a new identity, its linked accounts and s
 The planner handles every case through one working copy of dict rows, sets and diffs; for a
 create that no other change of the batch touches, that generality costs ~3x the rows' own
 encoding (measured: issue #13). ``split`` picks those creates (and their new sessions) out
-of a batch; ``plan_creates`` builds their rows as tuples in the store's column order
+of a batch; ``BulkPlan`` builds their rows as tuples in the store's column order
 (``db.bulk``), with the audit rows and outcomes the planner would give them, using the
 planner's own rules (``plan.new_user_row`` and friends: one definition). Every other change
 (updates, links, restores, deletes, stale versions, anything odd) goes through the planner,
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -59,20 +59,6 @@ class Candidates:
 
     emails: set[str] = field(default_factory=set)  # lower-cased verified emails of creates
     linked: set[Key] = field(default_factory=set)  # linked-account keys of creates
-
-
-@dataclass(slots=True)
-class BulkRows:
-    """Rows of the simple creates, as tuples in ``db.bulk``'s column order."""
-
-    users: list[tuple[Any, ...]] = field(default_factory=list)
-    profiles: list[tuple[Any, ...]] = field(default_factory=list)
-    identities: list[tuple[Any, ...]] = field(default_factory=list)
-    sessions: list[tuple[Any, ...]] = field(default_factory=list)
-    #: (provider, external_id, user_id, action, changes, event_id, error): the audit row
-    #: without what the writer stamps (occurred_at, run_id, source).
-    audit: list[tuple[Any, ...]] = field(default_factory=list)
-    outcomes: list[Outcome] = field(default_factory=list)
 
 
 def candidates(
@@ -169,59 +155,142 @@ def _link_email(change: UserChange, link: bool) -> str | None:
     return None
 
 
-def plan_creates(
-    creates: Sequence[UserChange],
-    logins: Sequence[UserChange],
-    settings: PlanSettings,
-    now: datetime,
-    new_ids: NewIds,
-) -> BulkRows:
+class BulkPlan:
     """The rows, audit rows and outcomes of ``split``'s creates and logins, as the planner
-    would write them (tests/contract runs every engine rule through both)."""
-    out = BulkRows()
-    ids = iter(new_ids(2 * len(creates) + len(logins)))
-    defaults = dict(settings.profile_defaults)
-    users: dict[Key, list[Any]] = {}
-    for change in creates:
-        attrs = change.attributes
-        assert attrs is not None
-        user_id = next(ids)
-        user = [
-            user_id, attrs.email, attrs.email_verified, attrs.name, attrs.given_name,
-            attrs.family_name, attrs.phone, attrs.avatar_url,
-            attrs.role or settings.default_role, attrs.tenant_id, attrs.blocked,
-            attrs.last_login_at, attrs.created_at or now, now, None,
-        ]  # fmt: skip
-        key = (change.provider, change.external_id)
-        users[key] = user
-        app = {**defaults, **attrs.profile} if attrs.profile else defaults
-        out.profiles.append(
-            (
-                next(ids), user_id, attrs.name, attrs.avatar_url, app.get("timezone", "UTC"),
+    would write them (tests/contract runs every engine rule through both paths).
+
+    Construction assigns the ids and settles the logins (cheap). The rest is computed as
+    the store consumes ``profiles``, ``identities`` and ``audit``: the store COPYs each
+    table while its iterator runs, so the content hashes and audit diffs are computed while
+    the server inserts the rows already sent. ``outcomes`` is complete once ``audit`` is.
+    """
+
+    def __init__(
+        self,
+        creates: Sequence[UserChange],
+        logins: Sequence[UserChange],
+        settings: PlanSettings,
+        now: datetime,
+        new_ids: NewIds,
+    ) -> None:
+        self.creates = creates
+        self.settings = settings
+        self.now = now
+        count = len(creates)
+        ids = new_ids(2 * count + len(logins))
+        self._profile_ids = ids[count : 2 * count]
+        self._users: dict[Key, list[Any]] = {}
+        for user_id, change in zip(ids, creates, strict=False):
+            attrs = change.attributes
+            assert attrs is not None
+            self._users[(change.provider, change.external_id)] = [
+                user_id, attrs.email, attrs.email_verified, attrs.name, attrs.given_name,
+                attrs.family_name, attrs.phone, attrs.avatar_url,
+                attrs.role or settings.default_role, attrs.tenant_id, attrs.blocked,
+                attrs.last_login_at, attrs.created_at or now, now, None,
+            ]  # fmt: skip
+        self.sessions: list[tuple[Any, ...]] = []
+        self._login_audit: list[tuple[Any, ...]] = []
+        self._login_outcomes: list[Outcome] = []
+        for session_id, change in zip(ids[2 * count :], logins, strict=True):
+            self._login(change, self._users[(change.provider, change.external_id)], session_id)
+        self.outcomes: list[Outcome] = []
+
+    def users(self) -> list[tuple[Any, ...]]:
+        return [tuple(user) for user in self._users.values()]
+
+    def profiles(self) -> Iterator[tuple[Any, ...]]:
+        defaults = dict(self.settings.profile_defaults)
+        now = self.now
+        for profile_id, user, change in zip(
+            self._profile_ids, self._users.values(), self.creates, strict=True
+        ):
+            attrs = change.attributes
+            assert attrs is not None
+            app = {**defaults, **attrs.profile} if attrs.profile else defaults
+            yield (
+                profile_id, user[0], attrs.name, attrs.avatar_url, app.get("timezone", "UTC"),
                 app.get("currency", "USD"), app.get("locale", "en"),
                 app.get("settings") or {}, now, now,
-            )
-        )  # fmt: skip
-        out.identities.append(
-            (
-                change.provider, change.external_id, user_id, attrs.email, change.version,
+            )  # fmt: skip
+
+    def identities(self) -> Iterator[tuple[Any, ...]]:
+        now = self.now
+        for user, change in zip(self._users.values(), self.creates, strict=True):
+            attrs = change.attributes
+            assert attrs is not None
+            yield (
+                change.provider, change.external_id, user[0], attrs.email, change.version,
                 change.content_hash(), change.raw, now, now, None,
+            )  # fmt: skip
+            if change.linked_stated:
+                for provider, external_id, email in _linked(change):
+                    yield (provider, external_id, user[0], email, None, None, None, now, now,
+                           None)  # fmt: skip
+
+    def audit(self) -> Iterator[tuple[Any, ...]]:
+        """The created rows, then the logins' (the planner's order)."""
+        for user, change in zip(self._users.values(), self.creates, strict=True):
+            attrs = change.attributes
+            assert attrs is not None
+            created = [user[i] for _, i in _CREATED_FIELDS]
+            created[_CREATED_LAST_LOGIN] = attrs.last_login_at  # before the batch's logins
+            diff = compact(
+                {
+                    f: [None, json_value(v)]
+                    for (f, _), v in zip(_CREATED_FIELDS, created, strict=True)
+                }
+            )
+            if change.linked_stated and change.linked:
+                diff["identities"] = [[], sorted(f"{p}:{e}" for p, e, _ in _linked(change))]
+            yield self._audit(self.outcomes, change, Action.CREATED, user[0], diff)
+        self.outcomes += self._login_outcomes
+        yield from self._login_audit
+
+    def _login(self, change: UserChange, user: list[Any], session_id: uuid.UUID) -> None:
+        """A new session of a new user: the planner's ``_login`` for that case."""
+        session = change.session
+        assert session is not None
+        seen_at, wanted = session_fields(change, self.now)
+        self.sessions.append(
+            (
+                session_id, user[0], change.provider, session.external_session_id,
+                wanted["ip"], wanted["user_agent"], seen_at, wanted["last_seen_at"],
+                wanted["expires_at"], wanted["revoked_at"],
             )
         )  # fmt: skip
-        diff = compact({f: [None, json_value(user[i])] for f, i in _CREATED_FIELDS})
-        if change.linked_stated and change.linked:
-            wanted = {(i.provider, i.external_id): i for i in change.linked}
-            for (provider, external_id), linked in wanted.items():
-                out.identities.append(
-                    (provider, external_id, user_id, linked.email, None, None, None, now, now,
-                     None)
-                )  # fmt: skip
-            diff["identities"] = [[], sorted(map(":".join, wanted))]
-        _audit(out, change, Action.CREATED, user_id, diff)
-    for change in logins:
-        _login(out, change, users[(change.provider, change.external_id)], now, next(ids))
-    out.users = [tuple(user) for user in users.values()]
-    return out
+        logout_only = session.revoked_at is not None and session.created_at is None
+        held = user[_LAST_LOGIN]
+        latest = newest(held, None if logout_only else seen_at)
+        diff: dict[str, list[Any]] = {}
+        if held != latest:
+            diff["last_login_at"] = [json_value(held), json_value(latest)]
+            user[_LAST_LOGIN] = latest
+        diff["session"] = [None, session.external_session_id]
+        self._login_audit.append(
+            self._audit(self._login_outcomes, change, Action.LOGIN, user[0], diff)
+        )
+
+    @staticmethod
+    def _audit(
+        outcomes: list[Outcome],
+        change: UserChange,
+        action: Action,
+        user_id: uuid.UUID,
+        diff: dict[str, list[Any]],
+    ) -> tuple[Any, ...]:
+        """Its outcome (appended) and its audit row (returned), as ``plan._audit`` has them."""
+        outcomes.append(Outcome.of(change, action, user_id, diff=dict(diff)))
+        row = audit_row(change, action, user_id, diff)
+        return (row["provider"], row["external_id"], user_id, row["action"], row["changes"],
+                row["event_id"], None)  # fmt: skip
+
+
+def _linked(change: UserChange) -> list[tuple[str, str, str | None]]:
+    """(provider, external id, email) of the accounts a create links, each once (the
+    planner keys them in a dict: the last of a repeated key wins)."""
+    wanted = {(i.provider, i.external_id): i.email for i in change.linked}
+    return [(p, e, email) for (p, e), email in wanted.items()]
 
 
 # users' columns (db.bulk.USER_COLUMNS) that USER_FIELDS name, in USER_FIELDS' order
@@ -231,43 +300,4 @@ _USER_INDEX = {
 }  # fmt: skip
 _LAST_LOGIN = _USER_INDEX["last_login_at"]
 _CREATED_FIELDS = tuple((f, _USER_INDEX[f]) for f in USER_FIELDS)  # the created audit's order
-
-
-def _login(
-    out: BulkRows, change: UserChange, user: list[Any], now: datetime, session_id: uuid.UUID
-) -> None:
-    """A new session of a new user: the planner's ``_login`` for that case."""
-    session = change.session
-    assert session is not None
-    seen_at, wanted = session_fields(change, now)
-    out.sessions.append(
-        (
-            session_id, user[0], change.provider, session.external_session_id, wanted["ip"],
-            wanted["user_agent"], seen_at, wanted["last_seen_at"], wanted["expires_at"],
-            wanted["revoked_at"],
-        )
-    )  # fmt: skip
-    logout_only = session.revoked_at is not None and session.created_at is None
-    held = user[_LAST_LOGIN]
-    latest = newest(held, None if logout_only else seen_at)
-    diff: dict[str, list[Any]] = {}
-    if held != latest:
-        diff["last_login_at"] = [json_value(held), json_value(latest)]
-        user[_LAST_LOGIN] = latest
-    diff["session"] = [None, session.external_session_id]
-    _audit(out, change, Action.LOGIN, user[0], diff)
-
-
-def _audit(
-    out: BulkRows,
-    change: UserChange,
-    action: Action,
-    user_id: uuid.UUID,
-    diff: dict[str, list[Any]],
-) -> None:
-    out.outcomes.append(Outcome.of(change, action, user_id, diff=dict(diff)))
-    row = audit_row(change, action, user_id, diff)
-    out.audit.append(
-        (row["provider"], row["external_id"], user_id, row["action"], row["changes"],
-         row["event_id"], None)
-    )  # fmt: skip
+_CREATED_LAST_LOGIN = USER_FIELDS.index("last_login_at")

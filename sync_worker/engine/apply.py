@@ -210,10 +210,10 @@ class SyncEngine:
         rows = bulk.BulkPlan(creates, logins, self.settings, stamp.now, self._new_ids)
         bulk_store.write_creates(  # consumes the lazy row iterators, table by table
             conn,
-            users_rows=rows.users(),
+            users_rows=rows.users,
             profile_rows=rows.profiles(),
             identity_rows=rows.identities(),
-            session_rows=rows.sessions,
+            session_rows=rows.sessions(),
             audit_rows=rows.audit(),
             stamp=stamp,
         )

@@ -159,9 +159,10 @@ class BulkPlan:
     """The rows, audit rows and outcomes of ``split``'s creates and logins, as the planner
     would write them (tests/contract runs every engine rule through both paths).
 
-    Construction assigns the ids and settles the logins (cheap). The rest is computed as
-    the store consumes ``profiles``, ``identities`` and ``audit``: the store COPYs each
-    table while its iterator runs, so the content hashes and audit diffs are computed while
+    Construction assigns the ids and builds the users' rows (their last login settled from
+    the batch's logins). The rest is computed as the store consumes ``profiles``,
+    ``identities``, ``sessions`` and ``audit``, in that order: the store COPYs each table
+    while its iterator runs, so the content hashes, rows and audit diffs are computed while
     the server inserts the rows already sent. ``outcomes`` is complete once ``audit`` is.
     """
 
@@ -174,116 +175,152 @@ class BulkPlan:
         new_ids: NewIds,
     ) -> None:
         self.creates = creates
+        self.logins = logins
         self.settings = settings
         self.now = now
         count = len(creates)
         ids = new_ids(2 * count + len(logins))
+        self._user_ids = ids[:count]
         self._profile_ids = ids[count : 2 * count]
-        self._users: dict[Key, list[Any]] = {}
-        for user_id, change in zip(ids, creates, strict=False):
+        self._session_ids = ids[2 * count :]
+        last_login: dict[Key, datetime] = {}
+        for change in logins:
+            seen_at = _login_time(change, now)
+            if seen_at is not None:
+                key = (change.provider, change.external_id)
+                prior = last_login.get(key)
+                last_login[key] = seen_at if prior is None else max(prior, seen_at)
+        role = settings.default_role
+        self.users: list[tuple[Any, ...]] = []
+        for user_id, change in zip(self._user_ids, creates, strict=True):
             attrs = change.attributes
             assert attrs is not None
-            self._users[(change.provider, change.external_id)] = [
-                user_id, attrs.email, attrs.email_verified, attrs.name, attrs.given_name,
-                attrs.family_name, attrs.phone, attrs.avatar_url,
-                attrs.role or settings.default_role, attrs.tenant_id, attrs.blocked,
-                attrs.last_login_at, attrs.created_at or now, now, None,
-            ]  # fmt: skip
-        self.sessions: list[tuple[Any, ...]] = []
+            logged_in = last_login.get((change.provider, change.external_id))
+            self.users.append(
+                (
+                    user_id, attrs.email, attrs.email_verified, attrs.name, attrs.given_name,
+                    attrs.family_name, attrs.phone, attrs.avatar_url, attrs.role or role,
+                    attrs.tenant_id, attrs.blocked, newest(attrs.last_login_at, logged_in),
+                    attrs.created_at or now, now, None,
+                )
+            )  # fmt: skip
+        self.outcomes: list[Outcome] = []
         self._login_audit: list[tuple[Any, ...]] = []
         self._login_outcomes: list[Outcome] = []
-        for session_id, change in zip(ids[2 * count :], logins, strict=True):
-            self._login(change, self._users[(change.provider, change.external_id)], session_id)
-        self.outcomes: list[Outcome] = []
-
-    def users(self) -> list[tuple[Any, ...]]:
-        return [tuple(user) for user in self._users.values()]
 
     def profiles(self) -> Iterator[tuple[Any, ...]]:
         defaults = dict(self.settings.profile_defaults)
         now = self.now
-        for profile_id, user, change in zip(
-            self._profile_ids, self._users.values(), self.creates, strict=True
+        for profile_id, user_id, change in zip(
+            self._profile_ids, self._user_ids, self.creates, strict=True
         ):
             attrs = change.attributes
             assert attrs is not None
             app = {**defaults, **attrs.profile} if attrs.profile else defaults
             yield (
-                profile_id, user[0], attrs.name, attrs.avatar_url, app.get("timezone", "UTC"),
+                profile_id, user_id, attrs.name, attrs.avatar_url, app.get("timezone", "UTC"),
                 app.get("currency", "USD"), app.get("locale", "en"),
                 app.get("settings") or {}, now, now,
             )  # fmt: skip
 
     def identities(self) -> Iterator[tuple[Any, ...]]:
         now = self.now
-        for user, change in zip(self._users.values(), self.creates, strict=True):
+        for user_id, change in zip(self._user_ids, self.creates, strict=True):
             attrs = change.attributes
             assert attrs is not None
             yield (
-                change.provider, change.external_id, user[0], attrs.email, change.version,
+                change.provider, change.external_id, user_id, attrs.email, change.version,
                 change.content_hash(), change.raw, now, now, None,
             )  # fmt: skip
             if change.linked_stated:
                 for provider, external_id, email in _linked(change):
-                    yield (provider, external_id, user[0], email, None, None, None, now, now,
+                    yield (provider, external_id, user_id, email, None, None, None, now, now,
                            None)  # fmt: skip
 
+    def sessions(self) -> Iterator[tuple[Any, ...]]:
+        """The logins' new sessions; their audit rows and outcomes are kept for ``audit``.
+
+        The planner's ``_login`` for a new session of a new user: each login's diff shows
+        the user's last login as the logins before it in the batch left it.
+        """
+        held: dict[Key, tuple[uuid.UUID, datetime | None]] = {
+            (change.provider, change.external_id): (user_id, change.attributes.last_login_at)
+            for user_id, change in zip(self._user_ids, self.creates, strict=True)
+            if change.attributes is not None
+        }
+        now = self.now
+        for session_id, change in zip(self._session_ids, self.logins, strict=True):
+            session = change.session
+            assert session is not None
+            key = (change.provider, change.external_id)
+            user_id, before = held[key]
+            seen_at, wanted = session_fields(change, now)
+            yield (
+                session_id, user_id, change.provider, session.external_session_id,
+                wanted["ip"], wanted["user_agent"], seen_at, wanted["last_seen_at"],
+                wanted["expires_at"], wanted["revoked_at"],
+            )  # fmt: skip
+            after = newest(before, _login_time(change, now))
+            diff: dict[str, list[Any]] = {}
+            if before != after:
+                diff["last_login_at"] = [json_value(before), json_value(after)]
+                held[key] = (user_id, after)
+            diff["session"] = [None, session.external_session_id]
+            self._login_audit.append(
+                _audit(self._login_outcomes, change, Action.LOGIN, user_id, diff)
+            )
+
     def audit(self) -> Iterator[tuple[Any, ...]]:
-        """The created rows, then the logins' (the planner's order)."""
-        for user, change in zip(self._users.values(), self.creates, strict=True):
+        """The created rows, then the logins' (the planner's order); after ``sessions``."""
+        for user_id, change in zip(self._user_ids, self.creates, strict=True):
             attrs = change.attributes
             assert attrs is not None
-            created = [user[i] for _, i in _CREATED_FIELDS]
-            created[_CREATED_LAST_LOGIN] = attrs.last_login_at  # before the batch's logins
+            values = (
+                attrs.email,
+                attrs.email_verified,
+                attrs.name,
+                attrs.given_name,
+                attrs.family_name,
+                attrs.phone,
+                attrs.avatar_url,
+                attrs.blocked,
+                attrs.last_login_at,
+                attrs.role or self.settings.default_role,
+                attrs.tenant_id,
+            )  # fmt: skip
+            # USER_FIELDS' order (checked below); the last login before the batch's logins
             diff = compact(
-                {
-                    f: [None, json_value(v)]
-                    for (f, _), v in zip(_CREATED_FIELDS, created, strict=True)
-                }
+                {f: [None, json_value(v)] for f, v in zip(USER_FIELDS, values, strict=True)}
             )
             if change.linked_stated and change.linked:
                 diff["identities"] = [[], sorted(f"{p}:{e}" for p, e, _ in _linked(change))]
-            yield self._audit(self.outcomes, change, Action.CREATED, user[0], diff)
+            yield _audit(self.outcomes, change, Action.CREATED, user_id, diff)
         self.outcomes += self._login_outcomes
         yield from self._login_audit
 
-    def _login(self, change: UserChange, user: list[Any], session_id: uuid.UUID) -> None:
-        """A new session of a new user: the planner's ``_login`` for that case."""
-        session = change.session
-        assert session is not None
-        seen_at, wanted = session_fields(change, self.now)
-        self.sessions.append(
-            (
-                session_id, user[0], change.provider, session.external_session_id,
-                wanted["ip"], wanted["user_agent"], seen_at, wanted["last_seen_at"],
-                wanted["expires_at"], wanted["revoked_at"],
-            )
-        )  # fmt: skip
-        logout_only = session.revoked_at is not None and session.created_at is None
-        held = user[_LAST_LOGIN]
-        latest = newest(held, None if logout_only else seen_at)
-        diff: dict[str, list[Any]] = {}
-        if held != latest:
-            diff["last_login_at"] = [json_value(held), json_value(latest)]
-            user[_LAST_LOGIN] = latest
-        diff["session"] = [None, session.external_session_id]
-        self._login_audit.append(
-            self._audit(self._login_outcomes, change, Action.LOGIN, user[0], diff)
-        )
 
-    @staticmethod
-    def _audit(
-        outcomes: list[Outcome],
-        change: UserChange,
-        action: Action,
-        user_id: uuid.UUID,
-        diff: dict[str, list[Any]],
-    ) -> tuple[Any, ...]:
-        """Its outcome (appended) and its audit row (returned), as ``plan._audit`` has them."""
-        outcomes.append(Outcome.of(change, action, user_id, diff=dict(diff)))
-        row = audit_row(change, action, user_id, diff)
-        return (row["provider"], row["external_id"], user_id, row["action"], row["changes"],
-                row["event_id"], None)  # fmt: skip
+def _login_time(change: UserChange, now: datetime) -> datetime | None:
+    """When a login happened, for the user's last login; None for a logout that does not
+    say when its session began (the planner's ``_login``)."""
+    session = change.session
+    assert session is not None
+    if session.revoked_at is not None and session.created_at is None:
+        return None
+    return session_fields(change, now)[0]
+
+
+def _audit(
+    outcomes: list[Outcome],
+    change: UserChange,
+    action: Action,
+    user_id: uuid.UUID,
+    diff: dict[str, list[Any]],
+) -> tuple[Any, ...]:
+    """Its outcome (appended) and its audit row (returned), as ``plan._audit`` has them."""
+    outcomes.append(Outcome.of(change, action, user_id, diff=dict(diff)))
+    row = audit_row(change, action, user_id, diff)
+    return (row["provider"], row["external_id"], user_id, row["action"], row["changes"],
+            row["event_id"], None)  # fmt: skip
 
 
 def _linked(change: UserChange) -> list[tuple[str, str, str | None]]:
@@ -293,11 +330,8 @@ def _linked(change: UserChange) -> list[tuple[str, str, str | None]]:
     return [(p, e, email) for (p, e), email in wanted.items()]
 
 
-# users' columns (db.bulk.USER_COLUMNS) that USER_FIELDS name, in USER_FIELDS' order
-_USER_INDEX = {
-    "email": 1, "email_verified": 2, "name": 3, "given_name": 4, "family_name": 5,
-    "phone": 6, "avatar_url": 7, "role": 8, "tenant_id": 9, "blocked": 10, "last_login_at": 11,
-}  # fmt: skip
-_LAST_LOGIN = _USER_INDEX["last_login_at"]
-_CREATED_FIELDS = tuple((f, _USER_INDEX[f]) for f in USER_FIELDS)  # the created audit's order
-_CREATED_LAST_LOGIN = USER_FIELDS.index("last_login_at")
+# ``BulkPlan.audit`` lists a created user's values in this order.
+assert USER_FIELDS == (
+    "email", "email_verified", "name", "given_name", "family_name", "phone", "avatar_url",
+    "blocked", "last_login_at", "role", "tenant_id",
+), USER_FIELDS  # fmt: skip

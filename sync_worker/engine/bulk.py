@@ -40,7 +40,6 @@ from sync_worker.engine.plan import (
     Outcome,
     PlanSettings,
     audit_row,
-    compact,
     json_value,
     newest,
     session_fields,
@@ -289,9 +288,12 @@ class BulkPlan:
                 attrs.tenant_id,
             )  # fmt: skip
             # USER_FIELDS' order (checked below); the last login before the batch's logins
-            diff = compact(
-                {f: [None, json_value(v)] for f, v in zip(USER_FIELDS, values, strict=True)}
-            )
+            # compact({f: [None, json_value(v)]}), skipping what it drops before converting
+            diff = {
+                f: [None, json_value(v)]
+                for f, v in zip(USER_FIELDS, values, strict=True)
+                if v not in (None, False)
+            }
             if change.linked_stated and change.linked:
                 diff["identities"] = [[], sorted(f"{p}:{e}" for p, e, _ in _linked(change))]
             yield _audit(self.outcomes, change, Action.CREATED, user_id, diff)

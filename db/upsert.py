@@ -9,8 +9,9 @@ more than the database spent running them.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -31,7 +32,10 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     if not rows:
         return
     plan = _insert_plan(conn.dialect, table, tuple(rows[0]))
-    values = [plan.bind(row) for row in rows]
+    _send(conn, plan, [plan.bind(row) for row in rows])
+
+
+def _send(conn: Connection, plan: _InsertPlan, values: list[list[Any]]) -> None:
     driver = conn.connection.driver_connection
     dbapi = conn.dialect.loaded_dbapi
     try:
@@ -39,6 +43,45 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
             _copy(driver, plan, values)
         else:
             _executemany(driver, plan, values)
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(
+            plan.statement, None, exc, dbapi.Error, dialect=conn.dialect
+        ) from exc
+
+
+def insert_tuples(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Insert rows given as tuples in ``columns``' order: ``insert_rows`` without the dicts.
+
+    On PostgreSQL ``rows`` is consumed while the COPY streams: a generator's work (the bulk
+    create path computes content hashes and audit diffs this way) runs while the server
+    inserts the rows already sent, instead of before. On its binary COPY only the JSON
+    columns need their bind processor (the psycopg ``Jsonb`` wrapper): the driver sends an
+    aware datetime, a bool or a UUID as the same value the processors would hand it.
+    """
+    plan = _insert_plan(conn.dialect, table, columns)
+    if not plan.copy or not plan.types:
+        values = [plan.bind(dict(zip(columns, row, strict=True))) for row in rows]
+        if values:
+            _send(conn, plan, values)
+        return
+    pending = iter(rows)
+    first = next(pending, None)
+    if first is None:
+        return
+    wrap = [(i, f) for i, f in plan.processors if plan.types[i] in ("json", "jsonb")]
+    driver: Any = conn.connection.driver_connection
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with driver.cursor() as cursor, cursor.copy(plan.statement) as copy:
+            copy.set_types(plan.types)
+            for row in itertools.chain((first,), pending):
+                if wrap:
+                    row = list(row)  # noqa: PLW2901
+                    for index, process in wrap:
+                        row[index] = process(row[index])
+                copy.write_row(row)
     except dbapi.Error as exc:
         raise DBAPIError.instance(
             plan.statement, None, exc, dbapi.Error, dialect=conn.dialect

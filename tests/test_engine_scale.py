@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Engine, event, text
 from db.connect import make_engine
 from db.migrate import upgrade
 from db.snapshot import refresh_statistics
-from sync_worker.changes import ChangeKind, SessionInfo, Source, UserChange
+from sync_worker.changes import ChangeKind, LinkedIdentity, SessionInfo, Source, UserChange
 from sync_worker.engine import PlanSettings, SyncEngine
 from tests.conftest import sqlalchemy_url
 from tests.factories import delete, upsert
@@ -114,7 +114,14 @@ def batch(step: int) -> list[UserChange]:
         upsert(str(i), 10 + step, provider=PROVIDER, name=f"User {i} v{step}", event_id=None)
         for i in range(1, BATCH + 1)
     ]
-    created = [upsert(f"new-{step}-{j}", provider=PROVIDER) for j in range(BATCH)]
+    created = [
+        upsert(
+            f"new-{step}-{j}",
+            provider=PROVIDER,
+            linked=(LinkedIdentity(provider=f"{PROVIDER}:github", external_id=f"gh-{step}-{j}"),),
+        )
+        for j in range(BATCH)
+    ]
     logins = [_login(i, step) for i in range(1, BATCH + 1)]
     deleted = [delete(str(TINY - base - j), 20 + step, provider=PROVIDER) for j in range(5)]
     stale = [
@@ -139,8 +146,12 @@ def _login(i: int, step: int) -> UserChange:
     )
 
 
-def run(db: Engine, conn: Connection, step: int) -> None:
-    engine = SyncEngine(PlanSettings())
+# The engine's two paths (tests/contract): the planner alone, or the bulk create path first.
+PATHS = {"per-row": 10**9, "bulk": 0}
+
+
+def run(db: Engine, conn: Connection, step: int, path: str = "per-row") -> None:
+    engine = SyncEngine(PlanSettings(), bulk_threshold=PATHS[path])
     with conn.begin():
         result = engine.apply(conn, batch(step), source=Source.WEBHOOK)
     assert not result.failures, result.failures
@@ -203,7 +214,10 @@ def fresh_pg(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("analyzed", [False, True], ids=["never-analyzed", "analyzed-at-small"])
-def test_no_statement_reads_more_as_the_tables_grow(fresh_pg: Engine, analyzed: bool) -> None:
+@pytest.mark.parametrize("path", list(PATHS))
+def test_no_statement_reads_more_as_the_tables_grow(
+    fresh_pg: Engine, analyzed: bool, path: str
+) -> None:
     """Plans warmed on tiny tables; then the same batch at SMALL and at LARGE rows, with no
     statistics at all (a drainer's database), or with the statistics the pull runner's
     refresh takes at SMALL, stale by 10x at LARGE."""
@@ -211,17 +225,17 @@ def test_no_statement_reads_more_as_the_tables_grow(fresh_pg: Engine, analyzed: 
     seed(fresh_pg, 1, TINY)
     with explained(url) as (db, conn, plans):
         for step in range(WARM):
-            run(db, conn, step)  # plans made (and cached, if any were) on tiny tables
+            run(db, conn, step, path)  # plans made (and cached, if any were) on tiny tables
         seed(fresh_pg, TINY + 1, SMALL)
         if analyzed:
             with fresh_pg.begin() as other:
                 other.execute(text(f"ANALYZE {', '.join(_WORKER_TABLES)}"))
         plans.on = True
-        run(db, conn, WARM)
+        run(db, conn, WARM, path)
         small = dict(plans.buffers)
         plans.buffers.clear()
         seed(fresh_pg, SMALL + 1, LARGE)
-        run(db, conn, WARM + 1)
+        run(db, conn, WARM + 1, path)
         large = dict(plans.buffers)
     assert small, "auto_explain reported nothing"
     grown = {

@@ -19,7 +19,7 @@ import pytest
 
 from db.rows import IdentityRow, ProfileRow, SessionRow, Snapshot, UserRow
 from sync_worker.changes import Action, SessionInfo, UserChange
-from sync_worker.engine.ids import time_ordered_id
+from sync_worker.engine.ids import time_ordered_id, time_ordered_ids
 from sync_worker.engine.plan import Plan, PlanSettings, dedupe, plan, triage, unchanged
 from tests.factories import T0, at, delete, login, upsert
 
@@ -314,3 +314,16 @@ def test_new_ids_are_time_ordered_version_7() -> None:
     assert all(first < u for u in later)  # a later millisecond sorts after
     millis = first.int >> 80
     assert abs(millis - time.time() * 1000) < 60_000
+
+
+def test_ids_made_by_the_batch_are_those_of_time_ordered_id() -> None:
+    first = time_ordered_id()
+    time.sleep(0.002)
+    batch = time_ordered_ids(1000)
+    assert len(batch) == 1000
+    assert len(set(batch)) == 1000
+    assert {u.version for u in batch} == {7}
+    assert {u.variant for u in batch} == {uuid.RFC_4122}
+    assert all(first < u for u in batch)
+    assert {u.int >> 80 for u in batch} == {batch[0].int >> 80}  # one clock read
+    assert time_ordered_ids(0) == []

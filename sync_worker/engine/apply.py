@@ -8,6 +8,11 @@ sessions); the rows the rest touch are loaded with a few set queries (``db.snaps
 ``plan`` decides the writes and ``db.writes`` runs them as a few multi-row statements. A
 record the database refuses is isolated by bisecting the batch inside savepoints; it is
 recorded as failed and the rest commits.
+
+On PostgreSQL a batch with at least ``bulk_threshold`` changes left after triage first
+writes its simple creates through the bulk path (``engine.bulk``, ``db.bulk``: rows straight
+to COPY), then plans the rest as above, in the same savepoint. If the database refuses any
+of it, the batch is applied again without the bulk path, which bisects as always.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from datetime import datetime
 import structlog
 from sqlalchemy import Connection
 
+from db import bulk as bulk_store
 from db import snapshot as store
-from db.rows import AuditRow, IdentityRow, Key
+from db.rows import AuditRow, IdentityRow, Key, SessionRow
 from db.writes import Stamp, append_audit, write
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.config import Settings
-from sync_worker.engine.ids import time_ordered_id
+from sync_worker.engine import bulk
+from sync_worker.engine.ids import time_ordered_id, time_ordered_ids
 from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, triage
 from sync_worker.engine.validate import problem
 from sync_worker.errors import RecordRefused
@@ -84,10 +91,14 @@ class SyncEngine:
         *,
         clock: Callable[[], datetime] = utcnow,
         new_id: Callable[[], uuid.UUID] = time_ordered_id,
+        bulk_threshold: int | None = None,
     ) -> None:
+        """``bulk_threshold``: changes left after triage from which a batch takes the bulk
+        create path on PostgreSQL (None: ``engine.bulk.THRESHOLD``, read now)."""
         self.settings = settings
         self.clock = clock
         self.new_id = new_id
+        self.bulk_threshold = bulk.THRESHOLD if bulk_threshold is None else bulk_threshold
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SyncEngine:
@@ -127,30 +138,39 @@ class SyncEngine:
         return reason is None
 
     def _isolating(
-        self, conn: Connection, changes: list[UserChange], batch: _Batch
+        self, conn: Connection, changes: list[UserChange], batch: _Batch, *, bulk: bool = True
     ) -> list[Outcome]:
         if not changes:
             return []
+        use_bulk = bulk and len(changes) >= self.bulk_threshold
         try:
             with conn.begin_nested():
-                return self._apply_once(conn, changes, batch.stamp)
+                return self._apply_once(conn, changes, batch.stamp, bulk=use_bulk)
         except RecordRefused as exc:
+            if use_bulk:  # the per-row path finds the refused record
+                return self._isolating(conn, changes, batch, bulk=False)
             if len(changes) == 1:
                 outcomes: list[Outcome] = []
                 self._record_failure(batch, changes[0], str(exc), outcomes)
                 return outcomes
             middle = len(changes) // 2
-            return self._isolating(conn, changes[:middle], batch) + self._isolating(
-                conn, changes[middle:], batch
+            return self._isolating(conn, changes[:middle], batch, bulk=False) + self._isolating(
+                conn, changes[middle:], batch, bulk=False
             )
 
     def _apply_once(
-        self, conn: Connection, changes: list[UserChange], stamp: Stamp
+        self, conn: Connection, changes: list[UserChange], stamp: Stamp, *, bulk: bool
     ) -> list[Outcome]:
         store.lock_writers(conn)
         identities = store.load_identities(conn, changes)
         sessions = store.load_sessions(conn, changes)
         noop, todo = triage(changes, identities, sessions, stamp.now)
+        if bulk and len(todo) >= self.bulk_threshold and todo and conn.dialect.name == "postgresql":
+            created, todo = self._bulk_creates(conn, todo, identities, sessions, stamp)
+            noop += created
+            if created and todo:  # the rest may log in to a user just created
+                identities = store.load_identities(conn, todo)
+                sessions = store.load_sessions(conn, todo)
         if not todo:
             return noop
         stale = [c for c in todo if c.event_id and _is_stale(c, identities)]
@@ -165,6 +185,44 @@ class SyncEngine:
         decided = plan(todo, snap, self.settings, stamp.now, self.new_id)
         write(conn, decided.writes, stamp)
         return noop + decided.outcomes
+
+    def _bulk_creates(
+        self,
+        conn: Connection,
+        todo: list[UserChange],
+        identities: Mapping[Key, IdentityRow],
+        sessions: Mapping[Key, SessionRow],
+        stamp: Stamp,
+    ) -> tuple[list[Outcome], list[UserChange]]:
+        """Write the batch's simple creates; (their outcomes, the changes left to plan)."""
+        link = self.settings.link_by_verified_email
+        wanted = bulk.candidates(todo, identities, link=link)
+        creates, logins, rest = bulk.split(
+            todo,
+            identities,
+            sessions,
+            link=link,
+            owned_emails=bulk_store.owned_emails(conn, wanted.emails) if wanted.emails else (),
+            stored_linked=bulk_store.stored_keys(conn, wanted.linked) if wanted.linked else (),
+        )
+        if not creates:
+            return [], todo
+        rows = bulk.BulkPlan(creates, logins, self.settings, stamp.now, self._new_ids)
+        bulk_store.write_creates(  # consumes the lazy row iterators, table by table
+            conn,
+            users_rows=rows.users,
+            profile_rows=rows.profiles(),
+            identity_rows=rows.identities(),
+            session_rows=rows.sessions(),
+            audit_rows=rows.audit(),
+            stamp=stamp,
+        )
+        return rows.outcomes, rest
+
+    def _new_ids(self, count: int) -> list[uuid.UUID]:
+        if self.new_id is time_ordered_id:
+            return time_ordered_ids(count)
+        return [self.new_id() for _ in range(count)]
 
     def _record_failure(
         self,

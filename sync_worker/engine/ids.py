@@ -26,3 +26,16 @@ def time_ordered_id() -> uuid.UUID:
     millis = time.time_ns() // 1_000_000
     value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
     return uuid.UUID(int=(value & _KEEP) | _VERSION | _VARIANT)
+
+
+def time_ordered_ids(count: int) -> list[uuid.UUID]:
+    """``count`` ids as ``time_ordered_id`` makes them, from one clock read and one read of
+    the random source (a bulk create needs three per user)."""
+    millis = (time.time_ns() // 1_000_000) << 80
+    noise = os.urandom(10 * count)
+    return [
+        uuid.UUID(
+            int=((millis | int.from_bytes(noise[i : i + 10], "big")) & _KEEP) | _VERSION | _VARIANT
+        )
+        for i in range(0, 10 * count, 10)
+    ]

@@ -699,3 +699,11 @@ def _json(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
+
+
+# The planner's rules that the bulk create path (engine/bulk.py) shares: one definition.
+USER_FIELDS = _USER_FIELDS
+compact = _compact
+json_value = _json
+newest = _newest
+session_fields = _session_fields

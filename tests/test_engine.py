@@ -126,9 +126,36 @@ class TestVersionGuard:
             upsert("auth0|1", 3, name="v3"),
             upsert("auth0|1", 2, name="v2"),
         )
-        assert result.counts == {"created": 1}
+        assert result.counts == {"created": 1, "stale_skipped": 2}  # v1 and v2: superseded
         assert only(rows(sync.db, "users"))["name"] == "v3"
-        assert only(audit(sync.db))["changes"]["name"] == [None, "v3"]
+        assert only(audit(sync.db))["changes"]["name"] == [None, "v3"]  # no event ids
+
+    def test_events_superseded_in_their_batch_are_audited_as_stale_once(
+        self, sync: BoundEngine
+    ) -> None:
+        # A create and its update drained in one batch (after a crash, say) leave the same
+        # audit trail per event as when they came one batch each: one row per event.
+        result = apply(
+            sync,
+            upsert("auth0|1", 1, name="v1", event_id="evt_1"),
+            upsert("auth0|1", 3, name="v3", event_id="evt_3"),
+            upsert("auth0|1", 2, name="v2", event_id="evt_2"),
+            upsert("auth0|1", 2, name="v2", event_id="evt_2"),  # the same event twice
+        )
+        assert result.counts == {"created": 1, "stale_skipped": 3}
+        rows_by_event = {a["event_id"]: a for a in audit(sync.db)}
+        assert sorted(rows_by_event) == ["evt_1", "evt_2", "evt_3"]
+        assert len(audit(sync.db)) == 3
+        user_id = only(rows(sync.db, "users"))["id"]
+        for event in ("evt_1", "evt_2"):
+            stale = rows_by_event[event]
+            assert stale["action"] == "stale_skipped"
+            assert stale["user_id"] == user_id
+            assert (
+                stale["changes"]["upstream_updated_at"][0]
+                > stale["changes"]["upstream_updated_at"][1]
+            )
+        assert rows_by_event["evt_3"]["action"] == "created"
 
 
 class TestLinking:

@@ -34,7 +34,18 @@ from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.config import Settings
 from sync_worker.engine import bulk
 from sync_worker.engine.ids import time_ordered_id, time_ordered_ids
-from sync_worker.engine.plan import Outcome, PlanSettings, dedupe, failure, older, plan, triage
+from sync_worker.engine.plan import (
+    Outcome,
+    PlanSettings,
+    audit_row,
+    dedupe,
+    failure,
+    json_value,
+    older,
+    plan,
+    superseded,
+    triage,
+)
 from sync_worker.engine.validate import problem
 from sync_worker.errors import RecordRefused
 from sync_worker.runtime import collector_paused
@@ -81,7 +92,8 @@ class Rejected:
 class _Batch:
     stamp: Stamp
     outcomes: list[Outcome] = field(default_factory=list)
-    failed_audit: list[AuditRow] = field(default_factory=list)
+    #: audit rows of changes that never reach the planner: refused, or superseded in the batch
+    audit_apart: list[AuditRow] = field(default_factory=list)
 
 
 class SyncEngine:
@@ -124,9 +136,11 @@ class SyncEngine:
             for reject in rejected:
                 self._record_failure(batch, reject.as_change(), reject.reason)
             valid = [c for c in changes if self._valid(batch, c)]
-            batch.outcomes += self._isolating(conn, dedupe(valid), batch)
-            if batch.failed_audit:
-                append_audit(conn, batch.failed_audit, batch.stamp)
+            kept = dedupe(valid)
+            batch.outcomes += self._isolating(conn, kept, batch)
+            self._record_superseded(batch, superseded(valid, kept))
+            if batch.audit_apart:
+                append_audit(conn, batch.audit_apart, batch.stamp)
         result = BatchResult(tuple(batch.outcomes))
         log.info("batch_applied", source=str(source), **result.counts)
         return result
@@ -224,6 +238,22 @@ class SyncEngine:
             return time_ordered_ids(count)
         return [self.new_id() for _ in range(count)]
 
+    def _record_superseded(
+        self, batch: _Batch, dropped: Sequence[tuple[UserChange, UserChange]]
+    ) -> None:
+        users = {(o.provider, o.external_id): o.user_id for o in batch.outcomes
+                 if not o.is_session}  # fmt: skip
+        audited: set[tuple[str, str, str]] = set()
+        for change, winner in dropped:
+            user_id = users.get((change.provider, change.external_id))
+            batch.outcomes.append(Outcome.of(change, Action.STALE_SKIPPED, user_id))
+            marker = (change.provider, change.external_id, change.event_id or "")
+            if change.event_id and change.event_id != winner.event_id and marker not in audited:
+                audited.add(marker)
+                diff = {"upstream_updated_at": [json_value(winner.version),
+                                                json_value(change.version)]}  # fmt: skip
+                batch.audit_apart.append(audit_row(change, Action.STALE_SKIPPED, user_id, diff))
+
     def _record_failure(
         self,
         batch: _Batch,
@@ -233,7 +263,7 @@ class SyncEngine:
     ) -> None:
         outcome, row = failure(change, reason)
         (batch.outcomes if outcomes is None else outcomes).append(outcome)
-        batch.failed_audit.append(row)
+        batch.audit_apart.append(row)
         log.warning(
             "record_failed", provider=change.provider, external_id=change.external_id, reason=reason
         )

@@ -115,6 +115,23 @@ def dedupe(changes: Iterable[UserChange]) -> list[UserChange]:
     return [*latest.values(), *logins.values()]
 
 
+def superseded(
+    changes: Sequence[UserChange], kept: Sequence[UserChange]
+) -> list[tuple[UserChange, UserChange]]:
+    """The upserts and deletes ``dedupe`` left out, each with the newer change that won.
+
+    The engine audits them as stale (once per event, like an event older than what is
+    stored): whether an event is audited must not depend on which batch it landed in.
+    """
+    winners = {(c.provider, c.external_id): c for c in kept if c.kind is not ChangeKind.LOGIN}
+    kept_ids = {id(c) for c in kept}
+    return [
+        (c, winners[(c.provider, c.external_id)])
+        for c in changes
+        if c.kind is not ChangeKind.LOGIN and id(c) not in kept_ids
+    ]
+
+
 def unchanged(change: UserChange, held: IdentityRow | None, digest: str | None = None) -> bool:
     """An upsert whose content is already stored, and not older: it writes nothing at all.
 

@@ -93,6 +93,9 @@ user_identities = Table(
     Column("first_seen_at", UTCDateTime, nullable=False),
     Column("last_synced_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime),
+    # The source digest of the full pass that last applied this identity (db/digests.py):
+    # cleared by triggers (migration 0007) on any other write to the row or its sessions.
+    Column("source_digest", String(32)),
 )
 Index("ix_user_identities_user_id", user_identities.c.user_id)
 

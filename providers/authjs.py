@@ -29,26 +29,35 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import structlog
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Connection,
     CursorResult,
     Engine,
+    Interval,
     Select,
     Table,
+    Text,
+    any_,
+    bindparam,
+    cast,
     create_engine,
     delete,
     event,
     func,
+    literal,
     select,
+    type_coerce,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
@@ -90,6 +99,11 @@ PROVIDER = "authjs"
 #: Auth.js's default ``session.maxAge`` (reference §4): a row's ``expires`` minus this is
 #: when Auth.js last wrote it (at sign-in, or when it extended the session).
 DEFAULT_SESSION_MAX_AGE = timedelta(days=30)
+#: Part of every source digest: bump it with any change to what ``to_change`` or
+#: ``session_change`` read or produce, so that stored digests stop matching.
+DIGEST_VERSION = "authjs-1"
+#: A digest pass's page lists at most this many users (seen), however few it carries.
+SEEN_PER_PAGE = 20_000
 _MISSING_OBJECT = frozenset({"42P01", "42703", "3F000"})  # undefined table / column / schema
 _DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privilege
 
@@ -355,6 +369,27 @@ class AuthjsProvider:
     def cursor_since(self, since: datetime) -> Cursor | None:
         return None  # no change log: every pull lists all users
 
+    def iter_digested(
+        self,
+        cursor: Cursor | None,
+        *,
+        full: bool = False,
+        known: Callable[[], Mapping[str, str]],
+    ) -> Iterator[Page] | None:
+        """A pass that maps only the users whose source digest differs from ``known()``.
+
+        PostgreSQL only (None elsewhere): one snapshot reads ``(id, digest)`` of every user,
+        computed by the database over everything the mapping reads (``_digest_query``),
+        then the rows of the changed users alone, each table once, merged as in
+        ``_streamed``. Pages follow the users in id order like ``iter_changes``' (cursor,
+        resume, ``complete``, ``partial_pass``), list every user in ``seen_ids`` and carry
+        the changes and ``digests`` of the changed ones.
+        """
+        if self._engine.dialect.name != "postgresql":
+            return None
+        after = None if full or cursor is None else self._resume_point(cursor)
+        return self._digested(after, known, partial=after is not None)
+
     def fetch_user(self, external_id: str) -> UserChange | None:
         """The user by primary key, with linked accounts; None if there is no such row."""
         key = self._key(external_id)
@@ -440,6 +475,187 @@ class AuthjsProvider:
                     )
                 yield _Chunk(entries=entries, observed=observed, last=last, total=total)
                 total = None  # stated on the first page only
+
+    def _digested(
+        self,
+        after: int | str | None,
+        known: Callable[[], Mapping[str, str]],
+        *,
+        partial: bool,
+    ) -> Iterator[Page]:
+        size = self._batch_size
+        with self._reading() as conn, ExitStack() as cursors:
+            observed = self._now()
+            digests = conn.execute(self._digest_query(after, observed)).all()
+            stored = known()  # read after the snapshot began: see docs/architecture.md
+            changed = [(key, d) for key, d, _ in digests if stored.get(str(key)) != d]
+            del stored
+            entries = self._entries_of(
+                conn, cursors, changed, len(digests), after=after, observed=observed
+            )
+            todo = iter(changed)
+            pending = next(todo, None)
+            seen: list[str] = []
+            held: list[_Entry] = []
+            held_digests: dict[str, str] = {}
+            skipped_sessions = 0
+            total: int | None = len(digests)
+            for index, (key, digest, sessions) in enumerate(digests):
+                seen.append(str(key))
+                if pending is None or pending[0] != key:
+                    skipped_sessions += sessions
+                else:
+                    entry = next(entries, None)
+                    if entry is None or entry[0]["id"] != key:
+                        raise UpstreamDataError(
+                            "authjs: users did not come in the order of their digests"
+                        )
+                    held.append(entry)
+                    held_digests[str(key)] = digest
+                    pending = next(todo, None)
+                last = index == len(digests) - 1
+                if last or len(held) == size or len(seen) >= SEEN_PER_PAGE:
+                    with collector_paused():
+                        page = self._digest_page(
+                            held, seen, held_digests, observed, last=last, partial=partial
+                        )
+                    skipped = (len(seen) - len(held), skipped_sessions)
+                    yield replace(page, total=total, skipped=skipped)
+                    seen, held, held_digests, total, skipped_sessions = [], [], {}, None, 0
+            if not digests:
+                empty = self._digest_page([], [], {}, observed, last=True, partial=partial)
+                yield replace(empty, total=0)
+
+    def _digest_page(
+        self,
+        entries: list[_Entry],
+        seen: list[str],
+        digests: dict[str, str],
+        observed: datetime,
+        *,
+        last: bool,
+        partial: bool,
+    ) -> Page:
+        changes, errors = self._map(entries, observed)
+        if not last:
+            return Page(
+                changes=changes,
+                cursor=_cursor_after(self._key(seen[-1])),
+                errors=errors,
+                seen_ids=tuple(seen),
+                digests=digests,
+            )
+        log.info("authjs_pass_complete", provider=PROVIDER, digested=True)
+        return Page(
+            changes=changes,
+            cursor={"completed_at": observed.isoformat()},
+            errors=errors,
+            seen_ids=tuple(seen),
+            complete=True,
+            partial_pass=partial,
+            digests=digests,
+        )
+
+    def _entries_of(
+        self,
+        conn: Connection,
+        cursors: ExitStack,
+        changed: Sequence[tuple[Any, str]],
+        listed: int,
+        *,
+        after: int | str | None,
+        observed: datetime,
+    ) -> Iterator[_Entry]:
+        """The rows of the ``changed`` users, in id order, each table read once.
+
+        All of them (the first pass) reads the tables whole; a few, by their ids: the users
+        by primary key, accounts and sessions by a hash join against those (no adapter
+        indexes ``"userId"``, so per-page lookups would scan them once per page).
+        """
+        if not changed:
+            return iter(())
+        key = self._user.c.id
+        ids = None
+        if len(changed) < listed:
+            ids = bindparam("ids", [k for k, _ in changed], type_=ARRAY(key.type))
+        stream = conn.execution_options(yield_per=self._batch_size)
+
+        def opened(query: Select[Any]) -> Iterator[dict[str, Any]]:
+            if ids is not None:
+                query = query.where(key == any_(ids))
+            result = stream.execute(query)
+            cursors.callback(result.close)
+            return _dicts(result)
+
+        users = opened(self._users_after(after).order_by(key))
+        accounts = _Follower(opened(self._account_rows(key, after)))
+        sessions = _Follower(opened(self._session_rows(key, after, observed)))
+        return ((row, accounts.take(row["id"]), sessions.take(row["id"])) for row in users)
+
+    def _digest_query(self, after: int | str | None, observed: datetime) -> Select[Any]:
+        """``(id, md5 of a canonical JSON form, live sessions)`` of every user after ``after``,
+        in id order.
+
+        The form holds everything ``to_change`` and ``session_change`` read, as the same
+        queries select it: the user's columns, its accounts' (provider, providerAccountId),
+        its live sessions' token, expiry and the login time the mapping derives from them
+        (``least(expires - maxAge, observed)``: it moves with ``observed`` for a session
+        that expires further off than maxAge), plus ``DIGEST_VERSION`` and the adapter's
+        own settings. JSON, so no two forms print alike. The token never leaves the
+        database: only a digest over it does.
+        """
+        tables = self._tables
+        user, account, session = tables.user, tables.account, tables.session
+        pair = func.json_build_array(account.c.provider, account.c.provider_account_id)
+        accounts = (
+            select(
+                account.c.user_id.label("uid"),
+                func.json_agg(
+                    aggregate_order_by(pair, account.c.provider, account.c.provider_account_id)
+                ).label("doc"),
+            )
+            .group_by(account.c.user_id)
+            .subquery("digest_accounts")
+        )
+        at = literal(observed, type_=session.c.expires.type)
+        expires = type_coerce(session.c.expires, session.c.expires.type)
+        written = func.least(expires - literal(self._max_age, Interval), at)
+        parts: list[ColumnElement[Any]] = [session.c.session_token, session.c.expires, written]
+        if tables.has("session", "created_at"):
+            parts.append(session.c.created_at)
+        one = func.json_build_array(*parts)
+        live = select(
+            session.c.user_id.label("uid"),
+            func.json_agg(
+                aggregate_order_by(one, session.c.expires, session.c.session_token)
+            ).label("doc"),
+            func.count().label("n"),
+        )
+        if not self._expired_too:
+            live = live.where(session.c.expires >= at)
+        sessions = live.group_by(session.c.user_id).subquery("digest_sessions")
+        salt = f"{DIGEST_VERSION}|{self._max_age.total_seconds()}|{int(self._expired_too)}"
+        fields: list[ColumnElement[Any]] = [
+            literal(salt, Text),
+            user.c.id,
+            user.c.name,
+            user.c.email,
+            user.c.email_verified,
+            user.c.image,
+        ]
+        if tables.has("user", "created_at"):
+            fields.append(user.c.created_at)
+        doc = cast(func.json_build_array(*fields, accounts.c.doc, sessions.c.doc), Text)
+        query = (
+            select(user.c.id, func.md5(doc), func.coalesce(sessions.c.n, 0))
+            .select_from(
+                user.outerjoin(accounts, accounts.c.uid == user.c.id).outerjoin(
+                    sessions, sessions.c.uid == user.c.id
+                )
+            )
+            .order_by(user.c.id)
+        )
+        return query if after is None else query.where(user.c.id > after)
 
     def _paged(self, after: int | str | None) -> Iterator[_Chunk]:
         """Other databases (SQLite): a short read per page, so that no read stays open

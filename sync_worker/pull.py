@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -22,11 +22,12 @@ import structlog
 from sqlalchemy import Engine
 
 from db.cursors import load_cursor, save_cursor
+from db.digests import store_digests, stored_digests
 from db.runs import RunStatus, finish_run, start_run
 from db.seen import count_unseen, forget_seen, live_ids, mark_seen, unseen_ids
 from db.snapshot import refresh_statistics
 from db.transaction import transaction
-from providers.base import Cursor, Page, Provider
+from providers.base import Cursor, DigestSource, Page, Provider
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
@@ -37,6 +38,14 @@ log = structlog.get_logger(__name__)
 
 SAMPLE_SIZE = 10
 RESUMED_REASON = "the pass resumed from a cursor and did not see every user"
+#: Outcomes after which the engine, given the same change again, writes nothing: a user
+#: whose every outcome is one of these may store its source digest.
+_SETTLED = frozenset(
+    {
+        Action.CREATED, Action.UPDATED, Action.RESTORED, Action.LINKED,
+        Action.UNCHANGED, Action.LOGIN, Action.SESSION_UPDATED,
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +83,13 @@ class PullReport:
             if outcome.changes and len(self.samples) < SAMPLE_SIZE:
                 self.samples.append(outcome)
 
+    def add_skipped(self, users: int, sessions: int) -> None:
+        """Users (and their sessions) a digest pass skipped as unchanged."""
+        if users:
+            self.counts[str(Action.UNCHANGED)] += users
+        if sessions:
+            self.sessions["unchanged"] += sessions
+
     def flat_counts(self) -> dict[str, int]:
         """One flat mapping (sync_runs.counts, logs): user outcomes, then ``sessions_*``."""
         return {**self.counts, **{f"sessions_{k}": n for k, n in sorted(self.sessions.items())}}
@@ -93,13 +109,17 @@ class PullRunner:
         max_delete_fraction: float = 0.2,
         source: Source = Source.BACKFILL,
         progress: Progress | None = None,
+        digests: bool = True,
     ) -> None:
+        """``digests``: let a source that digests its rows (``DigestSource``) skip the users
+        unchanged since the pass that last applied them (off: every user is mapped)."""
         self.db = db
         self.engine = engine
         self.provider = provider
         self.max_delete_fraction = max_delete_fraction
         self.source = source
         self.progress: Progress = progress or NoProgress()
+        self.digests = digests
 
     def run(
         self, *, full: bool = False, dry_run: bool = False, cursor: Cursor | None = None
@@ -147,7 +167,7 @@ class PullRunner:
         seen: _Seen,
     ) -> None:
         whole = full or start is None
-        pending = self.provider.iter_changes(start, full=whole)
+        pending = self._listing(start, whole)
         while True:
             # A page's objects live from its decoding until it is applied, and reference
             # counting frees them then: collections in between would only walk them. One
@@ -160,6 +180,7 @@ class PullRunner:
                     self.progress.total(page.total)
                 result = self._apply(page, report.run_id, seen, dry_run=dry_run)
                 report.add(result)
+                report.add_skipped(*page.skipped)
                 report.pages += 1
                 self.progress.advance(*_records(page))
                 complete, partial = page.complete, page.partial_pass
@@ -173,16 +194,34 @@ class PullRunner:
             elif complete:
                 report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
 
+    def _listing(self, start: Cursor | None, whole: bool) -> Iterator[Page]:
+        """The provider's pages: a digest pass where it offers one, else ``iter_changes``."""
+        provider = self.provider
+        if self.digests and isinstance(provider, DigestSource):
+            name = provider.name
+            pages = provider.iter_digested(
+                start, full=whole, known=lambda: stored_digests(self.db, name)
+            )
+            if pages is not None:
+                return pages
+        return provider.iter_changes(start, full=whole)
+
     def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:
-        """The page's batch, its seen ids and its cursor in one transaction."""
+        """The page's batch, its seen ids, its cursor and its users' source digests in one
+        transaction."""
         rejected = [
             Rejected(provider=self.provider.name, external_id=e.external_id, reason=e.reason)
             for e in page.errors
         ]
         with transaction(self.db, rollback=dry_run) as conn:
-            result = self.engine.apply(
-                conn, page.changes, source=self.source, run_id=run_id, rejected=rejected
-            )
+            if page.changes or rejected:
+                result = self.engine.apply(
+                    conn, page.changes, source=self.source, run_id=run_id, rejected=rejected
+                )
+            else:  # a digest pass's page of unchanged users: nothing to hand the engine
+                result = BatchResult(())
+            if page.digests:
+                store_digests(conn, self.provider.name, _settled(page, result))
             ids = seen.ids_to_store(page.seen_ids)
             if ids:
                 mark_seen(conn, run_id, ids)
@@ -301,10 +340,26 @@ class _DbSeen:
         forget_seen(self.db, self.run_id)
 
 
+def _settled(page: Page, result: BatchResult) -> dict[str, tuple[str, str]]:
+    """``{external_id: (source digest, content hash)}`` of the page's users the engine
+    settled: every change of theirs applied or found unchanged, none failed, none stale."""
+    digests = page.digests or {}
+    unsettled = {e.external_id for e in page.errors}
+    unsettled.update(o.external_id for o in result.outcomes if o.action not in _SETTLED)
+    return {
+        c.external_id: (digests[c.external_id], c.content_hash())
+        for c in page.changes
+        if c.kind is ChangeKind.UPSERT
+        and c.external_id in digests
+        and c.external_id not in unsettled
+    }
+
+
 def _records(page: Page) -> tuple[int, int]:
-    """(users, sessions) a page holds: its logins are sessions of users counted once."""
+    """(users, sessions) a page holds: its logins are sessions of users counted once; on
+    a digest pass, with the users (and sessions) it skipped."""
     users: set[str] = set()
-    sessions = 0
+    sessions = page.skipped[1]
     for change in page.changes:
         if change.kind is ChangeKind.LOGIN:
             sessions += 1
@@ -312,7 +367,7 @@ def _records(page: Page) -> tuple[int, int]:
             users.add(change.external_id)
     # A record the adapter could not map is a user, unless it is one of a user's sessions.
     unmapped = sum(1 for e in page.errors if e.external_id is None or e.external_id not in users)
-    return len(users) + unmapped, sessions
+    return len(users) + unmapped + page.skipped[0], sessions
 
 
 def _batched(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -1,0 +1,82 @@
+"""Source digests: what a full pass last applied for each identity, so the next can skip it.
+
+A pull whose source can digest its rows (Auth.js on PostgreSQL) stores, with each applied
+page and in its transaction, one digest per upstream user it applied. The column
+(``user_identities.source_digest``) holds it only while it is true that the engine would
+write nothing for that user given the same source rows: migration 0007's triggers clear it
+on every other write to the identity row or to its user's sessions, whoever makes it.
+
+On the identity row, not a side table: deleting the identity (or its user, by cascade)
+takes the digest along with no trigger at all, an identity that holds no digest costs its
+writers nothing (the trigger's WHEN is false), and clearing is an assignment to the row
+being written anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sqlalchemy import ARRAY, Connection, Engine, String, bindparam, func, select, update
+
+from db.errors import translated
+from db.snapshot import lock_writers
+from db.tables import user_identities
+
+__all__ = ["store_digests", "stored_digests"]
+
+_ui = user_identities
+
+
+@translated
+def stored_digests(db: Engine, provider: str) -> dict[str, str]:
+    """``{external_id: digest}`` of the provider's identities that hold one."""
+    query = select(_ui.c.external_id, _ui.c.source_digest).where(
+        _ui.c.provider == provider, _ui.c.source_digest.is_not(None)
+    )
+    with db.connect() as conn:
+        return dict(conn.execute(query).tuples())
+
+
+@translated
+def store_digests(conn: Connection, provider: str, digests: Mapping[str, tuple[str, str]]) -> int:
+    """Store ``{external_id: (digest, content_hash)}`` in the caller's transaction.
+
+    Only on a live identity whose content hash is the one the pass mapped: the engine has
+    just applied (or found unchanged) exactly that, and a row another writer changed since
+    gets no digest. The engine's writer lock is taken (again: the engine took it if it
+    wrote), so no other engine batch can come between. Returns the rows updated.
+    """
+    if not digests:
+        return 0
+    lock_writers(conn)
+    ids = list(digests)
+    if conn.dialect.name == "postgresql":
+        # One statement for the page, not one per user: the first pass stores 100,000.
+        rows = func.unnest(
+            bindparam("ids", ids, type_=ARRAY(String)),
+            bindparam("digests", [digests[i][0] for i in ids], type_=ARRAY(String)),
+            bindparam("hashes", [digests[i][1] for i in ids], type_=ARRAY(String)),
+        ).table_valued("external_id", "digest", "content_hash")
+        statement = (
+            update(_ui)
+            .values(source_digest=rows.c.digest)
+            .where(
+                _ui.c.provider == provider,
+                _ui.c.external_id == rows.c.external_id,
+                _ui.c.content_hash == rows.c.content_hash,
+                _ui.c.deleted_at.is_(None),
+            )
+        )
+        return int(conn.execute(statement).rowcount)
+    statement = (
+        update(_ui)
+        .values(source_digest=bindparam("d"))
+        .where(
+            _ui.c.provider == provider,
+            _ui.c.external_id == bindparam("e"),
+            _ui.c.content_hash == bindparam("h"),
+            _ui.c.deleted_at.is_(None),
+        )
+    )
+    params = [{"e": e, "d": d, "h": h} for e, (d, h) in digests.items()]
+    return int(conn.execute(statement, params).rowcount)

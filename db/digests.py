@@ -34,7 +34,7 @@ def stored_digests(db: Engine, provider: str) -> dict[str, str]:
         _ui.c.provider == provider, _ui.c.source_digest.is_not(None)
     )
     with db.connect() as conn:
-        return dict(conn.execute(query).tuples())
+        return {str(e): str(d) for e, d in conn.execute(query)}
 
 
 @translated
@@ -52,11 +52,15 @@ def store_digests(conn: Connection, provider: str, digests: Mapping[str, tuple[s
     ids = list(digests)
     if conn.dialect.name == "postgresql":
         # One statement for the page, not one per user: the first pass stores 100,000.
-        rows = func.unnest(
-            bindparam("ids", ids, type_=ARRAY(String)),
-            bindparam("digests", [digests[i][0] for i in ids], type_=ARRAY(String)),
-            bindparam("hashes", [digests[i][1] for i in ids], type_=ARRAY(String)),
-        ).table_valued("external_id", "digest", "content_hash")
+        rows = (
+            func.unnest(
+                bindparam("ids", ids, type_=ARRAY(String)),
+                bindparam("digests", [digests[i][0] for i in ids], type_=ARRAY(String)),
+                bindparam("hashes", [digests[i][1] for i in ids], type_=ARRAY(String)),
+            )
+            .table_valued("external_id", "digest", "content_hash")
+            .render_derived(name="given")
+        )
         statement = (
             update(_ui)
             .values(source_digest=rows.c.digest)

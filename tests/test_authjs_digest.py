@@ -335,8 +335,9 @@ def test_reconcile_soft_deletes_then_the_user_comes_back(twins: Twins) -> None:
     )
     twins.loader.delete_user(a)
     twins.run()
-    assert twins.reports[True].reconcile is not None
-    assert twins.reports[True].reconcile.deleted == 1
+    reconciled = twins.reports[True].reconcile
+    assert reconciled is not None
+    assert reconciled.deleted == 1
     twins.assert_same()
     twins.loader.execute(
         'INSERT INTO users (id, name, email, "emailVerified", image) VALUES (%s, %s, %s, %s, %s)',

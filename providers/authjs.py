@@ -12,6 +12,9 @@ by content hash; ``version`` is the UTC time the data was read. On PostgreSQL a 
 snapshot, reading users, accounts and live sessions once each, merged by user id; elsewhere
 (SQLite) each page is a short read of its users and one ``IN`` query each for their accounts
 and sessions. Never a query per user.
+On PostgreSQL a pass can also skip the users unchanged since the last pass
+(``iter_digested``): the database digests each user's rows, and only the users whose digest
+the worker does not hold are read in full and mapped (docs/architecture.md, engine rules).
 Each page carries ``{"after_id": "42", "id_type": "int"}`` so a killed pass resumes after
 it; the last page is ``complete`` with ``{"completed_at": iso}``, and a pass that resumed
 (so saw only part of the users) says ``partial_pass`` there, so nobody

@@ -7,6 +7,9 @@ reconcile that soft-deletes users missing upstream, unless that would remove mor
 ``max_delete_fraction`` of them. Its deletions are dated when the run began: a user that was
 created or changed since (by a webhook while the pass ran, say) holds a newer version, so the
 engine skips its deletion as stale instead of deleting a user the pass could not have seen.
+A source that digests its rows (``DigestSource``) hands over only the users whose digest
+differs from the one stored by the pass that last applied them (``db.digests``); each page
+stores its settled users' digests with its batch.
 """
 
 from __future__ import annotations

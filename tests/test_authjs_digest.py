@@ -434,3 +434,34 @@ def test_any_other_write_clears_the_digest(twins: Twins) -> None:
             assert digest() == f"held-{n}"  # a new session row changes no stored session
         else:
             assert digest() is None, statement
+
+
+def test_the_digest_pass_on_either_worker_database(
+    engine: Engine, make_pg_database: Callable[[], str]
+) -> None:
+    """The worker side is portable (SQLite stores digests row by row); the source is not:
+    a SQLite Auth.js database keeps the per-row pass (``iter_digested`` says None)."""
+    source = make_pg_database()
+    with make_loader("pg", source) as loader:
+        loader.populate(12, now=START)
+    settings = AuthjsSettings(database_url=source)
+
+    def run() -> tuple[PullReport, int]:
+        with closing(Recording(AuthjsProvider(settings, batch_size=5))) as provider:
+            report = PullRunner(engine, SyncEngine(PlanSettings()), provider).run(full=True)
+            return report, provider.mapped
+
+    first, mapped = run()
+    assert (first.counts["created"], mapped) == (12, 12)
+    assert len(stored_digests(engine, "authjs")) == 12
+    again, mapped = run()
+    assert (dict(again.counts), mapped) == ({"unchanged": 12}, 0)
+
+
+def test_a_sqlite_source_keeps_the_per_row_pass(tmp_path: Any) -> None:
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("prisma", app) as loader:
+        loader.populate(3)
+    settings = AuthjsSettings.model_validate({"database_url": app, "schema": "prisma"})
+    with closing(AuthjsProvider(settings)) as provider:
+        assert provider.iter_digested(None, full=True, known=dict) is None

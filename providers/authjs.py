@@ -64,7 +64,7 @@ from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
 from providers.authjs_schema import AuthjsTables, build_tables
-from providers.base import Cursor, Page, RecordError
+from providers.base import Cursor, Page, RecordError, StoredDigests
 from providers.fields import optional_text
 from sync_worker.changes import (
     ChangeKind,
@@ -106,6 +106,11 @@ DEFAULT_SESSION_MAX_AGE = timedelta(days=30)
 DIGEST_VERSION = "authjs-1"
 #: A digest pass's page lists at most this many users (seen), however few it carries.
 SEEN_PER_PAGE = 20_000
+#: Source digests are compared with the stored ones this many at a time.
+DIGEST_CHUNK = 10_000
+#: A digest pass holds the ids of at most this many changed users (beyond, it reads every
+#: user's rows in step with the digests instead), so its memory stays flat.
+CHANGED_HELD = 50_000
 _MISSING_OBJECT = frozenset({"42P01", "42703", "3F000"})  # undefined table / column / schema
 _DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privilege
 
@@ -376,16 +381,20 @@ class AuthjsProvider:
         cursor: Cursor | None,
         *,
         full: bool = False,
-        known: Callable[[], Mapping[str, str]],
+        known: StoredDigests,
     ) -> Iterator[Page] | None:
-        """A pass that maps only the users whose source digest differs from ``known()``.
+        """A pass that maps only the users whose source digest differs from ``known``'s.
 
-        PostgreSQL only (None elsewhere): one snapshot reads ``(id, digest)`` of every user,
-        computed by the database over everything the mapping reads (``_digest_query``),
-        then the rows of the changed users alone, each table once, merged as in
-        ``_streamed``. Pages follow the users in id order like ``iter_changes``' (cursor,
-        resume, ``complete``, ``partial_pass``), list every user in ``seen_ids`` and carry
-        the changes and ``digests`` of the changed ones.
+        PostgreSQL only (None elsewhere). In one snapshot, the database computes
+        ``(id, digest)`` of every user over everything the mapping reads
+        (``_digest_query``), streamed and compared chunk by chunk with the stored ones;
+        then the rows of the changed users alone are read, each table once, merged as in
+        ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
+        than ``CHANGED_HELD`` (whose ids this would hold), the digests are instead read in
+        step with every user's rows. Either way memory stays flat in the number of users.
+        Pages follow the users in id order like ``iter_changes``' (cursor, resume,
+        ``complete``, ``partial_pass``), list every user in ``seen_ids`` and carry the
+        changes and ``digests`` of the changed ones.
         """
         if self._engine.dialect.name != "postgresql":
             return None
@@ -479,54 +488,111 @@ class AuthjsProvider:
                 total = None  # stated on the first page only
 
     def _digested(
-        self,
-        after: int | str | None,
-        known: Callable[[], Mapping[str, str]],
-        *,
-        partial: bool,
+        self, after: int | str | None, known: StoredDigests, *, partial: bool
     ) -> Iterator[Page]:
-        size = self._batch_size
         with self._reading() as conn, ExitStack() as cursors:
             observed = self._now()
-            digests = conn.execute(self._digest_query(after, observed)).all()
-            stored = known()  # read after the snapshot began: see docs/architecture.md
-            changed = [(key, d) for key, d, _ in digests if stored.get(str(key)) != d]
-            del stored
-            entries = self._entries_of(
-                conn, cursors, changed, len(digests), after=after, observed=observed
-            )
-            todo = iter(changed)
-            pending = next(todo, None)
-            seen: list[str] = []
-            held: list[_Entry] = []
-            held_digests: dict[str, str] = {}
+            stream = conn.execution_options(yield_per=DIGEST_CHUNK)
+
+            def opened(query: Select[Any]) -> CursorResult[Any]:
+                result = stream.execute(query)
+                cursors.callback(result.close)  # a pass closed early closes its cursors first
+                return result
+
+            changed: dict[Any, str] | None = None
             skipped_sessions = 0
-            total: int | None = len(digests)
-            for index, (key, digest, sessions) in enumerate(digests):
-                seen.append(str(key))
-                if pending is None or pending[0] != key:
-                    skipped_sessions += sessions
+            if known.held():
+                digests = opened(self._digest_query(after, observed))
+                changed, skipped_sessions = _changed(digests, known)
+            total = self._count_after(conn, after)  # in the pass's snapshot
+            if changed is None:
+                items = self._in_step(opened, after, observed, known)
+            else:
+                items = self._filtered(opened, changed, after, observed)
+            pages = self._digest_pages(items, observed, skipped_sessions, partial=partial)
+            first = next(pages)
+            yield replace(first, total=total)
+            yield from pages
+
+    def _in_step(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        after: int | str | None,
+        observed: datetime,
+        known: StoredDigests,
+    ) -> Iterator[_Item]:
+        """Every user's digest in step with its rows (all read), chunk by chunk."""
+        digests = opened(self._digest_query(after, observed))
+        key = self._user.c.id
+        users = _dicts(opened(self._users_after(after).order_by(key)))
+        accounts = _Follower(_dicts(opened(self._account_rows(key, after))))
+        sessions = _Follower(_dicts(opened(self._session_rows(key, after, observed))))
+        held = known.held()
+        for chunk in digests.partitions():
+            stored = known.of([str(r[0]) for r in chunk]) if held else {}
+            for user_id, digest, count in map(tuple, chunk):
+                row = next(users, None)
+                if row is None or row["id"] != user_id:
+                    raise UpstreamDataError("authjs: users did not come in their digests' order")
+                entry = (row, accounts.take(user_id), sessions.take(user_id))
+                if stored.get(str(user_id)) == digest:
+                    yield user_id, None, count, None
                 else:
-                    entry = next(entries, None)
-                    if entry is None or entry[0]["id"] != key:
-                        raise UpstreamDataError(
-                            "authjs: users did not come in the order of their digests"
-                        )
+                    yield user_id, digest, 0, entry
+
+    def _filtered(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        changed: dict[Any, str],
+        after: int | str | None,
+        observed: datetime,
+    ) -> Iterator[_Item]:
+        """Every user's id, with the rows of the ``changed`` ones."""
+        key = self._user.c.id
+        query = select(key).select_from(self._user).order_by(key)
+        ids = opened(query if after is None else query.where(key > after)).scalars()
+        entries = self._entries_of(opened, list(changed), after=after, observed=observed)
+        for user_id in ids:
+            digest = changed.get(user_id)
+            if digest is None:
+                yield user_id, None, 0, None
+                continue
+            entry = next(entries, None)
+            if entry is None or entry[0]["id"] != user_id:
+                raise UpstreamDataError("authjs: users did not come in their digests' order")
+            yield user_id, digest, 0, entry
+
+    def _digest_pages(
+        self, items: Iterator[_Item], observed: datetime, skipped_sessions: int, *, partial: bool
+    ) -> Iterator[Page]:
+        """Pages of at most ``batch_size`` changed users and ``SEEN_PER_PAGE`` users."""
+        size = self._batch_size
+        seen: list[str] = []
+        held: list[_Entry] = []
+        held_digests: dict[str, str] = {}
+        skipped = [0, skipped_sessions]
+        item = next(items, None)
+        while True:
+            if item is not None:
+                user_id, digest, sessions, entry = item
+                seen.append(str(user_id))
+                if entry is None or digest is None:
+                    skipped[0] += 1
+                    skipped[1] += sessions
+                else:
                     held.append(entry)
-                    held_digests[str(key)] = digest
-                    pending = next(todo, None)
-                last = index == len(digests) - 1
-                if last or len(held) == size or len(seen) >= SEEN_PER_PAGE:
-                    with collector_paused():
-                        page = self._digest_page(
-                            held, seen, held_digests, observed, last=last, partial=partial
-                        )
-                    skipped = (len(seen) - len(held), skipped_sessions)
-                    yield replace(page, total=total, skipped=skipped)
-                    seen, held, held_digests, total, skipped_sessions = [], [], {}, None, 0
-            if not digests:
-                empty = self._digest_page([], [], {}, observed, last=True, partial=partial)
-                yield replace(empty, total=0)
+                    held_digests[str(user_id)] = digest
+                item = next(items, None)
+            last = item is None
+            if last or len(held) == size or len(seen) >= SEEN_PER_PAGE:
+                with collector_paused():
+                    page = self._digest_page(
+                        held, seen, held_digests, observed, last=last, partial=partial
+                    )
+                yield replace(page, skipped=(skipped[0], skipped[1]))
+                seen, held, held_digests, skipped = [], [], {}, [0, 0]
+                if last:
+                    return
 
     def _digest_page(
         self,
@@ -560,38 +626,26 @@ class AuthjsProvider:
 
     def _entries_of(
         self,
-        conn: Connection,
-        cursors: ExitStack,
-        changed: Sequence[tuple[Any, str]],
-        listed: int,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        keys: Sequence[Any],
         *,
         after: int | str | None,
         observed: datetime,
     ) -> Iterator[_Entry]:
-        """The rows of the ``changed`` users, in id order, each table read once.
-
-        All of them (the first pass) reads the tables whole; a few, by their ids: the users
-        by primary key, accounts and sessions by a hash join against those (no adapter
-        indexes ``"userId"``, so per-page lookups would scan them once per page).
-        """
-        if not changed:
+        """The rows of the users ``keys`` (in id order), each table read once: the users by
+        primary key, accounts and sessions by a join against those (no adapter indexes
+        ``"userId"``, so per-page lookups would scan them once per page)."""
+        if not keys:
             return iter(())
         key = self._user.c.id
-        ids = None
-        if len(changed) < listed:
-            ids = bindparam("ids", [k for k, _ in changed], type_=ARRAY(key.type))
-        stream = conn.execution_options(yield_per=self._batch_size)
+        ids = bindparam("ids", list(keys), type_=ARRAY(key.type))
 
-        def opened(query: Select[Any]) -> Iterator[dict[str, Any]]:
-            if ids is not None:
-                query = query.where(key == any_(ids))
-            result = stream.execute(query)
-            cursors.callback(result.close)
-            return _dicts(result)
+        def rows(query: Select[Any]) -> Iterator[dict[str, Any]]:
+            return _dicts(opened(query.where(key == any_(ids))))
 
-        users = opened(self._users_after(after).order_by(key))
-        accounts = _Follower(opened(self._account_rows(key, after)))
-        sessions = _Follower(opened(self._session_rows(key, after, observed)))
+        users = rows(self._users_after(after).order_by(key))
+        accounts = _Follower(rows(self._account_rows(key, after)))
+        sessions = _Follower(rows(self._session_rows(key, after, observed)))
         return ((row, accounts.take(row["id"]), sessions.take(row["id"])) for row in users)
 
     def _digest_query(self, after: int | str | None, observed: datetime) -> Select[Any]:
@@ -874,6 +928,25 @@ def _dicts(result: CursorResult[Any]) -> Iterator[dict[str, Any]]:
 
 
 _Entry = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
+#: A user of a digest pass: (id, digest if changed, live sessions if skipped, rows if changed).
+_Item = tuple[Any, str | None, int, _Entry | None]
+
+
+def _changed(digests: CursorResult[Any], known: StoredDigests) -> tuple[dict[Any, str] | None, int]:
+    """(the changed users' ``{id: digest}``, the skipped users' live sessions), or
+    (None, 0) once more than ``CHANGED_HELD`` users changed."""
+    changed: dict[Any, str] = {}
+    skipped_sessions = 0
+    for chunk in digests.partitions():
+        stored = known.of([str(r[0]) for r in chunk])
+        for user_id, digest, sessions in map(tuple, chunk):
+            if stored.get(str(user_id)) == digest:
+                skipped_sessions += sessions
+            else:
+                changed[user_id] = digest
+        if len(changed) > CHANGED_HELD:
+            return None, 0
+    return changed, skipped_sessions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,7 @@ translated at the adapter boundary.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -44,7 +44,8 @@ class Page:
     the source can tell cheaply (for the progress bar's percentage and ETA); None otherwise.
     ``digests``, on a digest pass (``DigestSource``), maps each user whose changes the page
     carries to its source digest; the users in ``seen_ids`` missing from it were skipped as
-    unchanged. None on any other page. ``skipped`` counts those (users, their live sessions).
+    unchanged. None on any other page. ``skipped`` counts those users and their live
+    sessions (on some page of the pass, not necessarily theirs).
     """
 
     changes: tuple[UserChange, ...]
@@ -96,6 +97,15 @@ class UserLookup(Protocol):
         ...
 
 
+class StoredDigests(Protocol):
+    """The digests the worker stored for a provider's users (``db.digests``), as a pass
+    asks for them: whether there are any, then chunk by chunk."""
+
+    def held(self) -> bool: ...
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]: ...
+
+
 @runtime_checkable
 class DigestSource(Protocol):
     """A source that digests its users' rows itself, so a pass can skip the unchanged ones."""
@@ -103,18 +113,13 @@ class DigestSource(Protocol):
     name: str
 
     def iter_digested(
-        self,
-        cursor: Cursor | None,
-        *,
-        full: bool,
-        known: Callable[[], Mapping[str, str]],
+        self, cursor: Cursor | None, *, full: bool, known: StoredDigests
     ) -> Iterator[Page] | None:
         """Like ``iter_changes`` for a pass over every user, or None where this source
         cannot digest (then the caller uses ``iter_changes``).
 
-        ``known`` returns the digests stored by earlier passes (``{external_id: digest}``);
-        it is called once, after the pass's snapshot is taken. Pages carry the changes of
-        only the users whose digest differs or is missing, ``seen_ids`` of every user, and
-        ``digests`` of the users they carry.
+        ``known`` holds the digests stored by earlier passes; it is asked after the pass's
+        snapshot is taken. Pages carry the changes of only the users whose digest differs or
+        is missing, ``seen_ids`` of every user, and ``digests`` of the users they carry.
         """
         ...

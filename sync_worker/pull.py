@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ import structlog
 from sqlalchemy import Engine
 
 from db.cursors import load_cursor, save_cursor
-from db.digests import store_digests, stored_digests
+from db.digests import digests_of, holds_digests, store_digests
 from db.runs import RunStatus, finish_run, start_run
 from db.seen import count_unseen, forget_seen, live_ids, mark_seen, unseen_ids
 from db.snapshot import refresh_statistics
@@ -201,10 +201,7 @@ class PullRunner:
         """The provider's pages: a digest pass where it offers one, else ``iter_changes``."""
         provider = self.provider
         if self.digests and isinstance(provider, DigestSource):
-            name = provider.name
-            pages = provider.iter_digested(
-                start, full=whole, known=lambda: stored_digests(self.db, name)
-            )
+            pages = provider.iter_digested(start, full=whole, known=_Stored(self.db, provider.name))
             if pages is not None:
                 return pages
         return provider.iter_changes(start, full=whole)
@@ -280,6 +277,19 @@ class ReconcileRefused(GuardRefused):
     def __init__(self, report: PullReport) -> None:
         super().__init__(report.error or "reconcile refused")
         self.report = report
+
+
+class _Stored:
+    """The digests stored for the provider, as ``providers.base.StoredDigests``."""
+
+    def __init__(self, db: Engine, provider: str) -> None:
+        self.db, self.provider = db, provider
+
+    def held(self) -> bool:
+        return holds_digests(self.db, self.provider)
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
+        return digests_of(self.db, self.provider, external_ids)
 
 
 class _Seen(Protocol):

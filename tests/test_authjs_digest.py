@@ -10,7 +10,7 @@ per-row engine would have found unchanged.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,7 +25,7 @@ from db.migrate import upgrade
 from db.tables import metadata
 from db.transaction import transaction
 from providers.authjs import AuthjsProvider
-from providers.base import Cursor, Page
+from providers.base import Cursor, Page, StoredDigests
 from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
 from sync_worker.engine import PlanSettings, SyncEngine
@@ -52,7 +52,9 @@ class Recording:
 
     def _pages(self, pages: Iterator[Page]) -> Iterator[Page]:
         for page in pages:
+            # Users mapped, or read and found unmappable.
             self.mapped += sum(1 for c in page.changes if c.kind is ChangeKind.UPSERT)
+            self.mapped += len({e.external_id for e in page.errors})
             yield page
             self.pages += 1
             if self.stop_after is not None and self.pages == self.stop_after:
@@ -62,7 +64,7 @@ class Recording:
         return self._pages(self.inner.iter_changes(cursor, full=full))
 
     def iter_digested(
-        self, cursor: Cursor | None, *, full: bool = False, known: Callable[[], Any]
+        self, cursor: Cursor | None, *, full: bool = False, known: StoredDigests
     ) -> Iterator[Page] | None:
         pages = self.inner.iter_digested(cursor, full=full, known=known)
         return None if pages is None else self._pages(pages)
@@ -392,7 +394,7 @@ def test_a_poison_row_is_reported_on_every_pass(twins: Twins) -> None:
     for _ in range(2):
         twins.run()
         assert twins.reports[True].counts["failed"] == 1
-        assert twins.mapped[True] == 0  # the poison user never maps; nobody else changed
+        assert twins.mapped[True] == 1  # the poison user is read again; nobody else
         twins.assert_same()
 
 
@@ -464,4 +466,31 @@ def test_a_sqlite_source_keeps_the_per_row_pass(tmp_path: Any) -> None:
         loader.populate(3)
     settings = AuthjsSettings.model_validate({"database_url": app, "schema": "prisma"})
     with closing(AuthjsProvider(settings)) as provider:
-        assert provider.iter_digested(None, full=True, known=dict) is None
+        assert provider.iter_digested(None, full=True, known=Nothing()) is None
+
+
+class Nothing:
+    """No digest stored."""
+
+    def held(self) -> bool:
+        return False
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
+        return {}
+
+
+def test_more_changes_than_held_read_every_user_in_step(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond ``CHANGED_HELD`` changed users the pass reads every row in step with the
+    digests (memory stays flat): the same outcome, still skipping the unchanged."""
+    monkeypatch.setattr("providers.authjs.CHANGED_HELD", 1)
+    twins.run()
+    for scenario in (user_fields_changed, sessions_changed, updated_by_webhook, poison_row):
+        scenario(twins)
+        twins.run()
+        twins.assert_same()
+        assert 0 < twins.mapped[True] < twins.mapped[False]
+    twins.run()
+    twins.assert_same()
+    assert twins.mapped[True] == 1  # the poison user alone

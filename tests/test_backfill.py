@@ -19,7 +19,7 @@ from db.migrate import upgrade
 from db.tables import sync_runs
 from providers.auth0 import Auth0Provider
 from providers.authjs import AuthjsProvider
-from providers.base import Cursor, Page, Provider
+from providers.base import Cursor, Page, Provider, StoredDigests
 from providers.http import HttpPolicy
 from providers.stack import StackProvider
 from sync_worker.changes import (
@@ -87,7 +87,7 @@ class FailAfter:
         return self._failing(self.inner.iter_changes(cursor, full=full))
 
     def iter_digested(
-        self, cursor: Cursor | None, *, full: bool = False, known: Callable[[], Any]
+        self, cursor: Cursor | None, *, full: bool = False, known: StoredDigests
     ) -> Iterator[Page] | None:
         digested = getattr(self.inner, "iter_digested", None)
         pages = None if digested is None else digested(cursor, full=full, known=known)

@@ -16,16 +16,28 @@ being written anyway.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
-from sqlalchemy import ARRAY, Connection, Engine, String, bindparam, exists, func, select, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Connection,
+    Engine,
+    String,
+    bindparam,
+    exists,
+    func,
+    select,
+    update,
+)
 
-from db.errors import translated
+from db.errors import translated, translating
 from db.lookup import among
 from db.snapshot import lock_writers
 from db.tables import user_identities
 
-__all__ = ["digests_of", "holds_digests", "store_digests", "stored_digests"]
+__all__ = ["digests_in_order", "digests_of", "holds_digests", "store_digests", "stored_digests"]
 
 _ui = user_identities
 
@@ -47,6 +59,29 @@ def holds_digests(db: Engine, provider: str) -> bool:
     query = select(exists().where(_ui.c.provider == provider, _ui.c.source_digest.is_not(None)))
     with db.connect() as conn:
         return bool(conn.execute(query).scalar())
+
+
+def digests_in_order(db: Engine, provider: str, *, numeric: bool) -> Iterator[tuple[str, str]]:
+    """Every ``(external_id, digest)`` of the provider, streamed in byte order of the id, or
+    (``numeric``) shorter ids first, which is numeric order for the decimal ids of integer
+    keys. A pass merges them with its source's digests, in the same order, holding neither
+    side: the order is not enforced, and where it differs a user is only re-read."""
+    external_id: ColumnElement[Any] = _ui.c.external_id
+    if db.dialect.name == "postgresql":
+        external_id = _ui.c.external_id.collate("C")  # SQLite compares bytes already
+    order = [func.length(_ui.c.external_id), external_id] if numeric else [external_id]
+    query = (
+        select(_ui.c.external_id, _ui.c.source_digest)
+        .where(_ui.c.provider == provider, _ui.c.source_digest.is_not(None))
+        .order_by(*order)
+    )
+    with translating(), db.connect() as conn:
+        result = conn.execution_options(yield_per=10_000).execute(query)
+        try:
+            for chunk in result.partitions():
+                yield from ((str(e), str(d)) for e, d in chunk)
+        finally:
+            result.close()  # the merge may stop early: close the server-side cursor
 
 
 @translated

@@ -502,8 +502,15 @@ class AuthjsProvider:
             changed: dict[Any, str] | None = None
             skipped_sessions = 0
             if known.held():
-                digests = opened(self._digest_query(after, observed))
-                changed, skipped_sessions = _changed(digests, known)
+                numeric = self._tables.flavour.integer_ids
+                digests = opened(self._digest_query(after, observed, bytewise=not numeric))
+                stored = known.in_order(numeric=numeric)
+                try:
+                    changed, skipped_sessions = _changed(digests, stored, numeric=numeric)
+                finally:
+                    close = getattr(stored, "close", None)
+                    if close is not None:
+                        close()  # its connection, when the source failed first
             total = self._count_after(conn, after)  # in the pass's snapshot
             if changed is None:
                 items = self._in_step(opened, after, observed, known)
@@ -648,7 +655,9 @@ class AuthjsProvider:
         sessions = _Follower(rows(self._session_rows(key, after, observed)))
         return ((row, accounts.take(row["id"]), sessions.take(row["id"])) for row in users)
 
-    def _digest_query(self, after: int | str | None, observed: datetime) -> Select[Any]:
+    def _digest_query(
+        self, after: int | str | None, observed: datetime, *, bytewise: bool = False
+    ) -> Select[Any]:
         """``(id, md5 of a canonical text form, live sessions)`` of every user after ``after``,
         in id order.
 
@@ -723,7 +732,9 @@ class AuthjsProvider:
                     sessions, sessions.c.uid == user.c.id
                 )
             )
-            .order_by(user.c.id)
+            # Byte order of text ids, to merge with the worker's; the rows and pages follow
+            # the column's own order, whatever its collation (``after`` too).
+            .order_by(user.c.id.collate("C") if bytewise else user.c.id)
         )
         return query if after is None else query.where(user.c.id > after)
 
@@ -932,15 +943,29 @@ _Entry = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
 _Item = tuple[Any, str | None, int, _Entry | None]
 
 
-def _changed(digests: CursorResult[Any], known: StoredDigests) -> tuple[dict[Any, str] | None, int]:
+def _changed(
+    digests: CursorResult[Any], stored: Iterator[tuple[str, str]], *, numeric: bool
+) -> tuple[dict[Any, str] | None, int]:
     """(the changed users' ``{id: digest}``, the skipped users' live sessions), or
-    (None, 0) once more than ``CHANGED_HELD`` users changed."""
+    (None, 0) once more than ``CHANGED_HELD`` users changed.
+
+    A merge of two streams in the same order (``StoredDigests.in_order``), so neither is
+    held. Should the orders differ, stored digests are passed over unmatched: their users
+    count as changed and are read again, never skipped by mistake.
+    """
+
+    def order(external_id: str) -> tuple[int, str]:
+        return (len(external_id) if numeric else 0, external_id)
+
     changed: dict[Any, str] = {}
     skipped_sessions = 0
+    head = next(stored, None)
     for chunk in digests.partitions():
-        stored = known.of([str(r[0]) for r in chunk])
         for user_id, digest, sessions in map(tuple, chunk):
-            if stored.get(str(user_id)) == digest:
+            key = str(user_id)
+            while head is not None and order(head[0]) < order(key):
+                head = next(stored, None)
+            if head is not None and head[0] == key and head[1] == digest:
                 skipped_sessions += sessions
             else:
                 changed[user_id] = digest

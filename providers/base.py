@@ -99,9 +99,12 @@ class UserLookup(Protocol):
 
 class StoredDigests(Protocol):
     """The digests the worker stored for a provider's users (``db.digests``), as a pass
-    asks for them: whether there are any, then chunk by chunk."""
+    asks for them: whether there are any; all, streamed in an order (``numeric``: shorter
+    ids first, then bytes; else bytes); or those of a chunk of ids."""
 
     def held(self) -> bool: ...
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]: ...
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]: ...
 

@@ -25,7 +25,7 @@ import structlog
 from sqlalchemy import Engine
 
 from db.cursors import load_cursor, save_cursor
-from db.digests import digests_of, holds_digests, store_digests
+from db.digests import digests_in_order, digests_of, holds_digests, store_digests
 from db.runs import RunStatus, finish_run, start_run
 from db.seen import count_unseen, forget_seen, live_ids, mark_seen, unseen_ids
 from db.snapshot import refresh_statistics
@@ -287,6 +287,9 @@ class _Stored:
 
     def held(self) -> bool:
         return holds_digests(self.db, self.provider)
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]:
+        return digests_in_order(self.db, self.provider, numeric=numeric)
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return digests_of(self.db, self.provider, external_ids)

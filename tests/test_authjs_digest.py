@@ -438,15 +438,18 @@ def test_any_other_write_clears_the_digest(twins: Twins) -> None:
             assert digest() is None, statement
 
 
+@pytest.mark.parametrize("flavour", ["pg", "drizzle"])
 def test_the_digest_pass_on_either_worker_database(
-    engine: Engine, make_pg_database: Callable[[], str]
+    engine: Engine, make_pg_database: Callable[[], str], flavour: str
 ) -> None:
-    """The worker side is portable (SQLite stores digests row by row); the source is not:
-    a SQLite Auth.js database keeps the per-row pass (``iter_digested`` says None)."""
+    """The worker side is portable (SQLite stores digests row by row), with integer and
+    text ids (merged with the stored digests in numeric and in byte order)."""
     source = make_pg_database()
-    with make_loader("pg", source) as loader:
+    with make_loader(flavour, source) as loader:
         loader.populate(12, now=START)
-    settings = AuthjsSettings(database_url=source)
+    settings = AuthjsSettings.model_validate(
+        {"database_url": sqlalchemy_url(source), "schema": flavour}
+    )
 
     def run() -> tuple[PullReport, int]:
         with closing(Recording(AuthjsProvider(settings, batch_size=5))) as provider:
@@ -461,6 +464,7 @@ def test_the_digest_pass_on_either_worker_database(
 
 
 def test_a_sqlite_source_keeps_the_per_row_pass(tmp_path: Any) -> None:
+    """The source side is not portable: a SQLite Auth.js database keeps the per-row pass."""
     app = f"sqlite:///{tmp_path / 'app.db'}"
     with make_loader("prisma", app) as loader:
         loader.populate(3)
@@ -474,6 +478,9 @@ class Nothing:
 
     def held(self) -> bool:
         return False
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]:
+        return iter(())
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return {}

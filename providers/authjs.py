@@ -30,6 +30,7 @@ Auth.js never cleans up expired sessions (§4); ``expired_sessions`` and
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -959,13 +960,17 @@ def _changed(
 
     changed: dict[Any, str] = {}
     skipped_sessions = 0
+    end = (sys.maxsize, "")
     head = next(stored, None)
+    at = end if head is None else order(head[0])
     for chunk in digests.partitions():
         for user_id, digest, sessions in map(tuple, chunk):
             key = str(user_id)
-            while head is not None and order(head[0]) < order(key):
+            here = order(key)
+            while at < here:
                 head = next(stored, None)
-            if head is not None and head[0] == key and head[1] == digest:
+                at = end if head is None else order(head[0])
+            if at == here and head is not None and head[1] == digest:
                 skipped_sessions += sessions
             else:
                 changed[user_id] = digest

@@ -388,9 +388,9 @@ class AuthjsProvider:
 
         PostgreSQL only (None elsewhere). In one snapshot, the database computes
         ``(id, digest)`` of every user over everything the mapping reads
-        (``_digest_query``), streamed and compared chunk by chunk with the stored ones;
-        then the rows of the changed users alone are read, each table once, merged as in
-        ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
+        (``_digest_query``), streamed and merged with the stored ones (streamed in the same
+        order); then the rows of the changed users alone are read, each table once, merged
+        as in ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
         than ``CHANGED_HELD`` (whose ids this would hold), the digests are instead read in
         step with every user's rows. Either way memory stays flat in the number of users.
         Pages follow the users in id order like ``iter_changes``' (cursor, resume,
@@ -509,9 +509,9 @@ class AuthjsProvider:
                 try:
                     changed, skipped_sessions = _changed(digests, stored, numeric=numeric)
                 finally:
-                    close = getattr(stored, "close", None)
+                    close = getattr(stored, "close", None)  # a generator: end its read
                     if close is not None:
-                        close()  # its connection, when the source failed first
+                        close()
             total = self._count_after(conn, after)  # in the pass's snapshot
             if changed is None:
                 items = self._in_step(opened, after, observed, known)
@@ -667,8 +667,8 @@ class AuthjsProvider:
         its live sessions' token, expiry and the login time the mapping derives from them
         (``least(expires - maxAge, observed)``: it moves with ``observed`` for a session
         that expires further off than maxAge), plus ``DIGEST_VERSION`` and the adapter's
-        own settings. The token never leaves the
-        database: only a digest over it does.
+        own settings. The token never leaves the database: only a digest over it does.
+        ``bytewise`` orders text ids by their bytes (to merge with the worker's order).
         """
         tables = self._tables
         user, account, session = tables.user, tables.account, tables.session

@@ -18,8 +18,7 @@ from db.upsert import insert_rows, upsert_rows
 _IDENTITY_UPDATE = [
     c.name
     for c in user_identities.columns
-    # source_digest: only db.digests sets it; any other update clears it (migration 0007).
-    if c.name not in ("provider", "external_id", "first_seen_at", "source_digest")
+    if c.name not in ("provider", "external_id", "first_seen_at")
 ]
 _SESSION_UPDATE = ["user_id", "ip", "user_agent", "last_seen_at", "expires_at", "revoked_at"]
 

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.postgres
 SCHEMA = "identity"
 START = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
 COMPARED = ("users", "profiles", "user_identities", "user_sessions", "sync_audit")
-DROPPED = {"id", "run_id", "source_digest"}
+DROPPED = {"id", "run_id"}
 
 
 class Recording:
@@ -407,12 +407,12 @@ def test_any_other_write_clears_the_digest(twins: Twins) -> None:
         return stored_digests(twins.digest, "authjs").get(key)
 
     def restore(value: str) -> None:
-        # A new value: writing back the one held counts as some other write, and clears.
         with transaction(twins.digest) as conn:
             conn.execute(
                 text(
-                    "UPDATE user_identities SET source_digest = :d "
-                    "WHERE provider = 'authjs' AND external_id = :e"
+                    "INSERT INTO sync_source_digests (provider, external_id, digest) "
+                    "VALUES ('authjs', :e, :d) ON CONFLICT (provider, external_id) "
+                    "DO UPDATE SET digest = excluded.digest"
                 ),
                 {"e": key, "d": value},
             )
@@ -426,6 +426,7 @@ def test_any_other_write_clears_the_digest(twins: Twins) -> None:
         f"VALUES ('{uuid.uuid4()}', {owner}, 'authjs', 'extra', now())",
         f"UPDATE user_sessions SET last_seen_at = now() WHERE user_id = {owner}",
         f"DELETE FROM user_sessions WHERE user_id = {owner}",
+        f"DELETE FROM users WHERE id = {owner}",  # its identities go by cascade
     ]
     assert digest() is not None
     for n, statement in enumerate(writes):

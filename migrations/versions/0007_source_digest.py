@@ -1,18 +1,19 @@
-"""user_identities.source_digest, and the triggers that clear it on any other write.
+"""sync_source_digests, and the triggers that delete a digest on any other write.
 
 A full pass stores, per identity, the digest of the source rows it last applied
 (db/digests.py); a later pass skips an identity whose digest still matches. That is only
-sound if the stored digest means "the engine would write nothing for this identity", so
-every write the engine's skip decision depends on clears it here, in the database, whoever
-makes it (engine, jobs, an operator's SQL):
+sound if a stored digest means "the engine would write nothing for this identity", so every
+write the engine's skip decision depends on deletes it here, in the database, whoever makes
+it (engine, bulk load, jobs, an operator's SQL):
 
-- an UPDATE of the identity row that does not itself set the digest (its content hash,
-  version, deletion, owner: the whole of the engine's unchanged-upsert test);
+- an UPDATE or DELETE of the identity row (its content hash, version, deletion, owner: the
+  whole of the engine's unchanged-upsert test), deleted users' identities included;
 - an UPDATE or DELETE of a session, for every identity of the session's user (the engine's
   unchanged-login test reads the stored session).
 
-Deleting an identity (or its user, by cascade) takes the digest with it, and new rows start
-without one, so INSERTs need no trigger: the bulk load pays nothing.
+New identities and sessions start without a digest, so INSERTs need no trigger: the bulk
+load pays nothing. A table of its own rather than a column of user_identities: writers
+build that table's rows from its column list, positionally (db/bulk.py).
 
 Revision ID: 0007
 Revises: 0006
@@ -30,73 +31,64 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _PG_FUNCTIONS = """
-CREATE FUNCTION {s}.sync_clear_own_digest() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION {s}.sync_forget_identity_digest() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.source_digest := NULL;
-    RETURN NEW;
+    DELETE FROM {s}.sync_source_digests
+     WHERE provider = OLD.provider AND external_id = OLD.external_id;
+    RETURN NULL;
 END $$;
 
-CREATE FUNCTION {s}.sync_clear_session_digests() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION {s}.sync_forget_session_digests() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE {s}.user_identities SET source_digest = NULL
-     WHERE user_id = OLD.user_id AND source_digest IS NOT NULL;
+    DELETE FROM {s}.sync_source_digests d USING {s}.user_identities i
+     WHERE i.user_id = OLD.user_id AND d.provider = i.provider
+       AND d.external_id = i.external_id;
     IF TG_OP = 'UPDATE' AND NEW.user_id IS DISTINCT FROM OLD.user_id THEN
-        UPDATE {s}.user_identities SET source_digest = NULL
-         WHERE user_id = NEW.user_id AND source_digest IS NOT NULL;
+        DELETE FROM {s}.sync_source_digests d USING {s}.user_identities i
+         WHERE i.user_id = NEW.user_id AND d.provider = i.provider
+           AND d.external_id = i.external_id;
     END IF;
     RETURN NULL;
 END $$;
 
--- WHEN: no function call at all for the rows that hold no digest (every identity but a
--- full pass's), nor for the statement that stores one.
-CREATE TRIGGER user_identities_clear_digest BEFORE UPDATE ON {s}.user_identities
-    FOR EACH ROW
-    WHEN (OLD.source_digest IS NOT NULL
-          AND NEW.source_digest IS NOT DISTINCT FROM OLD.source_digest)
-    EXECUTE FUNCTION {s}.sync_clear_own_digest();
+CREATE TRIGGER user_identities_forget_digest AFTER UPDATE OR DELETE ON {s}.user_identities
+    FOR EACH ROW EXECUTE FUNCTION {s}.sync_forget_identity_digest();
 
-CREATE TRIGGER user_sessions_clear_digest AFTER UPDATE OR DELETE ON {s}.user_sessions
-    FOR EACH ROW EXECUTE FUNCTION {s}.sync_clear_session_digests();
+CREATE TRIGGER user_sessions_forget_digests AFTER UPDATE OR DELETE ON {s}.user_sessions
+    FOR EACH ROW EXECUTE FUNCTION {s}.sync_forget_session_digests();
 """
 
 _PG_DROP = """
-DROP TRIGGER IF EXISTS user_sessions_clear_digest ON {s}.user_sessions;
-DROP TRIGGER IF EXISTS user_identities_clear_digest ON {s}.user_identities;
-DROP FUNCTION IF EXISTS {s}.sync_clear_session_digests();
-DROP FUNCTION IF EXISTS {s}.sync_clear_own_digest();
+DROP TRIGGER IF EXISTS user_sessions_forget_digests ON {s}.user_sessions;
+DROP TRIGGER IF EXISTS user_identities_forget_digest ON {s}.user_identities;
+DROP FUNCTION IF EXISTS {s}.sync_forget_session_digests();
+DROP FUNCTION IF EXISTS {s}.sync_forget_identity_digest();
 """
 
-# SQLite has no BEFORE-trigger assignment to NEW: an AFTER trigger updates the row again
-# (recursive_triggers is off, and the second update would not match the WHEN anyway).
-_SQLITE_TRIGGERS = (
-    """
-CREATE TRIGGER user_identities_clear_digest AFTER UPDATE ON user_identities
-WHEN OLD.source_digest IS NOT NULL AND NEW.source_digest IS OLD.source_digest
+_SQLITE_FORGET_USER = """
+    DELETE FROM sync_source_digests WHERE (provider, external_id) IN
+        (SELECT provider, external_id FROM user_identities WHERE user_id = {who});
+"""
+_SQLITE_TRIGGERS = {
+    "user_identities_forget_digest_update": """
+CREATE TRIGGER user_identities_forget_digest_update AFTER UPDATE ON user_identities
 BEGIN
-    UPDATE user_identities SET source_digest = NULL
-     WHERE provider = NEW.provider AND external_id = NEW.external_id;
-END
-""",
-    """
-CREATE TRIGGER user_sessions_clear_digest_update AFTER UPDATE ON user_sessions
+    DELETE FROM sync_source_digests
+     WHERE provider = OLD.provider AND external_id = OLD.external_id;
+END""",
+    "user_identities_forget_digest_delete": """
+CREATE TRIGGER user_identities_forget_digest_delete AFTER DELETE ON user_identities
 BEGIN
-    UPDATE user_identities SET source_digest = NULL
-     WHERE user_id IN (OLD.user_id, NEW.user_id) AND source_digest IS NOT NULL;
-END
-""",
-    """
-CREATE TRIGGER user_sessions_clear_digest_delete AFTER DELETE ON user_sessions
-BEGIN
-    UPDATE user_identities SET source_digest = NULL
-     WHERE user_id = OLD.user_id AND source_digest IS NOT NULL;
-END
-""",
-)
-_SQLITE_NAMES = (
-    "user_identities_clear_digest",
-    "user_sessions_clear_digest_update",
-    "user_sessions_clear_digest_delete",
-)
+    DELETE FROM sync_source_digests
+     WHERE provider = OLD.provider AND external_id = OLD.external_id;
+END""",
+    "user_sessions_forget_digests_update": f"""
+CREATE TRIGGER user_sessions_forget_digests_update AFTER UPDATE ON user_sessions
+BEGIN{_SQLITE_FORGET_USER.format(who="OLD.user_id")}{_SQLITE_FORGET_USER.format(who="NEW.user_id")}END""",
+    "user_sessions_forget_digests_delete": f"""
+CREATE TRIGGER user_sessions_forget_digests_delete AFTER DELETE ON user_sessions
+BEGIN{_SQLITE_FORGET_USER.format(who="OLD.user_id")}END""",
+}
 
 
 def _schema() -> str:
@@ -106,12 +98,18 @@ def _schema() -> str:
 
 
 def upgrade() -> None:
-    op.add_column("user_identities", sa.Column("source_digest", sa.String(32)))
+    op.create_table(
+        "sync_source_digests",
+        sa.Column("provider", sa.String(64), nullable=False),
+        sa.Column("external_id", sa.String(255), nullable=False),
+        sa.Column("digest", sa.String(32), nullable=False),
+        sa.PrimaryKeyConstraint("provider", "external_id", name=op.f("pk_sync_source_digests")),
+    )
     if op.get_bind().dialect.name == "postgresql":
         # Schema-qualified: a trigger runs under whatever search_path its writer has.
         op.execute(_PG_FUNCTIONS.format(s=_schema()))
     else:
-        for statement in _SQLITE_TRIGGERS:
+        for statement in _SQLITE_TRIGGERS.values():
             op.execute(statement)
 
 
@@ -119,8 +117,6 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_PG_DROP.format(s=_schema()))
     else:
-        for name in _SQLITE_NAMES:
+        for name in _SQLITE_TRIGGERS:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
-    # Plain ALTER on SQLite too (3.35+): a batch copy would reflect, and lose, the
-    # expression index on users' emails.
-    op.execute("ALTER TABLE user_identities DROP COLUMN source_digest")
+    op.drop_table("sync_source_digests")

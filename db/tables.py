@@ -223,6 +223,18 @@ sync_seen = Table(
 )
 Index("ix_sync_seen_run_id", sync_seen.c.run_id)
 
+# The source digest of the full pass that last applied each identity (db/digests.py). Its
+# own table, not a column of user_identities, whose column list other writers follow; rows
+# are deleted by triggers (migration 0007) on any other write to the identity or to its
+# user's sessions, and with the identity.
+sync_source_digests = Table(
+    "sync_source_digests",
+    metadata,
+    Column("provider", String(64), primary_key=True),
+    Column("external_id", String(255), primary_key=True),
+    Column("digest", String(32), nullable=False),
+)
+
 JOB_TICK_STATUSES = ("running", "succeeded", "failed", "skipped")
 NO_PROVIDER = ""  # the ledger's provider for a job that is not per provider (a key: not NULL)
 

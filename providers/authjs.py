@@ -12,6 +12,9 @@ by content hash; ``version`` is the UTC time the data was read. On PostgreSQL a 
 snapshot, reading users, accounts and live sessions once each, merged by user id; elsewhere
 (SQLite) each page is a short read of its users and one ``IN`` query each for their accounts
 and sessions. Never a query per user.
+On PostgreSQL a pass can also skip the users unchanged since the last pass
+(``iter_digested``): the database digests each user's rows, and only the users whose digest
+the worker does not hold are read in full and mapped (docs/architecture.md, engine rules).
 Each page carries ``{"after_id": "42", "id_type": "int"}`` so a killed pass resumes after
 it; the last page is ``complete`` with ``{"completed_at": iso}``, and a pass that resumed
 (so saw only part of the users) says ``partial_pass`` there, so nobody
@@ -27,33 +30,42 @@ Auth.js never cleans up expired sessions (§4); ``expired_sessions`` and
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import structlog
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Connection,
     CursorResult,
     Engine,
+    Interval,
     Select,
     Table,
+    Text,
+    any_,
+    bindparam,
+    cast,
     create_engine,
     delete,
     event,
     func,
+    literal,
     select,
+    type_coerce,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
 from providers.authjs_schema import AuthjsTables, build_tables
-from providers.base import Cursor, Page, RecordError
+from providers.base import Cursor, Page, RecordError, StoredDigests
 from providers.fields import optional_text
 from sync_worker.changes import (
     ChangeKind,
@@ -90,6 +102,16 @@ PROVIDER = "authjs"
 #: Auth.js's default ``session.maxAge`` (reference §4): a row's ``expires`` minus this is
 #: when Auth.js last wrote it (at sign-in, or when it extended the session).
 DEFAULT_SESSION_MAX_AGE = timedelta(days=30)
+#: Part of every source digest: bump it with any change to what ``to_change`` or
+#: ``session_change`` read or produce, so that stored digests stop matching.
+DIGEST_VERSION = "authjs-1"
+#: A digest pass's page lists at most this many users (seen), however few it carries.
+SEEN_PER_PAGE = 20_000
+#: Source digests are compared with the stored ones this many at a time.
+DIGEST_CHUNK = 10_000
+#: A digest pass holds the ids of at most this many changed users (beyond, it reads every
+#: user's rows in step with the digests instead), so its memory stays flat.
+CHANGED_HELD = 50_000
 _MISSING_OBJECT = frozenset({"42P01", "42703", "3F000"})  # undefined table / column / schema
 _DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privilege
 
@@ -355,6 +377,31 @@ class AuthjsProvider:
     def cursor_since(self, since: datetime) -> Cursor | None:
         return None  # no change log: every pull lists all users
 
+    def iter_digested(
+        self,
+        cursor: Cursor | None,
+        *,
+        full: bool = False,
+        known: StoredDigests,
+    ) -> Iterator[Page] | None:
+        """A pass that maps only the users whose source digest differs from ``known``'s.
+
+        PostgreSQL only (None elsewhere). In one snapshot, the database computes
+        ``(id, digest)`` of every user over everything the mapping reads
+        (``_digest_query``), streamed and merged with the stored ones (streamed in the same
+        order); then the rows of the changed users alone are read, each table once, merged
+        as in ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
+        than ``CHANGED_HELD`` (whose ids this would hold), the digests are instead read in
+        step with every user's rows. Either way memory stays flat in the number of users.
+        Pages follow the users in id order like ``iter_changes``' (cursor, resume,
+        ``complete``, ``partial_pass``), list every user in ``seen_ids`` and carry the
+        changes and ``digests`` of the changed ones.
+        """
+        if self._engine.dialect.name != "postgresql":
+            return None
+        after = None if full or cursor is None else self._resume_point(cursor)
+        return self._digested(after, known, partial=after is not None)
+
     def fetch_user(self, external_id: str) -> UserChange | None:
         """The user by primary key, with linked accounts; None if there is no such row."""
         key = self._key(external_id)
@@ -440,6 +487,257 @@ class AuthjsProvider:
                     )
                 yield _Chunk(entries=entries, observed=observed, last=last, total=total)
                 total = None  # stated on the first page only
+
+    def _digested(
+        self, after: int | str | None, known: StoredDigests, *, partial: bool
+    ) -> Iterator[Page]:
+        with self._reading() as conn, ExitStack() as cursors:
+            observed = self._now()
+            stream = conn.execution_options(yield_per=DIGEST_CHUNK)
+
+            def opened(query: Select[Any]) -> CursorResult[Any]:
+                result = stream.execute(query)
+                cursors.callback(result.close)  # a pass closed early closes its cursors first
+                return result
+
+            changed: dict[Any, str] | None = None
+            skipped_sessions = 0
+            if known.held():
+                numeric = self._tables.flavour.integer_ids
+                digests = opened(self._digest_query(after, observed, bytewise=not numeric))
+                stored = known.in_order(numeric=numeric)
+                try:
+                    changed, skipped_sessions = _changed(digests, stored, numeric=numeric)
+                finally:
+                    close = getattr(stored, "close", None)  # a generator: end its read
+                    if close is not None:
+                        close()
+            total = self._count_after(conn, after)  # in the pass's snapshot
+            if changed is None:
+                items = self._in_step(opened, after, observed, known)
+            else:
+                items = self._filtered(opened, changed, after, observed)
+            pages = self._digest_pages(items, observed, skipped_sessions, partial=partial)
+            first = next(pages)
+            yield replace(first, total=total)
+            yield from pages
+
+    def _in_step(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        after: int | str | None,
+        observed: datetime,
+        known: StoredDigests,
+    ) -> Iterator[_Item]:
+        """Every user's digest in step with its rows (all read), chunk by chunk."""
+        digests = opened(self._digest_query(after, observed))
+        key = self._user.c.id
+        users = _dicts(opened(self._users_after(after).order_by(key)))
+        accounts = _Follower(_dicts(opened(self._account_rows(key, after))))
+        sessions = _Follower(_dicts(opened(self._session_rows(key, after, observed))))
+        held = known.held()
+        for chunk in digests.partitions():
+            stored = known.of([str(r[0]) for r in chunk]) if held else {}
+            for user_id, digest, count in map(tuple, chunk):
+                row = next(users, None)
+                if row is None or row["id"] != user_id:
+                    raise UpstreamDataError("authjs: users did not come in their digests' order")
+                entry = (row, accounts.take(user_id), sessions.take(user_id))
+                if stored.get(str(user_id)) == digest:
+                    yield user_id, None, count, None
+                else:
+                    yield user_id, digest, 0, entry
+
+    def _filtered(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        changed: dict[Any, str],
+        after: int | str | None,
+        observed: datetime,
+    ) -> Iterator[_Item]:
+        """Every user's id, with the rows of the ``changed`` ones."""
+        key = self._user.c.id
+        query = select(key).select_from(self._user).order_by(key)
+        ids = opened(query if after is None else query.where(key > after)).scalars()
+        entries = self._entries_of(opened, list(changed), after=after, observed=observed)
+        for user_id in ids:
+            digest = changed.get(user_id)
+            if digest is None:
+                yield user_id, None, 0, None
+                continue
+            entry = next(entries, None)
+            if entry is None or entry[0]["id"] != user_id:
+                raise UpstreamDataError("authjs: users did not come in their digests' order")
+            yield user_id, digest, 0, entry
+
+    def _digest_pages(
+        self, items: Iterator[_Item], observed: datetime, skipped_sessions: int, *, partial: bool
+    ) -> Iterator[Page]:
+        """Pages of at most ``batch_size`` changed users and ``SEEN_PER_PAGE`` users."""
+        size = self._batch_size
+        seen: list[str] = []
+        held: list[_Entry] = []
+        held_digests: dict[str, str] = {}
+        skipped = [0, skipped_sessions]
+        item = next(items, None)
+        while True:
+            if item is not None:
+                user_id, digest, sessions, entry = item
+                seen.append(str(user_id))
+                if entry is None or digest is None:
+                    skipped[0] += 1
+                    skipped[1] += sessions
+                else:
+                    held.append(entry)
+                    held_digests[str(user_id)] = digest
+                item = next(items, None)
+            last = item is None
+            if last or len(held) == size or len(seen) >= SEEN_PER_PAGE:
+                with collector_paused():
+                    page = self._digest_page(
+                        held, seen, held_digests, observed, last=last, partial=partial
+                    )
+                yield replace(page, skipped=(skipped[0], skipped[1]))
+                seen, held, held_digests, skipped = [], [], {}, [0, 0]
+                if last:
+                    return
+
+    def _digest_page(
+        self,
+        entries: list[_Entry],
+        seen: list[str],
+        digests: dict[str, str],
+        observed: datetime,
+        *,
+        last: bool,
+        partial: bool,
+    ) -> Page:
+        changes, errors = self._map(entries, observed)
+        if not last:
+            return Page(
+                changes=changes,
+                cursor=_cursor_after(self._key(seen[-1])),
+                errors=errors,
+                seen_ids=tuple(seen),
+                digests=digests,
+            )
+        log.info("authjs_pass_complete", provider=PROVIDER, digested=True)
+        return Page(
+            changes=changes,
+            cursor={"completed_at": observed.isoformat()},
+            errors=errors,
+            seen_ids=tuple(seen),
+            complete=True,
+            partial_pass=partial,
+            digests=digests,
+        )
+
+    def _entries_of(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        keys: Sequence[Any],
+        *,
+        after: int | str | None,
+        observed: datetime,
+    ) -> Iterator[_Entry]:
+        """The rows of the users ``keys`` (in id order), each table read once: the users by
+        primary key, accounts and sessions by a join against those (no adapter indexes
+        ``"userId"``, so per-page lookups would scan them once per page)."""
+        if not keys:
+            return iter(())
+        key = self._user.c.id
+        ids = bindparam("ids", list(keys), type_=ARRAY(key.type))
+
+        def rows(query: Select[Any]) -> Iterator[dict[str, Any]]:
+            return _dicts(opened(query.where(key == any_(ids))))
+
+        users = rows(self._users_after(after).order_by(key))
+        accounts = _Follower(rows(self._account_rows(key, after)))
+        sessions = _Follower(rows(self._session_rows(key, after, observed)))
+        return ((row, accounts.take(row["id"]), sessions.take(row["id"])) for row in users)
+
+    def _digest_query(
+        self, after: int | str | None, observed: datetime, *, bytewise: bool = False
+    ) -> Select[Any]:
+        """``(id, md5 of a canonical text form, live sessions)`` of every user after ``after``,
+        in id order.
+
+        The form holds everything ``to_change`` and ``session_change`` read, as the same
+        queries select it: the user's columns, its accounts' (provider, providerAccountId),
+        its live sessions' token, expiry and the login time the mapping derives from them
+        (``least(expires - maxAge, observed)``: it moves with ``observed`` for a session
+        that expires further off than maxAge), plus ``DIGEST_VERSION`` and the adapter's
+        own settings. The token never leaves the database: only a digest over it does.
+        ``bytewise`` orders text ids by their bytes (to merge with the worker's order).
+        """
+        tables = self._tables
+        user, account, session = tables.user, tables.account, tables.session
+        # Rows as PostgreSQL prints a record (it quotes any value holding a delimiter, so no
+        # two rows print alike), aggregated from input sorted once per table: an ORDER BY
+        # inside the aggregate sorted every user's group apart (3x the time). Should the
+        # input order not hold, digests only differ: users are re-read, never skipped.
+        by_account = (account.c.user_id, account.c.provider, account.c.provider_account_id)
+        sorted_accounts = (
+            select(
+                account.c.user_id.label("uid"),
+                _record(account.c.provider, account.c.provider_account_id).label("x"),
+            )
+            .order_by(*by_account)
+            .subquery("sorted_accounts")
+        )
+        accounts = (
+            select(
+                sorted_accounts.c.uid,
+                func.string_agg(sorted_accounts.c.x, literal(",", Text)).label("doc"),
+            )
+            .group_by(sorted_accounts.c.uid)
+            .subquery("digest_accounts")
+        )
+        at = literal(observed, type_=session.c.expires.type)
+        expires = type_coerce(session.c.expires, session.c.expires.type)
+        written = func.least(expires - literal(self._max_age, Interval), at)
+        parts: list[ColumnElement[Any]] = [session.c.session_token, session.c.expires, written]
+        if tables.has("session", "created_at"):
+            parts.append(session.c.created_at)
+        live = select(session.c.user_id.label("uid"), _record(*parts).label("x")).order_by(
+            session.c.user_id, session.c.expires, session.c.session_token
+        )
+        if not self._expired_too:
+            live = live.where(session.c.expires >= at)
+        sorted_sessions = live.subquery("sorted_sessions")
+        sessions = (
+            select(
+                sorted_sessions.c.uid,
+                func.string_agg(sorted_sessions.c.x, literal(",", Text)).label("doc"),
+                func.count().label("n"),
+            )
+            .group_by(sorted_sessions.c.uid)
+            .subquery("digest_sessions")
+        )
+        salt = f"{DIGEST_VERSION}|{self._max_age.total_seconds()}|{int(self._expired_too)}"
+        fields: list[ColumnElement[Any]] = [
+            literal(salt, Text),
+            user.c.id,
+            user.c.name,
+            user.c.email,
+            user.c.email_verified,
+            user.c.image,
+        ]
+        if tables.has("user", "created_at"):
+            fields.append(user.c.created_at)
+        doc = _record(*fields, accounts.c.doc, sessions.c.doc)
+        query = (
+            select(user.c.id, func.md5(doc), func.coalesce(sessions.c.n, 0))
+            .select_from(
+                user.outerjoin(accounts, accounts.c.uid == user.c.id).outerjoin(
+                    sessions, sessions.c.uid == user.c.id
+                )
+            )
+            # Byte order of text ids, to merge with the worker's; the rows and pages follow
+            # the column's own order, whatever its collation (``after`` too).
+            .order_by(user.c.id.collate("C") if bytewise else user.c.id)
+        )
+        return query if after is None else query.where(user.c.id > after)
 
     def _paged(self, after: int | str | None) -> Iterator[_Chunk]:
         """Other databases (SQLite): a short read per page, so that no read stays open
@@ -620,6 +918,11 @@ class AuthjsProvider:
         return None
 
 
+def _record(*values: ColumnElement[Any]) -> ColumnElement[str]:
+    """``ROW(values...)::text``: PostgreSQL's own unambiguous print of a record."""
+    return cast(func.row(*values), Text)
+
+
 def _cursor_after(last: object) -> dict[str, str]:
     # The type tag keeps integer ids comparing as integers: "10" < "9" as text.
     id_type = "int" if isinstance(last, int) and not isinstance(last, bool) else "str"
@@ -637,6 +940,43 @@ def _dicts(result: CursorResult[Any]) -> Iterator[dict[str, Any]]:
 
 
 _Entry = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
+#: A user of a digest pass: (id, digest if changed, live sessions if skipped, rows if changed).
+_Item = tuple[Any, str | None, int, _Entry | None]
+
+
+def _changed(
+    digests: CursorResult[Any], stored: Iterator[tuple[str, str]], *, numeric: bool
+) -> tuple[dict[Any, str] | None, int]:
+    """(the changed users' ``{id: digest}``, the skipped users' live sessions), or
+    (None, 0) once more than ``CHANGED_HELD`` users changed.
+
+    A merge of two streams in the same order (``StoredDigests.in_order``), so neither is
+    held. Should the orders differ, stored digests are passed over unmatched: their users
+    count as changed and are read again, never skipped by mistake.
+    """
+
+    def order(external_id: str) -> tuple[int, str]:
+        return (len(external_id) if numeric else 0, external_id)
+
+    changed: dict[Any, str] = {}
+    skipped_sessions = 0
+    end = (sys.maxsize, "")
+    head = next(stored, None)
+    at = end if head is None else order(head[0])
+    for chunk in digests.partitions():
+        for user_id, digest, sessions in map(tuple, chunk):
+            key = str(user_id)
+            here = order(key)
+            while at < here:
+                head = next(stored, None)
+                at = end if head is None else order(head[0])
+            if at == here and head is not None and head[1] == digest:
+                skipped_sessions += sessions
+            else:
+                changed[user_id] = digest
+        if len(changed) > CHANGED_HELD:
+            return None, 0
+    return changed, skipped_sessions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,7 @@ translated at the adapter boundary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -42,6 +42,10 @@ class Page:
     resumed halfway (or lost its place), so it did not see everyone and must not reconcile.
     ``total``, on the first page of a pass, is the number of users the pass will list, where
     the source can tell cheaply (for the progress bar's percentage and ETA); None otherwise.
+    ``digests``, on a digest pass (``DigestSource``), maps each user whose changes the page
+    carries to its source digest; the users in ``seen_ids`` missing from it were skipped as
+    unchanged. None on any other page. ``skipped`` counts those users and their live
+    sessions (on some page of the pass, not necessarily theirs).
     """
 
     changes: tuple[UserChange, ...]
@@ -51,6 +55,8 @@ class Page:
     complete: bool = False
     partial_pass: bool = False
     total: int | None = None
+    digests: Mapping[str, str] | None = None
+    skipped: tuple[int, int] = (0, 0)
 
 
 class Provider(Protocol):
@@ -88,4 +94,35 @@ class UserLookup(Protocol):
 
     def fetch_user(self, external_id: str) -> UserChange | None:
         """The user as the provider has it now; None if it says there is no such user."""
+        ...
+
+
+class StoredDigests(Protocol):
+    """The digests the worker stored for a provider's users (``db.digests``), as a pass
+    asks for them: whether there are any; all, streamed in an order (``numeric``: shorter
+    ids first, then bytes; else bytes); or those of a chunk of ids."""
+
+    def held(self) -> bool: ...
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]: ...
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]: ...
+
+
+@runtime_checkable
+class DigestSource(Protocol):
+    """A source that digests its users' rows itself, so a pass can skip the unchanged ones."""
+
+    name: str
+
+    def iter_digested(
+        self, cursor: Cursor | None, *, full: bool, known: StoredDigests
+    ) -> Iterator[Page] | None:
+        """Like ``iter_changes`` for a pass over every user, or None where this source
+        cannot digest (then the caller uses ``iter_changes``).
+
+        ``known`` holds the digests stored by earlier passes; it is asked after the pass's
+        snapshot is taken. Pages carry the changes of only the users whose digest differs or
+        is missing, ``seen_ids`` of every user, and ``digests`` of the users they carry.
+        """
         ...

@@ -7,13 +7,16 @@ reconcile that soft-deletes users missing upstream, unless that would remove mor
 ``max_delete_fraction`` of them. Its deletions are dated when the run began: a user that was
 created or changed since (by a webhook while the pass ran, say) holds a newer version, so the
 engine skips its deletion as stale instead of deleting a user the pass could not have seen.
+A source that digests its rows (``DigestSource``) hands over only the users whose digest
+differs from the one stored by the pass that last applied them (``db.digests``); each page
+stores its settled users' digests with its batch.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -22,11 +25,12 @@ import structlog
 from sqlalchemy import Engine
 
 from db.cursors import load_cursor, save_cursor
+from db.digests import digests_in_order, digests_of, holds_digests, store_digests
 from db.runs import RunStatus, finish_run, start_run
 from db.seen import count_unseen, forget_seen, live_ids, mark_seen, unseen_ids
 from db.snapshot import refresh_statistics
 from db.transaction import transaction
-from providers.base import Cursor, Page, Provider
+from providers.base import Cursor, DigestSource, Page, Provider
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.errors import GuardRefused
@@ -37,6 +41,14 @@ log = structlog.get_logger(__name__)
 
 SAMPLE_SIZE = 10
 RESUMED_REASON = "the pass resumed from a cursor and did not see every user"
+#: Outcomes after which the engine, given the same change again, writes nothing: a user
+#: whose every outcome is one of these may store its source digest.
+_SETTLED = frozenset(
+    {
+        Action.CREATED, Action.UPDATED, Action.RESTORED, Action.LINKED,
+        Action.UNCHANGED, Action.LOGIN, Action.SESSION_UPDATED,
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +86,13 @@ class PullReport:
             if outcome.changes and len(self.samples) < SAMPLE_SIZE:
                 self.samples.append(outcome)
 
+    def add_skipped(self, users: int, sessions: int) -> None:
+        """Users (and their sessions) a digest pass skipped as unchanged."""
+        if users:
+            self.counts[str(Action.UNCHANGED)] += users
+        if sessions:
+            self.sessions["unchanged"] += sessions
+
     def flat_counts(self) -> dict[str, int]:
         """One flat mapping (sync_runs.counts, logs): user outcomes, then ``sessions_*``."""
         return {**self.counts, **{f"sessions_{k}": n for k, n in sorted(self.sessions.items())}}
@@ -93,13 +112,17 @@ class PullRunner:
         max_delete_fraction: float = 0.2,
         source: Source = Source.BACKFILL,
         progress: Progress | None = None,
+        digests: bool = True,
     ) -> None:
+        """``digests``: let a source that digests its rows (``DigestSource``) skip the users
+        unchanged since the pass that last applied them (off: every user is mapped)."""
         self.db = db
         self.engine = engine
         self.provider = provider
         self.max_delete_fraction = max_delete_fraction
         self.source = source
         self.progress: Progress = progress or NoProgress()
+        self.digests = digests
 
     def run(
         self, *, full: bool = False, dry_run: bool = False, cursor: Cursor | None = None
@@ -147,7 +170,7 @@ class PullRunner:
         seen: _Seen,
     ) -> None:
         whole = full or start is None
-        pending = self.provider.iter_changes(start, full=whole)
+        pending = self._listing(start, whole)
         while True:
             # A page's objects live from its decoding until it is applied, and reference
             # counting frees them then: collections in between would only walk them. One
@@ -160,6 +183,7 @@ class PullRunner:
                     self.progress.total(page.total)
                 result = self._apply(page, report.run_id, seen, dry_run=dry_run)
                 report.add(result)
+                report.add_skipped(*page.skipped)
                 report.pages += 1
                 self.progress.advance(*_records(page))
                 complete, partial = page.complete, page.partial_pass
@@ -173,16 +197,31 @@ class PullRunner:
             elif complete:
                 report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
 
+    def _listing(self, start: Cursor | None, whole: bool) -> Iterator[Page]:
+        """The provider's pages: a digest pass where it offers one, else ``iter_changes``."""
+        provider = self.provider
+        if self.digests and isinstance(provider, DigestSource):
+            pages = provider.iter_digested(start, full=whole, known=_Stored(self.db, provider.name))
+            if pages is not None:
+                return pages
+        return provider.iter_changes(start, full=whole)
+
     def _apply(self, page: Page, run_id: uuid.UUID, seen: _Seen, *, dry_run: bool) -> BatchResult:
-        """The page's batch, its seen ids and its cursor in one transaction."""
+        """The page's batch, its seen ids, its cursor and its users' source digests in one
+        transaction."""
         rejected = [
             Rejected(provider=self.provider.name, external_id=e.external_id, reason=e.reason)
             for e in page.errors
         ]
         with transaction(self.db, rollback=dry_run) as conn:
-            result = self.engine.apply(
-                conn, page.changes, source=self.source, run_id=run_id, rejected=rejected
-            )
+            if page.changes or rejected:
+                result = self.engine.apply(
+                    conn, page.changes, source=self.source, run_id=run_id, rejected=rejected
+                )
+            else:  # a digest pass's page of unchanged users: nothing to hand the engine
+                result = BatchResult(())
+            if page.digests:
+                store_digests(conn, self.provider.name, _settled(page, result))
             ids = seen.ids_to_store(page.seen_ids)
             if ids:
                 mark_seen(conn, run_id, ids)
@@ -238,6 +277,22 @@ class ReconcileRefused(GuardRefused):
     def __init__(self, report: PullReport) -> None:
         super().__init__(report.error or "reconcile refused")
         self.report = report
+
+
+class _Stored:
+    """The digests stored for the provider, as ``providers.base.StoredDigests``."""
+
+    def __init__(self, db: Engine, provider: str) -> None:
+        self.db, self.provider = db, provider
+
+    def held(self) -> bool:
+        return holds_digests(self.db, self.provider)
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]:
+        return digests_in_order(self.db, self.provider, numeric=numeric)
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
+        return digests_of(self.db, self.provider, external_ids)
 
 
 class _Seen(Protocol):
@@ -301,10 +356,26 @@ class _DbSeen:
         forget_seen(self.db, self.run_id)
 
 
+def _settled(page: Page, result: BatchResult) -> dict[str, tuple[str, str]]:
+    """``{external_id: (source digest, content hash)}`` of the page's users the engine
+    settled: every change of theirs applied or found unchanged, none failed, none stale."""
+    digests = page.digests or {}
+    unsettled = {e.external_id for e in page.errors}
+    unsettled.update(o.external_id for o in result.outcomes if o.action not in _SETTLED)
+    return {
+        c.external_id: (digests[c.external_id], c.content_hash())
+        for c in page.changes
+        if c.kind is ChangeKind.UPSERT
+        and c.external_id in digests
+        and c.external_id not in unsettled
+    }
+
+
 def _records(page: Page) -> tuple[int, int]:
-    """(users, sessions) a page holds: its logins are sessions of users counted once."""
+    """(users, sessions) a page holds: its logins are sessions of users counted once; on
+    a digest pass, with the users (and sessions) it skipped."""
     users: set[str] = set()
-    sessions = 0
+    sessions = page.skipped[1]
     for change in page.changes:
         if change.kind is ChangeKind.LOGIN:
             sessions += 1
@@ -312,7 +383,7 @@ def _records(page: Page) -> tuple[int, int]:
             users.add(change.external_id)
     # A record the adapter could not map is a user, unless it is one of a user's sessions.
     unmapped = sum(1 for e in page.errors if e.external_id is None or e.external_id not in users)
-    return len(users) + unmapped, sessions
+    return len(users) + unmapped + page.skipped[0], sessions
 
 
 def _batched(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -20,10 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import requests
-from standardwebhooks.webhooks import Webhook as StandardWebhook
-
-from providers.auth0_webhook import authorization_values, bearer_header
 from providers.webhook import secrets_from
 from sync_worker.changes import as_utc
 from sync_worker.errors import ConfigError, SyncWorkerError
@@ -106,6 +102,8 @@ def endpoint(base_url: str, provider: str) -> str:
 
 def post(url: str, headers: Mapping[str, str], body: bytes, *, timeout: float = 10.0) -> Delivery:
     """POST one delivery; DeliveryError when the daemon cannot be reached."""
+    import requests  # here: every CLI start imports this module, for EVENTS
+
     try:
         response = requests.post(url, data=body, headers=dict(headers), timeout=timeout)
     except requests.RequestException as exc:
@@ -221,6 +219,8 @@ def _authjs_session(event: _Event, user_id: int) -> dict[str, Any]:
 
 def _standard_headers(event: _Event, body: bytes) -> dict[str, str]:
     msg_id = event.event_id or f"msg_{_random_id(27)}"
+    from standardwebhooks.webhooks import Webhook as StandardWebhook
+
     webhook = StandardWebhook(_first(event.secret, "authjs"))
     return {
         **_JSON,
@@ -234,6 +234,8 @@ def _standard_headers(event: _Event, body: bytes) -> dict[str, str]:
 
 
 def _auth0(event: _Event) -> tuple[dict[str, str], bytes]:
+    from providers.auth0_webhook import authorization_values, bearer_header
+
     tokens = authorization_values(secrets_from(event.secret))
     if not tokens:
         raise ConfigError("providers.auth0.webhook_token: missing (simulate sends it)")

@@ -19,7 +19,7 @@ from db.migrate import upgrade
 from db.tables import sync_runs
 from providers.auth0 import Auth0Provider
 from providers.authjs import AuthjsProvider
-from providers.base import Cursor, Page, Provider
+from providers.base import Cursor, Page, Provider, StoredDigests
 from providers.http import HttpPolicy
 from providers.stack import StackProvider
 from sync_worker.changes import (
@@ -84,7 +84,17 @@ class FailAfter:
         self.name = inner.name
 
     def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
-        for n, page in enumerate(self.inner.iter_changes(cursor, full=full), start=1):
+        return self._failing(self.inner.iter_changes(cursor, full=full))
+
+    def iter_digested(
+        self, cursor: Cursor | None, *, full: bool = False, known: StoredDigests
+    ) -> Iterator[Page] | None:
+        digested = getattr(self.inner, "iter_digested", None)
+        pages = None if digested is None else digested(cursor, full=full, known=known)
+        return None if pages is None else self._failing(pages)
+
+    def _failing(self, pages: Iterator[Page]) -> Iterator[Page]:
+        for n, page in enumerate(pages, start=1):
             yield page
             if n == self.pages:
                 self.hook()

@@ -72,3 +72,9 @@ def test_sync_seen_round_trips_through_its_earlier_shapes(engine: Engine) -> Non
     assert schema_diff(engine) == []
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(sync_seen)).scalar_one() == 0
+
+
+def test_the_head_read_from_the_files_is_alembics() -> None:
+    from alembic.script import ScriptDirectory
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()

@@ -7,8 +7,6 @@ from collections.abc import Mapping
 
 import structlog
 
-from db import inbox
-from db.migrate import upgrade
 from db.transaction import transaction
 from providers import registry
 from sync_worker import simulate
@@ -22,7 +20,6 @@ from sync_worker.cli.common import (
     timestamp,
 )
 from sync_worker.config import Settings
-from sync_worker.daemon import local_secrets
 from sync_worker.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -61,6 +58,8 @@ def register(commands: Commands) -> None:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    # Imported by the commands that use them: every command (a backfill too) starts here.
+    from db.migrate import upgrade
     from sync_worker.daemon.server import build, serve
 
     host = args.host or settings.server.host
@@ -80,6 +79,8 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 def _local_secrets(settings: Settings) -> dict[str, str]:
     """The embedded default's generated secrets, for endpoints without configured ones."""
+    from sync_worker.daemon import local_secrets
+
     path = local_secrets.path_for(settings.database.url)
     if path is None:
         return {}
@@ -101,6 +102,8 @@ def _print_welcome(
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from db import inbox
+
     with open_database(settings) as db, transaction(db) as conn:
         count = inbox.replay(
             conn,
@@ -132,6 +135,8 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _sending_secret(settings: Settings, provider: str) -> str:
+    from sync_worker.daemon import local_secrets
+
     configured = registry.webhook_secrets(provider, settings)
     if configured:
         return " ".join(configured)

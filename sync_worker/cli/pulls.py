@@ -11,11 +11,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from db.migrate import upgrade
-from db.report import collect as collect_status
 from db.runs import RunStatus
 from providers.base import Provider
-from sync_worker import status
 from sync_worker.changes import Source, utcnow
 from sync_worker.cli.common import (
     EXIT_FAILURE,
@@ -28,7 +25,6 @@ from sync_worker.cli.common import (
 from sync_worker.config import Settings
 from sync_worker.engine import SyncEngine
 from sync_worker.errors import ConfigError, SyncWorkerError
-from sync_worker.jobs.registry import plan
 from sync_worker.progress import Progress, progress
 from sync_worker.pull import PullReport, PullRunner, ReconcileRefused
 from sync_worker.runtime import allow_collector_pauses
@@ -56,6 +52,10 @@ def register(commands: Commands) -> None:
 
 
 def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    # Imported by the commands that use them: a backfill loads neither Alembic's commands
+    # nor the scheduler.
+    from db.migrate import upgrade
+
     with open_database(settings, require_head=False) as engine:
         before, after = upgrade(engine, settings.database.schema_)
     if before == after:
@@ -66,6 +66,10 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from db.report import collect as collect_status
+    from sync_worker import status
+    from sync_worker.jobs.registry import plan
+
     with open_database(settings) as engine:
         report = status.with_jobs(collect_status(engine), plan(settings), utcnow())
     print(json.dumps(report, indent=2, default=str) if args.json else status.render(report))

@@ -1,0 +1,504 @@
+"""The digest pass against the per-row pass: twin worker databases, one Auth.js source.
+
+Each scenario runs every pass twice, on two PostgreSQL worker databases fed by the same
+@auth/pg-adapter database at the same clock: once with the digest skip, once without, and
+then compares every worker table (generated ids replaced by the user's identities, the
+digest column and run ids left out). Whatever the digest skips must be exactly what the
+per-row engine would have found unchanged.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+
+from db.connect import make_engine
+from db.digests import stored_digests
+from db.migrate import upgrade
+from db.tables import metadata
+from db.transaction import transaction
+from providers.authjs import AuthjsProvider
+from providers.base import Cursor, Page, StoredDigests
+from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
+from sync_worker.config import AuthjsSettings
+from sync_worker.engine import PlanSettings, SyncEngine
+from sync_worker.pull import PullReport, PullRunner
+from tests.conftest import sqlalchemy_url
+from tests.fakes.authjs import FakeAccount, FakeSession, PgAdapterLoader, make_loader
+
+pytestmark = pytest.mark.postgres
+
+SCHEMA = "identity"
+START = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+COMPARED = ("users", "profiles", "user_identities", "user_sessions", "sync_audit")
+DROPPED = {"id", "run_id"}
+
+
+class Recording:
+    """Wraps the provider: counts the changes its pages carry, and can stop after a page."""
+
+    def __init__(self, inner: AuthjsProvider, stop_after: int | None = None) -> None:
+        self.inner, self.name = inner, inner.name
+        self.stop_after = stop_after
+        self.mapped = 0
+        self.pages = 0
+
+    def _pages(self, pages: Iterator[Page]) -> Iterator[Page]:
+        for page in pages:
+            # Users mapped, or read and found unmappable.
+            self.mapped += sum(1 for c in page.changes if c.kind is ChangeKind.UPSERT)
+            self.mapped += len({e.external_id for e in page.errors})
+            yield page
+            self.pages += 1
+            if self.stop_after is not None and self.pages == self.stop_after:
+                raise KeyboardInterrupt  # the process is stopped between pages
+
+    def iter_changes(self, cursor: Cursor | None, *, full: bool = False) -> Iterator[Page]:
+        return self._pages(self.inner.iter_changes(cursor, full=full))
+
+    def iter_digested(
+        self, cursor: Cursor | None, *, full: bool = False, known: StoredDigests
+    ) -> Iterator[Page] | None:
+        pages = self.inner.iter_digested(cursor, full=full, known=known)
+        return None if pages is None else self._pages(pages)
+
+    def cursor_since(self, since: datetime) -> Cursor | None:
+        return None
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class Twins:
+    """One source, two workers (``digest``, ``plain``), one clock both passes read."""
+
+    source_url: str
+    loader: PgAdapterLoader
+    digest: Engine
+    plain: Engine
+    now: datetime = START
+    batch_size: int = 7
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    reports: dict[bool, PullReport] = field(default_factory=dict)
+    mapped: dict[bool, int] = field(default_factory=dict)
+
+    def tick(self, minutes: float = 1) -> datetime:
+        self.now += timedelta(minutes=minutes)
+        return self.now
+
+    def provider(self) -> AuthjsProvider:
+        settings = AuthjsSettings(database_url=self.source_url)
+        now = self.now
+        return AuthjsProvider(settings, batch_size=self.batch_size, now=lambda: now)
+
+    def engine(self) -> SyncEngine:
+        now = self.now
+        return SyncEngine(self.plan, clock=lambda: now)
+
+    def run(self, *, full: bool = True, stop_after: int | None = None) -> None:
+        """The same pass on both workers, at the same (new) time."""
+        self.tick()
+        for digests, worker in ((True, self.digest), (False, self.plain)):
+            with closing(Recording(self.provider(), stop_after)) as provider:
+                runner = PullRunner(
+                    worker, self.engine(), provider, max_delete_fraction=1.0, digests=digests
+                )
+                with suppress(KeyboardInterrupt):  # a pass stopped on purpose
+                    self.reports[digests] = runner.run(full=full)
+                self.mapped[digests] = provider.mapped
+
+    def both(self, change: UserChange) -> None:
+        """A change applied to both workers through the engine, as the drainer would."""
+        self.tick()
+        for worker in (self.digest, self.plain):
+            with transaction(worker) as conn:
+                self.engine().apply(conn, [change], source=Source.WEBHOOK)
+
+    def assert_same(self) -> None:
+        assert normalized(self.digest) == normalized(self.plain)
+
+
+def normalized(engine: Engine) -> dict[str, list[str]]:
+    """Every compared table, rows as sorted text, users named by their identities."""
+    with engine.connect() as conn:
+        owners: dict[Any, list[str]] = {}
+        for row in conn.execute(select(metadata.tables["user_identities"])).mappings():
+            owners.setdefault(row["user_id"], []).append(f"{row['provider']}:{row['external_id']}")
+        names = {k: "|".join(sorted(v)) for k, v in owners.items()}
+        out: dict[str, list[str]] = {}
+        for name in COMPARED:
+            found = []
+            for row in conn.execute(select(metadata.tables[name])).mappings():
+                values = {k: v for k, v in row.items() if k not in DROPPED}
+                if name == "users":
+                    values["user"] = names.get(row["id"], "?")
+                if "user_id" in values:
+                    values["user_id"] = names.get(values["user_id"], str(values["user_id"]))
+                found.append(repr(sorted(values.items())))
+            out[name] = sorted(found)
+    return out
+
+
+@pytest.fixture
+def twins(make_pg_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Twins]:
+    source = make_pg_database()
+    workers = []
+    for _ in range(2):
+        worker = make_engine(sqlalchemy_url(make_pg_database()), schema=SCHEMA)
+        upgrade(worker, SCHEMA)
+        workers.append(worker)
+    loader = make_loader("pg", source)
+    assert isinstance(loader, PgAdapterLoader)
+    with loader:
+        loader.populate(30, now=START)
+        for user in ids_of(loader):  # and a live session each, as in production
+            expires = START + timedelta(days=20, minutes=user)
+            loader.create_session(user, FakeSession(session_token=f"live-{user}", expires=expires))
+        twins = Twins(source, loader, workers[0], workers[1])
+        # The runner's own clock too: reconcile dates its deletions by it.
+        monkeypatch.setattr("sync_worker.pull.utcnow", lambda: twins.now)
+        twins.run()  # the initial load
+        twins.assert_same()
+        yield twins
+    for worker in workers:
+        worker.dispose()
+
+
+def ids(twins: Twins) -> list[int]:
+    return ids_of(twins.loader)
+
+
+def ids_of(loader: PgAdapterLoader) -> list[int]:
+    return [int(r[0]) for r in loader.execute("SELECT id FROM users ORDER BY id")]
+
+
+def live_session_of(twins: Twins) -> tuple[int, str]:
+    row = twins.loader.execute(
+        'SELECT "userId", "sessionToken" FROM sessions WHERE expires > %s ORDER BY 1, 2 LIMIT 1',
+        [twins.now + timedelta(days=1)],
+    )
+    return int(row[0][0]), str(row[0][1])
+
+
+# -- the scenarios: each mutates, then the twins pass and must agree ------------------
+
+
+def unchanged(t: Twins) -> None:
+    return None
+
+
+def user_fields_changed(t: Twins) -> None:
+    a, b, c = ids(t)[:3]
+    t.loader.update_user(a, name="Renamed Person")
+    t.loader.update_user(b, email=f"moved{b}@example.com")
+    t.loader.update_user(c, image="https://example.com/new.png")
+
+
+def account_linked_and_unlinked(t: Twins) -> None:
+    a, b = ids(t)[3:5]
+    t.loader.link_account(a, FakeAccount(provider="gitlab", provider_account_id=f"gl-{a}"))
+    t.loader.execute('DELETE FROM accounts WHERE "userId" = %s', [b])
+
+
+def sessions_changed(t: Twins) -> None:
+    user, token = live_session_of(t)
+    a, b = ids(t)[5:7]
+    t.loader.create_session(
+        a, FakeSession(session_token=f"new-{a}", expires=t.now + timedelta(days=9))
+    )
+    t.loader.execute(
+        'UPDATE sessions SET expires = %s WHERE "sessionToken" = %s',
+        [t.now + timedelta(days=29), token],
+    )  # extended
+    t.loader.create_session(
+        b, FakeSession(session_token=f"soon-{b}", expires=t.now + timedelta(seconds=30))
+    )
+    t.loader.execute(
+        'DELETE FROM sessions WHERE "sessionToken" = (SELECT max("sessionToken") '
+        'FROM sessions WHERE expires > %s AND "userId" <> %s)',
+        [t.now + timedelta(days=1), user],
+    )
+
+
+def deleted_by_webhook(t: Twins) -> None:
+    a = ids(t)[7]
+    t.both(UserChange(provider="authjs", external_id=str(a), kind=ChangeKind.DELETE, version=t.now))
+
+
+def updated_by_webhook(t: Twins) -> None:
+    a = ids(t)[8]
+    t.both(
+        UserChange(
+            provider="authjs",
+            external_id=str(a),
+            kind=ChangeKind.UPSERT,
+            version=t.now,
+            attributes=UserAttributes(name="Webhook Name", stated=frozenset({"name"})),
+            raw={"id": str(a), "name": "Webhook Name"},
+        )
+    )
+
+
+def session_revoked_in_worker(t: Twins) -> None:
+    user, _ = live_session_of(t)
+    for worker in (t.digest, t.plain):
+        with transaction(worker) as conn:
+            conn.execute(
+                text(
+                    "UPDATE user_sessions SET revoked_at = :now WHERE user_id = "
+                    "(SELECT user_id FROM user_identities WHERE provider = 'authjs' "
+                    "AND external_id = :e)"
+                ),
+                {"now": t.now, "e": str(user)},
+            )
+
+
+def user_row_changed_in_worker(t: Twins) -> None:
+    # The app edits the worker's users row directly: the engine's skip does not read it.
+    a = ids(t)[9]
+    for worker in (t.digest, t.plain):
+        with transaction(worker) as conn:
+            conn.execute(
+                text(
+                    "UPDATE users SET name = 'App Edit' WHERE id = (SELECT user_id FROM "
+                    "user_identities WHERE provider = 'authjs' AND external_id = :e)"
+                ),
+                {"e": str(a)},
+            )
+
+
+def poison_row(t: Twins) -> None:
+    a = ids(t)[10]
+    t.loader.link_account(a, FakeAccount(provider="github", provider_account_id=""))
+
+
+def profile_defaults_changed(t: Twins) -> None:
+    t.plan = PlanSettings(profile_defaults={"timezone": "Europe/Paris", "currency": "EUR"})
+    t.loader.create_user(name="Newcomer", email="newcomer@example.com")
+
+
+SCENARIOS = [
+    unchanged,
+    user_fields_changed,
+    account_linked_and_unlinked,
+    sessions_changed,
+    deleted_by_webhook,
+    updated_by_webhook,
+    session_revoked_in_worker,
+    user_row_changed_in_worker,
+    poison_row,
+    profile_defaults_changed,
+]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
+def test_the_digest_pass_writes_what_the_per_row_pass_writes(
+    twins: Twins, scenario: Callable[[Twins], None]
+) -> None:
+    twins.run()  # both workers now hold digests (the digest twin) of an unchanged source
+    twins.assert_same()
+    scenario(twins)
+    twins.assert_same()
+    twins.run()
+    twins.assert_same()
+    twins.run(full=False)  # and once more, as the scheduler's pull would
+    twins.assert_same()
+
+
+def test_sessions_that_expire_between_passes(twins: Twins) -> None:
+    a = ids(twins)[11]
+    twins.loader.create_session(
+        a,
+        FakeSession(
+            session_token=f"brief-{a}", expires=twins.now + timedelta(minutes=1, seconds=30)
+        ),
+    )
+    twins.run()
+    twins.assert_same()
+    twins.run()  # the session expired in between: no longer live upstream
+    twins.assert_same()
+
+
+def test_reconcile_soft_deletes_then_the_user_comes_back(twins: Twins) -> None:
+    a = ids(twins)[12]
+    saved = twins.loader.execute(
+        'SELECT name, email, "emailVerified", image FROM users WHERE id = %s', [a]
+    )[0]
+    accounts = twins.loader.execute(
+        'SELECT provider, "providerAccountId" FROM accounts WHERE "userId" = %s', [a]
+    )
+    twins.loader.delete_user(a)
+    twins.run()
+    reconciled = twins.reports[True].reconcile
+    assert reconciled is not None
+    assert reconciled.deleted == 1
+    twins.assert_same()
+    twins.loader.execute(
+        'INSERT INTO users (id, name, email, "emailVerified", image) VALUES (%s, %s, %s, %s, %s)',
+        [a, *saved],
+    )
+    for provider, account_id in accounts:
+        twins.loader.link_account(a, FakeAccount(provider=provider, provider_account_id=account_id))
+    twins.run()
+    twins.assert_same()
+    assert twins.reports[True].counts["restored"] == 1
+
+
+def test_a_killed_pass_resumes(twins: Twins) -> None:
+    for user in ids(twins):
+        twins.loader.update_user(user, name=f"Changed {user}")
+    twins.run(stop_after=2)  # killed after two pages of seven changed users
+    twins.run(full=False)  # resumes from the cursor; partial: no reconcile
+    assert twins.reports[True].reconcile is None
+    twins.assert_same()
+    twins.run()
+    twins.assert_same()
+
+
+def test_a_second_unchanged_pass_maps_nobody_and_writes_nothing(twins: Twins) -> None:
+    before = normalized(twins.digest)
+    stored = stored_digests(twins.digest, "authjs")
+    assert len(stored) == 30
+    twins.run()
+    assert twins.mapped[True] == 0
+    assert twins.mapped[False] == 30
+    assert normalized(twins.digest) == before  # no audit row, no write stamp moved
+    report = twins.reports[True]
+    assert report.counts == {"unchanged": 30}
+    assert report.sessions == twins.reports[False].sessions
+    assert stored_digests(twins.digest, "authjs") == stored
+
+
+def test_an_unchanged_pass_still_reconciles_a_user_removed_upstream(twins: Twins) -> None:
+    twins.run()
+    a = ids(twins)[0]
+    twins.loader.delete_user(a)
+    twins.run()
+    assert twins.mapped[True] == 0
+    report = twins.reports[True]
+    assert report.reconcile is not None
+    assert report.reconcile.deleted == 1
+    twins.assert_same()
+
+
+def test_a_poison_row_is_reported_on_every_pass(twins: Twins) -> None:
+    poison_row(twins)
+    for _ in range(2):
+        twins.run()
+        assert twins.reports[True].counts["failed"] == 1
+        assert twins.mapped[True] == 1  # the poison user is read again; nobody else
+        twins.assert_same()
+
+
+def test_any_other_write_clears_the_digest(twins: Twins) -> None:
+    """The triggers, one write at a time, each through a path other than the pass."""
+    twins.run()
+    key = str(ids(twins)[13])
+
+    def digest() -> str | None:
+        return stored_digests(twins.digest, "authjs").get(key)
+
+    def restore(value: str) -> None:
+        with transaction(twins.digest) as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO sync_source_digests (provider, external_id, digest) "
+                    "VALUES ('authjs', :e, :d) ON CONFLICT (provider, external_id) "
+                    "DO UPDATE SET digest = excluded.digest"
+                ),
+                {"e": key, "d": value},
+            )
+        assert digest() == value
+
+    owner = "(SELECT user_id FROM user_identities WHERE provider = 'authjs' AND external_id = :e)"
+    writes = [
+        "UPDATE user_identities SET last_synced_at = now() WHERE provider = 'authjs' "
+        "AND external_id = :e",
+        f"INSERT INTO user_sessions (id, user_id, provider, external_session_id, created_at) "
+        f"VALUES ('{uuid.uuid4()}', {owner}, 'authjs', 'extra', now())",
+        f"UPDATE user_sessions SET last_seen_at = now() WHERE user_id = {owner}",
+        f"DELETE FROM user_sessions WHERE user_id = {owner}",
+        f"DELETE FROM users WHERE id = {owner}",  # its identities go by cascade
+    ]
+    assert digest() is not None
+    for n, statement in enumerate(writes):
+        restore(f"held-{n}")
+        with transaction(twins.digest) as conn:
+            conn.execute(text(statement), {"e": key})
+        if statement.startswith("INSERT"):
+            assert digest() == f"held-{n}"  # a new session row changes no stored session
+        else:
+            assert digest() is None, statement
+
+
+@pytest.mark.parametrize("flavour", ["pg", "drizzle"])
+def test_the_digest_pass_on_either_worker_database(
+    engine: Engine, make_pg_database: Callable[[], str], flavour: str
+) -> None:
+    """The worker side is portable (SQLite stores digests row by row), with integer and
+    text ids (merged with the stored digests in numeric and in byte order)."""
+    source = make_pg_database()
+    with make_loader(flavour, source) as loader:
+        loader.populate(12, now=START)
+    settings = AuthjsSettings.model_validate(
+        {"database_url": sqlalchemy_url(source), "schema": flavour}
+    )
+
+    def run() -> tuple[PullReport, int]:
+        with closing(Recording(AuthjsProvider(settings, batch_size=5))) as provider:
+            report = PullRunner(engine, SyncEngine(PlanSettings()), provider).run(full=True)
+            return report, provider.mapped
+
+    first, mapped = run()
+    assert (first.counts["created"], mapped) == (12, 12)
+    assert len(stored_digests(engine, "authjs")) == 12
+    again, mapped = run()
+    assert (dict(again.counts), mapped) == ({"unchanged": 12}, 0)
+
+
+def test_a_sqlite_source_keeps_the_per_row_pass(tmp_path: Any) -> None:
+    """The source side is not portable: a SQLite Auth.js database keeps the per-row pass."""
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("prisma", app) as loader:
+        loader.populate(3)
+    settings = AuthjsSettings.model_validate({"database_url": app, "schema": "prisma"})
+    with closing(AuthjsProvider(settings)) as provider:
+        assert provider.iter_digested(None, full=True, known=Nothing()) is None
+
+
+class Nothing:
+    """No digest stored."""
+
+    def held(self) -> bool:
+        return False
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]:
+        return iter(())
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
+        return {}
+
+
+def test_more_changes_than_held_read_every_user_in_step(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond ``CHANGED_HELD`` changed users the pass reads every row in step with the
+    digests (memory stays flat): the same outcome, still skipping the unchanged."""
+    monkeypatch.setattr("providers.authjs.CHANGED_HELD", 1)
+    twins.run()
+    for scenario in (user_fields_changed, sessions_changed, updated_by_webhook, poison_row):
+        scenario(twins)
+        twins.run()
+        twins.assert_same()
+        assert 0 < twins.mapped[True] < twins.mapped[False]
+    twins.run()
+    twins.assert_same()
+    assert twins.mapped[True] == 1  # the poison user alone

@@ -205,7 +205,9 @@ def _log_item(record: Mapping[str, Any], index: int) -> InboxItem:
     log_id = event_id_from(record.get("log_id"), field=f"item {index} log_id")
     data = _data(record, index)
     code = data.get("type")
-    with payload_errors(PROVIDER, f"item {index}"):  # e.g. a list as the type: unhashable
+    if code is not None and not isinstance(code, str):  # the pull ignores it; a body is refused
+        raise WebhookPayloadError(f"auth0: item {index} data.type: not a string")
+    with payload_errors(PROVIDER, f"item {index}"):
         plan = plan_logs([{**data, "log_id": log_id}])
     return InboxItem(
         event_id=log_id,

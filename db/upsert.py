@@ -5,6 +5,10 @@ SQLite one ``executemany``. Upserts run as one executemany of an ``INSERT ... ON
 statement that SQLAlchemy compiles once and caches (psycopg pipelines the rows). The
 multi-row VALUES statements these replace were compiled afresh for every batch, which cost
 more than the database spent running them.
+
+``write_steps`` runs a batch's inserts and upserts in order; on PostgreSQL they share one
+psycopg pipeline, so a small batch's writes cost one round trip rather than one per table
+(a COPY takes two of its own and cannot run in a pipeline: small inserts go as INSERTs).
 """
 
 from __future__ import annotations
@@ -43,6 +47,91 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         raise DBAPIError.instance(
             plan.statement, None, exc, dbapi.Error, dialect=conn.dialect
         ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One table's rows of a batch: inserted (``conflict`` None), or upserted."""
+
+    table: Table
+    rows: Sequence[Mapping[str, Any]]
+    conflict: tuple[str, ...] | None = None
+    update: tuple[str, ...] = ()
+
+
+#: Up to this many new rows go as a pipelined INSERT rather than a COPY: below it the COPY's
+#: own two round trips cost more than the server's per-row work it saves.
+PIPELINE_INSERT_MAX = 100
+
+
+def write_steps(conn: Connection, steps: Sequence[Step]) -> None:
+    """Run ``steps`` in order (inserts and upserts alike: every row of a step with the same
+    keys). On PostgreSQL the statements go through one psycopg pipeline, the rows of every
+    step included, and are answered together; a large insert leaves the pipeline for a COPY.
+    Errors come out as ``insert_rows`` raises them."""
+    steps = [step for step in steps if step.rows]
+    if conn.dialect.name != "postgresql":
+        for step in steps:
+            if step.conflict is None:
+                insert_rows(conn, step.table, step.rows)
+            else:
+                upsert_rows(conn, step.table, step.rows, conflict=step.conflict, update=step.update)
+        return
+    pending: list[Step] = []
+    for step in steps:
+        if step.conflict is None and len(step.rows) > PIPELINE_INSERT_MAX:
+            _pipelined(conn, pending)
+            pending = []
+            insert_rows(conn, step.table, step.rows)
+        else:
+            pending.append(step)
+    _pipelined(conn, pending)
+
+
+def _pipelined(conn: Connection, steps: Sequence[Step]) -> None:
+    if not steps:
+        return
+    driver: Any = conn.connection.driver_connection
+    dbapi = conn.dialect.loaded_dbapi
+    statement = ""
+    try:
+        with driver.pipeline():  # synced (and any error raised) on leaving the block
+            for step in steps:
+                plan = _pipeline_plan(conn.dialect, step.table, tuple(step.rows[0]),
+                                      step.conflict, step.update)  # fmt: skip
+                statement = plan.statement
+                with driver.cursor() as cursor:
+                    cursor.executemany(plan.statement, [plan.bind(row) for row in step.rows])
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+
+
+@lru_cache(maxsize=256)
+def _pipeline_plan(
+    dialect: Dialect,
+    table: Table,
+    columns: tuple[str, ...],
+    conflict: tuple[str, ...] | None,
+    update: tuple[str, ...],
+) -> _InsertPlan:
+    """A positional INSERT (or upsert) for the driver, with the binds SQLAlchemy applies."""
+    unknown = set(columns) - set(table.c.keys())
+    if unknown:
+        raise ValueError(f"{table.name} has no column(s) {sorted(unknown)}")
+    stmt: Any = insert(table)
+    if conflict is not None:
+        stmt = _upsert(dialect.name, table, conflict, update)
+    compiled = stmt.compile(dialect=dialect, column_keys=list(columns))
+    # Named %(column)s placeholders into positional ones, in the order of ``columns``.
+    text = str(compiled)
+    for name in compiled.binds:
+        if name not in columns:
+            raise ValueError(f"unexpected parameter {name} in {text}")
+    order = tuple(sorted(columns, key=lambda c: text.index(f"%({c})s")))
+    positional = text
+    for name in order:
+        positional = positional.replace(f"%({name})s", "%s", 1)
+    return _InsertPlan(positional, order, _processors(dialect, table, order), False, [])
 
 
 def upsert_rows(

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 
 from db.tables import sync_audit, user_identities, users
-from db.upsert import insert_rows, upsert_rows
+from db.upsert import PIPELINE_INSERT_MAX, Step, insert_rows, upsert_rows, write_steps
 
 AWARE = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-5)))
 NAIVE = datetime(2026, 3, 2, 8, 0, 0)  # taken to be UTC
@@ -142,3 +142,46 @@ def test_a_value_too_long_raises_data_error(pg_engine: Engine) -> None:
 def test_an_unknown_column_is_refused_before_the_database(engine: Engine) -> None:
     with engine.begin() as conn, pytest.raises(ValueError, match="nickname"):
         insert_rows(conn, users, [user(nickname="x")])
+
+
+def test_write_steps_run_in_order_and_store_what_insert_stores(engine: Engine) -> None:
+    """Small inserts (pipelined INSERTs on PostgreSQL) and a large one (a COPY, which leaves
+    the pipeline) keep their order: identities reference users inserted in an earlier step."""
+    small = [user(email=f"small{i}@example.org") for i in range(3)]
+    large = [user(email=f"large{i}@example.org") for i in range(PIPELINE_INSERT_MAX + 1)]
+    plain = user(email="plain@example.org")
+    renamed = {**small[0], "name": "Renamed", "role": "admin"}
+    with engine.begin() as conn:
+        write_steps(conn, [
+            Step(users, small),
+            Step(user_identities, [identity(small[1]["id"], "s1", RAW)]),
+            Step(users, large),
+            Step(user_identities, [identity(large[-1]["id"], "l1", RAW)]),
+            Step(users, [renamed], ("id",), ("name",)),
+            Step(users, []),
+        ])  # fmt: skip
+        conn.execute(insert(users), [plain])
+    assert read(engine, users, id=small[0]["id"])["name"] == "Renamed"
+    assert read(engine, users, id=small[0]["id"])["role"] == "member"
+    got, want = read(engine, users, id=small[2]["id"]), read(engine, users, id=plain["id"])
+    assert got == {**want, "id": small[2]["id"], "email": small[2]["email"]}
+    assert read(engine, user_identities, external_id="s1")["raw"] == RAW
+    with engine.connect() as conn:
+        assert len(conn.execute(select(users.c.id)).all()) == len(small) + len(large) + 1
+
+
+def test_write_steps_raise_integrity_error_and_the_savepoint_recovers(engine: Engine) -> None:
+    taken = user()
+    with engine.begin() as conn:
+        insert_rows(conn, users, [taken])
+        with pytest.raises(IntegrityError) as refused, conn.begin_nested():
+            write_steps(conn, [
+                Step(users, [user(email="fine@example.org")]),
+                Step(users, [{**taken, "email": "no-at-sign"}], ("id",), ("email",)),
+                Step(sync_audit, []),
+            ])  # fmt: skip
+        write_steps(conn, [Step(users, [user(email="after@example.org")])])
+    assert "email_shape" in str(refused.value.orig).splitlines()[0]
+    with engine.connect() as conn:
+        emails = set(conn.execute(select(users.c.email)).scalars())
+    assert emails == {taken["email"], "after@example.org"}

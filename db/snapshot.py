@@ -137,11 +137,19 @@ def load_snapshot(
     found_users: dict[uuid.UUID, UserRow] = {}
     found_profiles: dict[uuid.UUID, ProfileRow] = {}
     for chunk in _chunks(sorted(user_ids)):
-        found_users.update(_by(conn, users, users.c.id, chunk, "id"))
-        found_profiles.update(_by(conn, profiles, profiles.c.user_id, chunk, "user_id"))
-        stmt = select(user_identities).where(among(conn, user_identities.c.user_id, chunk))
-        # Full rows (with raw) replace the triage rows of the same identities.
-        held.update(_keyed(_dicts(conn, stmt)))
+        # One statement for the three tables (one round trip, not three): a user's row and
+        # profile repeat on each of its identities. Full identity rows (with raw) replace
+        # the triage rows of the same identities.
+        result = conn.execute(_USERS_JOINED.where(among(conn, users.c.id, chunk)))
+        for row in result:
+            user = dict(zip(_USER_KEYS, row[_USER_SLICE], strict=True))
+            found_users[user["id"]] = user  # type: ignore[assignment]
+            profile = row[_PROFILE_SLICE]
+            if profile[0] is not None:  # the profile's id: a user may have none yet
+                found_profiles[user["id"]] = dict(zip(_PROFILE_KEYS, profile, strict=True))  # type: ignore[assignment]
+            identity = row[_IDENTITY_SLICE]
+            if identity[0] is not None:  # provider
+                held.update(_keyed([dict(zip(_IDENTITY_KEYS, identity, strict=True))]))
     return Snapshot(
         identities=held,
         users=found_users,
@@ -152,11 +160,21 @@ def load_snapshot(
     )
 
 
-def _by(
-    conn: Connection, table: Any, column: Any, values: list[Any], key: str
-) -> Iterable[tuple[uuid.UUID, Any]]:
-    rows = _dicts(conn, select(table).where(among(conn, column, values)))
-    return ((r[key], r) for r in rows)
+_USER_KEYS = tuple(users.c.keys())
+_PROFILE_KEYS = tuple(profiles.c.keys())
+_IDENTITY_KEYS = tuple(user_identities.c.keys())
+_USER_SLICE = slice(0, len(_USER_KEYS))
+_PROFILE_SLICE = slice(_USER_SLICE.stop, _USER_SLICE.stop + len(_PROFILE_KEYS))
+_IDENTITY_SLICE = slice(_PROFILE_SLICE.stop, _PROFILE_SLICE.stop + len(_IDENTITY_KEYS))
+_USERS_JOINED = select(
+    *(c.label(f"u_{c.key}") for c in users.c),
+    *(c.label(f"p_{c.key}") for c in profiles.c),
+    *(c.label(f"i_{c.key}") for c in user_identities.c),
+).select_from(
+    users.outerjoin(profiles, profiles.c.user_id == users.c.id).outerjoin(
+        user_identities, user_identities.c.user_id == users.c.id
+    )
+)
 
 
 def _email_owners(

@@ -62,6 +62,7 @@ class Step:
 #: Up to this many new rows go as a pipelined INSERT rather than a COPY: below it the COPY's
 #: own two round trips cost more than the server's per-row work it saves.
 PIPELINE_INSERT_MAX = 100
+_PREPARE_THRESHOLD = 5  # psycopg's default; executemany prepares at its first use anyway
 
 
 def write_steps(conn: Connection, steps: Sequence[Step]) -> None:
@@ -94,6 +95,14 @@ def _pipelined(conn: Connection, steps: Sequence[Step]) -> None:
     driver: Any = conn.connection.driver_connection
     dbapi = conn.dialect.loaded_dbapi
     statement = ""
+    # These statements are prepared (psycopg's executemany prepares, unless the engine's
+    # ``planned_per_run`` turned preparing off): each row is then a Bind and an Execute, where
+    # an unprepared one is parsed and planned again for every row (measured: most of the
+    # server's time in a drain of 200-row batches). Their plans cannot go stale as tables
+    # grow: an INSERT ... ON CONFLICT reads nothing but its arbiter index.
+    previous = driver.prepare_threshold
+    if previous is None:
+        driver.prepare_threshold = _PREPARE_THRESHOLD
     try:
         with driver.pipeline():  # synced (and any error raised) on leaving the block
             for step in steps:
@@ -104,6 +113,8 @@ def _pipelined(conn: Connection, steps: Sequence[Step]) -> None:
                     cursor.executemany(plan.statement, [plan.bind(row) for row in step.rows])
     except dbapi.Error as exc:
         raise DBAPIError.instance(statement, None, exc, dbapi.Error, dialect=conn.dialect) from exc
+    finally:
+        driver.prepare_threshold = previous
 
 
 @lru_cache(maxsize=256)

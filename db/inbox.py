@@ -217,7 +217,7 @@ def claim(
         .values(claimed_by=worker, claimed_until=now + lease, attempts=_t.c.attempts + 1)
         .returning(*_t.c)
     )
-    rows = [_inbox_row(r) for r in conn.execute(stmt)]
+    rows = [_inbox_row(r) for r in conn.execute(stmt).all()]
     return sorted(rows, key=lambda r: r.id)  # RETURNING has no order
 
 

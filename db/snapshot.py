@@ -141,7 +141,7 @@ def load_snapshot(
         # profile repeat on each of its identities. Full identity rows (with raw) replace
         # the triage rows of the same identities.
         result = conn.execute(_USERS_JOINED.where(among(conn, users.c.id, chunk)))
-        for row in result:
+        for row in result.all():  # one fetch, not one per row
             user = dict(zip(_USER_KEYS, row[_USER_SLICE], strict=True))
             found_users[user["id"]] = user  # type: ignore[assignment]
             profile = row[_PROFILE_SLICE]
@@ -262,7 +262,7 @@ def _dicts(conn: Connection, stmt: Any) -> Iterator[dict[str, Any]]:
     1.7 s of 20,000 identities and sessions decoded in a re-pass, under cProfile)."""
     result = conn.execute(stmt)
     keys = list(result.keys())
-    return (dict(zip(keys, row, strict=True)) for row in result)
+    return (dict(zip(keys, row, strict=True)) for row in result.all())
 
 
 def _chunks(values: Sequence[object]) -> Iterable[list[object]]:

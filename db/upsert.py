@@ -24,6 +24,9 @@ from sqlalchemy import Connection, Dialect, Executable, Table, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
+from db import jsoncodec
+from db.types import UTCDateTime
+
 
 def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows (all with the same keys): COPY on PostgreSQL, executemany on SQLite.
@@ -95,26 +98,105 @@ def _pipelined(conn: Connection, steps: Sequence[Step]) -> None:
     driver: Any = conn.connection.driver_connection
     dbapi = conn.dialect.loaded_dbapi
     statement = ""
-    # These statements are prepared (psycopg's executemany prepares, unless the engine's
-    # ``planned_per_run`` turned preparing off): each row is then a Bind and an Execute, where
-    # an unprepared one is parsed and planned again for every row (measured: most of the
-    # server's time in a drain of 200-row batches). Their plans cannot go stale as tables
-    # grow: an INSERT ... ON CONFLICT reads nothing but its arbiter index.
+    # Each step is one prepared statement taking its rows as one JSON document (see
+    # ``_json_plan``); preparing is turned off during an apply (``planned_per_run``), for
+    # lookups whose plans could go stale as tables grow, which an INSERT cannot.
     previous = driver.prepare_threshold
     if previous is None:
         driver.prepare_threshold = _PREPARE_THRESHOLD
     try:
-        with driver.pipeline():  # synced (and any error raised) on leaving the block
+        with driver.pipeline(), driver.cursor() as cursor:  # synced (errors raised) on exit
             for step in steps:
-                plan = _pipeline_plan(conn.dialect, step.table, tuple(step.rows[0]),
-                                      step.conflict, step.update)  # fmt: skip
-                statement = plan.statement
-                with driver.cursor() as cursor:
-                    cursor.executemany(plan.statement, [plan.bind(row) for row in step.rows])
+                columns = tuple(step.rows[0])
+                if _unique_keys(step):
+                    json_plan = _json_plan(conn.dialect, step.table, columns, step.conflict,
+                                           step.update)  # fmt: skip
+                    statement = json_plan.statement
+                    cursor.execute(statement, [json_plan.document(step.rows)], prepare=True)
+                else:  # one statement would update a row twice, which PostgreSQL refuses
+                    plan = _pipeline_plan(conn.dialect, step.table, columns, step.conflict,
+                                          step.update)  # fmt: skip
+                    statement = plan.statement
+                    cursor.executemany(statement, [plan.bind(row) for row in step.rows])
     except dbapi.Error as exc:
         raise DBAPIError.instance(statement, None, exc, dbapi.Error, dialect=conn.dialect) from exc
     finally:
         driver.prepare_threshold = previous
+
+
+def _unique_keys(step: Step) -> bool:
+    if step.conflict is None or len(step.rows) == 1:
+        return True
+    if len(step.conflict) == 1:
+        (name,) = step.conflict
+        return len({row[name] for row in step.rows}) == len(step.rows)
+    return len({tuple(row[c] for c in step.conflict) for row in step.rows}) == len(step.rows)
+
+
+@dataclass(frozen=True, slots=True)
+class _JsonPlan:
+    statement: str
+    columns: tuple[str, ...]
+    timestamps: tuple[int, ...]  # positions of UTC timestamp columns
+    process: Callable[[Any], Any]  # makes a naive timestamp UTC
+
+    def document(self, rows: Sequence[Mapping[str, Any]]) -> str:
+        values = [[row[c] for c in self.columns] for row in rows]
+        if self.timestamps:
+            for line in values:
+                for index in self.timestamps:
+                    line[index] = self.process(line[index])
+        return jsoncodec.dumps_text(values)
+
+
+@lru_cache(maxsize=256)
+def _json_plan(
+    dialect: Dialect,
+    table: Table,
+    columns: tuple[str, ...],
+    conflict: tuple[str, ...] | None,
+    update: tuple[str, ...],
+) -> _JsonPlan:
+    """``INSERT INTO t (columns) SELECT ... FROM jsonb_array_elements(%s)``: every row of a
+    step in one statement and one parameter, each row a JSON array in column order.
+
+    orjson writes the whole document in C; an executemany had psycopg adapt and send each
+    value of each row (measured: a fifth of a drain's CPU). The values come out of the JSON
+    cast to their column's type without its length (a cast to varchar(n) would cut a value
+    that the column must refuse); JSON columns take the value as it is, so a None stays JSON
+    null, as SQLAlchemy writes it.
+    """
+    unknown = set(columns) - set(table.c.keys())
+    if unknown:
+        raise ValueError(f"{table.name} has no column(s) {sorted(unknown)}")
+    quote = dialect.identifier_preparer
+    exprs, timestamps = [], []
+    for index, name in enumerate(columns):
+        column_type = table.c[name].type
+        if isinstance(column_type, UTCDateTime):
+            timestamps.append(index)
+        sql_type = _TYPMOD.sub("", column_type.compile(dialect=dialect))
+        if sql_type.upper() in ("JSON", "JSONB"):
+            exprs.append(f"r->{index}")
+        else:
+            exprs.append(f"(r->>{index})::{sql_type}")
+    names = ", ".join(quote.quote(c) for c in columns)
+    # Only our own table's quoted names and types reach the text; the rows are a parameter.
+    statement = (
+        f"INSERT INTO {quote.format_table(table)} ({names}) SELECT {', '.join(exprs)}"  # noqa: S608
+        " FROM jsonb_array_elements(%s::jsonb) AS e(r)"
+    )
+    if conflict is not None:
+        target = ", ".join(quote.quote(c) for c in conflict)
+        if update:
+            sets = ", ".join(f"{quote.quote(c)} = excluded.{quote.quote(c)}" for c in update)
+            statement += f" ON CONFLICT ({target}) DO UPDATE SET {sets}"
+        else:
+            statement += f" ON CONFLICT ({target}) DO NOTHING"
+    utc = UTCDateTime()
+    return _JsonPlan(
+        statement, columns, tuple(timestamps), lambda v: utc.process_bind_param(v, dialect)
+    )
 
 
 @lru_cache(maxsize=256)

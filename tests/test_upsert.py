@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, select, text
+from sqlalchemy import Connection, Engine, insert, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 
 from db.tables import sync_audit, user_identities, users
@@ -91,8 +92,10 @@ def test_none_in_a_json_column_is_stored_as_insert_stores_it(engine: Engine) -> 
         insert_rows(conn, users, [owner])
         insert_rows(conn, user_identities, [identity(owner["id"], "bulk", None)])
         conn.execute(insert(user_identities), [identity(owner["id"], "plain", None)])
+        write_steps(conn, [Step(user_identities, [identity(owner["id"], "steps", None)])])
         insert_rows(conn, sync_audit, [audit])
         conn.execute(insert(sync_audit), [{**audit, "external_id": "y"}])
+        write_steps(conn, [Step(sync_audit, [{**audit, "external_id": "z"}])])
     with engine.connect() as conn:  # JSON null and SQL NULL both read back as None
         raw_null = conn.execute(
             select(user_identities.c.external_id, user_identities.c.raw.is_(None))
@@ -133,9 +136,19 @@ def test_upsert_updates_only_the_named_columns(engine: Engine) -> None:
 
 
 @pytest.mark.postgres
-def test_a_value_too_long_raises_data_error(pg_engine: Engine) -> None:
+@pytest.mark.parametrize("way", ["insert_rows", "write_steps", "upsert step"])
+def test_a_value_too_long_raises_data_error(pg_engine: Engine, way: str) -> None:
+    """Never cut to the column's width: a cast to varchar(64) would have."""
+    too_long = user(phone="5" * 65)
+    writes: dict[str, Callable[[Connection], None]] = {
+        "insert_rows": lambda conn: insert_rows(conn, users, [too_long]),
+        "write_steps": lambda conn: write_steps(conn, [Step(users, [too_long])]),
+        "upsert step": lambda conn: write_steps(
+            conn, [Step(users, [too_long], ("id",), ("phone",))]
+        ),
+    }
     with pg_engine.begin() as conn, pytest.raises(DataError) as refused:
-        insert_rows(conn, users, [user(phone="5" * 65)])
+        writes[way](conn)
     assert "too long" in str(refused.value.orig).splitlines()[0]
 
 
@@ -185,3 +198,14 @@ def test_write_steps_raise_integrity_error_and_the_savepoint_recovers(engine: En
     with engine.connect() as conn:
         emails = set(conn.execute(select(users.c.email)).scalars())
     assert emails == {taken["email"], "after@example.org"}
+
+
+def test_an_upsert_step_naming_one_row_twice_applies_both_in_order(engine: Engine) -> None:
+    """One INSERT ... SELECT may not update a row twice (PostgreSQL refuses it): such a step
+    goes row by row, the later row winning, as an executemany did."""
+    first = user(name="First")
+    with engine.begin() as conn:
+        insert_rows(conn, users, [first])
+        write_steps(conn, [Step(users, [{**first, "name": "Second"}, {**first, "name": "Third"}],
+                                ("id",), ("name",))])  # fmt: skip
+    assert read(engine, users, id=first["id"])["name"] == "Third"

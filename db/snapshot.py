@@ -9,9 +9,12 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, text
+from sqlalchemy import ColumnElement, Connection, Select, any_, bindparam, func, select, text
+from sqlalchemy.dialects import postgresql
 
 from db.errors import translated
 from db.lookup import among
@@ -109,11 +112,8 @@ def load_identities(conn: Connection, changes: Iterable[UserChange]) -> dict[Key
     found: dict[Key, IdentityRow] = {}
     for provider, ids in by_provider.items():
         for chunk in _chunks(sorted(ids)):
-            stmt = select(*_TRIAGE_COLUMNS).where(
-                user_identities.c.provider == provider,
-                among(conn, user_identities.c.external_id, chunk),
-            )
-            found.update(_keyed(_dicts(conn, stmt)))
+            stmt = _statements(conn.dialect.name).triage
+            found.update(_keyed(_dicts(conn, stmt, {"provider": provider, "ids": chunk})))
     return found
 
 
@@ -140,7 +140,7 @@ def load_snapshot(
         # One statement for the three tables (one round trip, not three): a user's row and
         # profile repeat on each of its identities. Full identity rows (with raw) replace
         # the triage rows of the same identities.
-        result = conn.execute(_USERS_JOINED.where(among(conn, users.c.id, chunk)))
+        result = conn.execute(_statements(conn.dialect.name).users, {"ids": chunk})
         for row in result.all():  # one fetch, not one per row
             user = dict(zip(_USER_KEYS, row[_USER_SLICE], strict=True))
             found_users[user["id"]] = user  # type: ignore[assignment]
@@ -157,6 +157,38 @@ def load_snapshot(
         verified_email_owner=owners,
         sessions=load_sessions(conn, changes) if sessions is None else sessions,
         stale_audited=_stale_audited(conn, stale),
+    )
+
+
+def _among(dialect: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    """``among`` with a named parameter, for statements built once per dialect."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    triage: Select[Any]
+    users: Select[Any]
+    sessions: Select[Any]
+
+
+@cache
+def _statements(dialect: str) -> _Statements:
+    """The lookups of every batch, built once: building and keying a statement for each
+    call cost more client time than the database took to answer it (measured: ~0.2 ms of
+    CPU per lookup of a one-change batch)."""
+    return _Statements(
+        triage=select(*_TRIAGE_COLUMNS).where(
+            user_identities.c.provider == bindparam("provider"),
+            _among(dialect, user_identities.c.external_id, "ids"),
+        ),
+        users=_USERS_JOINED.where(_among(dialect, users.c.id, "ids")),
+        sessions=select(user_sessions).where(
+            user_sessions.c.provider == bindparam("provider"),
+            _among(dialect, user_sessions.c.external_session_id, "ids"),
+        ),
     )
 
 
@@ -216,13 +248,10 @@ def load_sessions(conn: Connection, changes: Iterable[UserChange]) -> dict[Key, 
     found: dict[Key, SessionRow] = {}
     for provider, ids in wanted.items():
         for chunk in _chunks(sorted(ids)):
-            stmt = select(user_sessions).where(
-                user_sessions.c.provider == provider,
-                among(conn, user_sessions.c.external_session_id, chunk),
-            )
+            stmt = _statements(conn.dialect.name).sessions
             found.update(
                 ((provider, r["external_session_id"]), r)  # type: ignore[misc]
-                for r in _dicts(conn, stmt)
+                for r in _dicts(conn, stmt, {"provider": provider, "ids": chunk})
             )
     return found
 
@@ -257,10 +286,12 @@ def _keyed(rows: Iterable[dict[str, Any]]) -> dict[Key, IdentityRow]:
     return {(r["provider"], r["external_id"]): r for r in rows}  # type: ignore[misc]
 
 
-def _dicts(conn: Connection, stmt: Any) -> Iterator[dict[str, Any]]:
+def _dicts(
+    conn: Connection, stmt: Any, params: Mapping[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
     """Rows as plain dicts. ``dict(row_mapping)`` per row cost twice this zip (measured:
     1.7 s of 20,000 identities and sessions decoded in a re-pass, under cProfile)."""
-    result = conn.execute(stmt)
+    result = conn.execute(stmt, params)
     keys = list(result.keys())
     return (dict(zip(keys, row, strict=True)) for row in result.all())
 

@@ -1,10 +1,10 @@
 """Dialect-aware, set-based writes: one statement per table and batch, never one per row.
 
 New rows go straight to the driver: PostgreSQL ``COPY ... FROM STDIN`` (binary format),
-SQLite one ``executemany``. Upserts run as one executemany of an ``INSERT ... ON CONFLICT``
-statement that SQLAlchemy compiles once and caches (psycopg pipelines the rows). The
-multi-row VALUES statements these replace were compiled afresh for every batch, which cost
-more than the database spent running them.
+SQLite one ``executemany``. ``upsert_rows`` runs one executemany of an ``INSERT ... ON
+CONFLICT`` statement that SQLAlchemy compiles once and caches (psycopg pipelines the rows).
+The multi-row VALUES statements these replace were compiled afresh for every batch, which
+cost more than the database spent running them.
 
 ``write_steps`` runs a batch's inserts and upserts in order; on PostgreSQL they share one
 psycopg pipeline, so a small batch's writes cost one round trip rather than one per table
@@ -65,7 +65,7 @@ class Step:
 #: Up to this many new rows go as a pipelined INSERT rather than a COPY: below it the COPY's
 #: own two round trips cost more than the server's per-row work it saves.
 PIPELINE_INSERT_MAX = 100
-_PREPARE_THRESHOLD = 5  # psycopg's default; executemany prepares at its first use anyway
+_PREPARE_THRESHOLD = 5  # psycopg's default; ``prepare=True`` prepares at the first use anyway
 
 
 def write_steps(conn: Connection, steps: Sequence[Step]) -> None:
@@ -107,17 +107,14 @@ def _pipelined(conn: Connection, steps: Sequence[Step]) -> None:
     try:
         with driver.pipeline(), driver.cursor() as cursor:  # synced (errors raised) on exit
             for step in steps:
-                columns = tuple(step.rows[0])
-                if _unique_keys(step):
-                    json_plan = _json_plan(conn.dialect, step.table, columns, step.conflict,
-                                           step.update)  # fmt: skip
-                    statement = json_plan.statement
-                    cursor.execute(statement, [json_plan.document(step.rows)], prepare=True)
-                else:  # one statement would update a row twice, which PostgreSQL refuses
-                    plan = _pipeline_plan(conn.dialect, step.table, columns, step.conflict,
-                                          step.update)  # fmt: skip
-                    statement = plan.statement
-                    cursor.executemany(statement, [plan.bind(row) for row in step.rows])
+                plan = _json_plan(conn.dialect, step.table, tuple(step.rows[0]), step.conflict,
+                                  step.update)  # fmt: skip
+                statement = plan.statement
+                # One statement may not update a row twice (PostgreSQL refuses it): a step
+                # naming a row twice goes row by row, in order, the later row winning.
+                parts = [step.rows] if _unique_keys(step) else [[row] for row in step.rows]
+                for rows in parts:
+                    cursor.execute(statement, [plan.document(rows)], prepare=True)
     except dbapi.Error as exc:
         raise DBAPIError.instance(statement, None, exc, dbapi.Error, dialect=conn.dialect) from exc
     finally:
@@ -197,34 +194,6 @@ def _json_plan(
     return _JsonPlan(
         statement, columns, tuple(timestamps), lambda v: utc.process_bind_param(v, dialect)
     )
-
-
-@lru_cache(maxsize=256)
-def _pipeline_plan(
-    dialect: Dialect,
-    table: Table,
-    columns: tuple[str, ...],
-    conflict: tuple[str, ...] | None,
-    update: tuple[str, ...],
-) -> _InsertPlan:
-    """A positional INSERT (or upsert) for the driver, with the binds SQLAlchemy applies."""
-    unknown = set(columns) - set(table.c.keys())
-    if unknown:
-        raise ValueError(f"{table.name} has no column(s) {sorted(unknown)}")
-    stmt: Any = insert(table)
-    if conflict is not None:
-        stmt = _upsert(dialect.name, table, conflict, update)
-    compiled = stmt.compile(dialect=dialect, column_keys=list(columns))
-    # Named %(column)s placeholders into positional ones, in the order of ``columns``.
-    text = str(compiled)
-    for name in compiled.binds:
-        if name not in columns:
-            raise ValueError(f"unexpected parameter {name} in {text}")
-    order = tuple(sorted(columns, key=lambda c: text.index(f"%({c})s")))
-    positional = text
-    for name in order:
-        positional = positional.replace(f"%({name})s", "%s", 1)
-    return _InsertPlan(positional, order, _processors(dialect, table, order), False, [])
 
 
 def upsert_rows(

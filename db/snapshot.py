@@ -138,7 +138,8 @@ def load_snapshot(
     user_ids |= set(owners.values())
     joined = _Joined()
     if isinstance(identities, _Prefetched):  # read with the identities already
-        joined = identities.joined
+        read = identities.joined
+        joined = _Joined(dict(read.users), dict(read.profiles), dict(read.identities))
         user_ids -= set(joined.users)
     for chunk in _chunks(sorted(user_ids)):
         # One statement for the three tables (one round trip, not three).

@@ -525,3 +525,15 @@ def test_a_backlog_is_claimed_in_larger_batches_and_a_trickle_in_small_ones(
     assert [d.drain_once() for _ in range(3)] == [2, 1, 0]  # the short claim reset the size
     assert Counter(applied.applied) == Counter(s.delivery.event_id for s in backlog + trickle)
     assert {(r["status"], r["attempts"]) for r in inbox_rows(engine)} == {("done", 1)}
+
+
+def test_a_backlog_is_claimed_in_batches_that_fit_the_lease(engine: Engine) -> None:
+    """Claims grow only while a claim of the larger size would take a small share of the
+    lease at the pace of the last one: here no batch is quick enough for a 10 ms lease."""
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    clock = (start + timedelta(milliseconds=n) for n in range(10**6))
+    store(engine, [_step("stack", n, 0, next(clock)) for n in range(7)])
+    d, applied = drainer(engine, batch=2, lease=timedelta(milliseconds=10))
+    assert [d.drain_once() for _ in range(5)] == [2, 2, 2, 1, 0]
+    assert len(applied.applied) == 7
+    assert {(r["status"], r["attempts"]) for r in inbox_rows(engine)} == {("done", 1)}

@@ -49,6 +49,9 @@ REREAD = frozenset({"stack", "authjs"})
 #: ``batch_size`` (fewer statements, commits and round trips per row; measured on a
 #: 20,000-delivery backlog: 1,750/s in claims of 200, 2,350/s in claims of 1,000).
 BACKLOG_FACTOR = 5
+#: ... as long as a claim that size, at the pace of the last one, takes at most this share
+#: of the lease.
+LEASE_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,12 +161,19 @@ class Drainer:
                 worker=self.worker,
                 max_attempts=self.settings.max_attempts,
             )
-        # Full: more are waiting, take bigger claims; else back to the configured size, so
-        # a trickle of deliveries is applied in small, quick batches.
-        full = len(rows) == limit
-        self._limit = self.settings.backlog_batch if full else self.settings.batch_size
-        if rows:
-            self._process(rows)
+        self._limit = self.settings.batch_size  # a trickle: small, quick batches
+        if not rows:
+            return 0
+        started = time.monotonic()
+        self._process(rows)
+        took = time.monotonic() - started
+        # Full: more are waiting, so the next claim takes more, provided that a claim that
+        # size would still be seen through well within its lease at this pace (re-reading
+        # users from an IdP costs a network call each).
+        backlog = self.settings.backlog_batch
+        fits = took / len(rows) * backlog < self.settings.lease.total_seconds() * LEASE_SHARE
+        if len(rows) == limit and fits:
+            self._limit = backlog
         return len(rows)
 
     # -- one batch ---------------------------------------------------------------------

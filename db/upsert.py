@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from functools import lru_cache
 from typing import Any
 
@@ -135,14 +136,16 @@ class _JsonPlan:
     statement: str
     columns: tuple[str, ...]
     timestamps: tuple[int, ...]  # positions of UTC timestamp columns
-    process: Callable[[Any], Any]  # makes a naive timestamp UTC
 
     def document(self, rows: Sequence[Mapping[str, Any]]) -> str:
         values = [[row[c] for c in self.columns] for row in rows]
-        if self.timestamps:
-            for line in values:
-                for index in self.timestamps:
-                    line[index] = self.process(line[index])
+        # A naive timestamp is UTC (as ``UTCDateTime`` binds it); an aware one is written
+        # with its offset, which PostgreSQL reads as the same instant.
+        for line in values:
+            for index in self.timestamps:
+                value = line[index]
+                if value is not None and value.tzinfo is None:
+                    line[index] = value.replace(tzinfo=UTC)
         return jsoncodec.dumps_text(values)
 
 
@@ -190,10 +193,7 @@ def _json_plan(
             statement += f" ON CONFLICT ({target}) DO UPDATE SET {sets}"
         else:
             statement += f" ON CONFLICT ({target}) DO NOTHING"
-    utc = UTCDateTime()
-    return _JsonPlan(
-        statement, columns, tuple(timestamps), lambda v: utc.process_bind_param(v, dialect)
-    )
+    return _JsonPlan(statement, columns, tuple(timestamps))
 
 
 def upsert_rows(

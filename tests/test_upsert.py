@@ -209,3 +209,26 @@ def test_an_upsert_step_naming_one_row_twice_applies_both_in_order(engine: Engin
         write_steps(conn, [Step(users, [{**first, "name": "Second"}, {**first, "name": "Third"}],
                                 ("id",), ("name",))])  # fmt: skip
     assert read(engine, users, id=first["id"])["name"] == "Third"
+
+
+def test_a_statement_first_sent_after_a_refused_one_runs_after_the_rollback(
+    engine: Engine,
+) -> None:
+    """A pipeline stops at its first error: statements after it were never prepared, and
+    must be prepared (not merely named) when the batch runs again after the savepoint."""
+    taken = user()
+    # A column set no other test writes: this statement is new to the connection.
+    note = {"occurred_at": AWARE, "source": "cli", "provider": "auth0", "action": "failed",
+            "error": "first sent after a refused statement"}  # fmt: skip
+    with engine.begin() as conn:
+        insert_rows(conn, users, [taken])
+        with pytest.raises(IntegrityError), conn.begin_nested():
+            write_steps(conn, [
+                Step(users, [{**taken, "email": "no-at-sign"}], ("id",), ("email",)),
+                Step(sync_audit, [note]),
+            ])  # fmt: skip
+        write_steps(conn, [Step(sync_audit, [note])])
+        write_steps(conn, [Step(sync_audit, [note])])
+    with engine.connect() as conn:
+        errors = list(conn.execute(select(sync_audit.c.error)).scalars())
+    assert errors == [note["error"]] * 2

@@ -337,3 +337,9 @@ def test_a_change_triage_passes_on_is_hashed_once(monkeypatch: pytest.MonkeyPatc
     again = upsert("auth0|1", 6, name="Again")
     plan([again], snap, PlanSettings(), NOW, ids())
     assert hashed.count("auth0|1") == 2
+    # The next batch's triage drops what an earlier one left unplanned: one batch is held.
+    left = upsert("auth0|1", 7, name="Left")
+    triage([left], dict(snap.identities), {}, NOW)
+    triage([upsert("auth0|3")], dict(snap.identities), {}, NOW)
+    plan([left], snap, PlanSettings(), NOW, ids())
+    assert hashed.count("auth0|1") == 4  # left: in its triage, and again in plan

@@ -143,6 +143,7 @@ def triage(
     user's live sessions come again each time). A login whose identity the batch deletes
     is planned: the deletion makes it fail.
     """
+    _DIGESTS.clear()  # what an earlier batch left (it failed, or went another way)
     done: list[Outcome] = []
     todo: list[UserChange] = []
     logins: list[UserChange] = []
@@ -177,9 +178,11 @@ def triage(
 # Content hashes ``triage`` computed for changes it passed on, which ``plan`` needs again (a
 # canonical JSON encoding and a SHA-256 each: a tenth of a drain's CPU, half of it spent twice).
 # Keyed by id() with the change itself held, so an id that a later object reuses never
-# matches; taken out when used. What a failed batch leaves behind is dropped past a bound.
+# matches; taken out when used, and all dropped when the next batch's triage starts, so at
+# most one batch's changes are held. Another thread's triage may drop them first: the
+# planner then hashes again, nothing worse.
 _DIGESTS: dict[int, tuple[UserChange, str]] = {}
-_DIGESTS_MAX = 50_000
+_DIGESTS_MAX = 10_000
 
 
 def _remember_digest(change: UserChange, digest: str) -> None:

@@ -217,6 +217,7 @@ class _Statements:
     users: Select[Any]
     prefetch: Select[Any]
     sessions: Select[Any]
+    owners: Select[Any]
 
 
 @cache
@@ -242,6 +243,13 @@ def _statements(dialect: str) -> _Statements:
             user_sessions.c.provider == bindparam("provider"),
             _among(dialect, user_sessions.c.external_session_id, "ids"),
         ),
+        owners=select(_LOWERED.label("email"), users.c.id)
+        .where(
+            _among(dialect, _LOWERED, "ids"),
+            users.c.email_verified.is_(True),
+            users.c.deleted_at.is_(None),
+        )
+        .order_by(users.c.created_at, users.c.id),
     )
 
 
@@ -251,6 +259,7 @@ _IDENTITY_KEYS = tuple(user_identities.c.keys())
 _USER_SLICE = slice(0, len(_USER_KEYS))
 _PROFILE_SLICE = slice(_USER_SLICE.stop, _USER_SLICE.stop + len(_PROFILE_KEYS))
 _IDENTITY_SLICE = slice(_PROFILE_SLICE.stop, _PROFILE_SLICE.stop + len(_IDENTITY_KEYS))
+_LOWERED = func.lower(users.c.email, type_=users.c.email.type)  # ix_users_lower_email
 _WANTED = user_identities.alias("wanted")  # the batch's identities, whose users are read
 _JOINED_COLUMNS = select(
     *(c.label(f"u_{c.key}") for c in users.c),
@@ -277,18 +286,9 @@ def _email_owners(
         and (c.provider, c.external_id) not in identities
     }
     owners: dict[str, uuid.UUID] = {}
-    lowered = func.lower(users.c.email, type_=users.c.email.type)
     for chunk in _chunks(sorted(emails)):
-        stmt = (
-            select(lowered.label("email"), users.c.id)
-            .where(
-                among(conn, lowered, chunk),
-                users.c.email_verified.is_(True),
-                users.c.deleted_at.is_(None),
-            )
-            .order_by(users.c.created_at, users.c.id)
-        )
-        for row in conn.execute(stmt):
+        stmt = _statements(conn.dialect.name).owners
+        for row in conn.execute(stmt, {"ids": chunk}).all():
             owners.setdefault(row.email, row.id)
     return owners
 

@@ -53,6 +53,111 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         ) from exc
 
 
+def upsert_rows(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    conflict: Sequence[str],
+    update: Sequence[str],
+) -> None:
+    """INSERT ... ON CONFLICT (conflict) DO UPDATE SET update-columns = excluded values.
+
+    Every row must carry the same keys. With an empty ``update`` conflicting rows are left alone.
+    """
+    if rows:
+        stmt = _upsert(conn.dialect.name, table, tuple(conflict), tuple(update))
+        conn.execute(stmt, list(rows))
+
+
+@lru_cache(maxsize=256)
+def _upsert(
+    dialect: str, table: Table, conflict: tuple[str, ...], update: tuple[str, ...]
+) -> Executable:
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(table)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table)
+    else:  # pragma: no cover - only the two supported dialects reach here
+        raise ValueError(f"unsupported dialect {dialect}")
+    if update:
+        return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
+            index_elements=list(conflict), set_={c: stmt.excluded[c] for c in update}
+        )
+    return stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[no-any-return]
+
+
+def _copy(driver: Any, plan: _InsertPlan, values: list[list[Any]]) -> None:
+    with driver.cursor() as cursor, cursor.copy(plan.statement) as copy:
+        if plan.types:
+            copy.set_types(plan.types)
+        for row in values:
+            copy.write_row(row)
+
+
+def _executemany(driver: Any, plan: _InsertPlan, values: list[list[Any]]) -> None:
+    cursor = driver.cursor()
+    try:
+        cursor.executemany(plan.statement, values)
+    finally:
+        cursor.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _InsertPlan:
+    statement: str
+    columns: tuple[str, ...]  # in the statement's order
+    processors: list[tuple[int, Callable[[Any], Any]]]
+    copy: bool  # else executemany
+    types: list[str]  # COPY in binary format when known
+
+    def bind(self, row: Mapping[str, Any]) -> list[Any]:
+        values = [row[c] for c in self.columns]
+        for index, process in self.processors:
+            values[index] = process(values[index])
+        return values
+
+
+@lru_cache(maxsize=256)
+def _insert_plan(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _InsertPlan:
+    unknown = set(columns) - set(table.c.keys())
+    if unknown:
+        raise ValueError(f"{table.name} has no column(s) {sorted(unknown)}")
+    if dialect.name != "postgresql":
+        compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
+        order = tuple(compiled.positiontup or ())  # the driver's positional order
+        return _InsertPlan(str(compiled), order, _processors(dialect, table, order), False, [])
+    quote = dialect.identifier_preparer
+    names = ", ".join(quote.quote(c) for c in columns)
+    statement = f"COPY {quote.format_table(table)} ({names}) FROM STDIN"
+    processors = _processors(dialect, table, columns)
+    # The binary format spares both sides the text escaping and parsing (measured: a third
+    # off the COPY time); it needs every column's type, so an unknown one keeps the text.
+    types = [_TYPMOD.sub("", table.c[c].type.compile(dialect=dialect)).lower() for c in columns]
+    if all(postgres.types.get(name) is not None for name in types):
+        return _InsertPlan(f"{statement} (FORMAT BINARY)", columns, processors, True, types)
+    return _InsertPlan(statement, columns, processors, True, [])
+
+
+def _processors(
+    dialect: Dialect, table: Table, columns: Sequence[str]
+) -> list[tuple[int, Callable[[Any], Any]]]:
+    """What an INSERT would do to each value on its way to the driver."""
+    found: list[tuple[int, Callable[[Any], Any]]] = []
+    for index, name in enumerate(columns):
+        process = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            found.append((index, process))
+    return found
+
+
+_TYPMOD = re.compile(r"\(.*\)$")  # VARCHAR(320) -> VARCHAR
+
+
+# -- a batch's writes in one pipeline ---------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     """One table's rows of a batch: inserted (``conflict`` None), or upserted."""
@@ -194,105 +299,3 @@ def _json_plan(
         else:
             statement += f" ON CONFLICT ({target}) DO NOTHING"
     return _JsonPlan(statement, columns, tuple(timestamps))
-
-
-def upsert_rows(
-    conn: Connection,
-    table: Table,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    conflict: Sequence[str],
-    update: Sequence[str],
-) -> None:
-    """INSERT ... ON CONFLICT (conflict) DO UPDATE SET update-columns = excluded values.
-
-    Every row must carry the same keys. With an empty ``update`` conflicting rows are left alone.
-    """
-    if rows:
-        stmt = _upsert(conn.dialect.name, table, tuple(conflict), tuple(update))
-        conn.execute(stmt, list(rows))
-
-
-@lru_cache(maxsize=256)
-def _upsert(
-    dialect: str, table: Table, conflict: tuple[str, ...], update: tuple[str, ...]
-) -> Executable:
-    stmt: Any
-    if dialect == "postgresql":
-        stmt = postgresql.insert(table)
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table)
-    else:  # pragma: no cover - only the two supported dialects reach here
-        raise ValueError(f"unsupported dialect {dialect}")
-    if update:
-        return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
-            index_elements=list(conflict), set_={c: stmt.excluded[c] for c in update}
-        )
-    return stmt.on_conflict_do_nothing(index_elements=list(conflict))  # type: ignore[no-any-return]
-
-
-def _copy(driver: Any, plan: _InsertPlan, values: list[list[Any]]) -> None:
-    with driver.cursor() as cursor, cursor.copy(plan.statement) as copy:
-        if plan.types:
-            copy.set_types(plan.types)
-        for row in values:
-            copy.write_row(row)
-
-
-def _executemany(driver: Any, plan: _InsertPlan, values: list[list[Any]]) -> None:
-    cursor = driver.cursor()
-    try:
-        cursor.executemany(plan.statement, values)
-    finally:
-        cursor.close()
-
-
-@dataclass(frozen=True, slots=True)
-class _InsertPlan:
-    statement: str
-    columns: tuple[str, ...]  # in the statement's order
-    processors: list[tuple[int, Callable[[Any], Any]]]
-    copy: bool  # else executemany
-    types: list[str]  # COPY in binary format when known
-
-    def bind(self, row: Mapping[str, Any]) -> list[Any]:
-        values = [row[c] for c in self.columns]
-        for index, process in self.processors:
-            values[index] = process(values[index])
-        return values
-
-
-@lru_cache(maxsize=256)
-def _insert_plan(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _InsertPlan:
-    unknown = set(columns) - set(table.c.keys())
-    if unknown:
-        raise ValueError(f"{table.name} has no column(s) {sorted(unknown)}")
-    if dialect.name != "postgresql":
-        compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
-        order = tuple(compiled.positiontup or ())  # the driver's positional order
-        return _InsertPlan(str(compiled), order, _processors(dialect, table, order), False, [])
-    quote = dialect.identifier_preparer
-    names = ", ".join(quote.quote(c) for c in columns)
-    statement = f"COPY {quote.format_table(table)} ({names}) FROM STDIN"
-    processors = _processors(dialect, table, columns)
-    # The binary format spares both sides the text escaping and parsing (measured: a third
-    # off the COPY time); it needs every column's type, so an unknown one keeps the text.
-    types = [_TYPMOD.sub("", table.c[c].type.compile(dialect=dialect)).lower() for c in columns]
-    if all(postgres.types.get(name) is not None for name in types):
-        return _InsertPlan(f"{statement} (FORMAT BINARY)", columns, processors, True, types)
-    return _InsertPlan(statement, columns, processors, True, [])
-
-
-def _processors(
-    dialect: Dialect, table: Table, columns: Sequence[str]
-) -> list[tuple[int, Callable[[Any], Any]]]:
-    """What an INSERT would do to each value on its way to the driver."""
-    found: list[tuple[int, Callable[[Any], Any]]] = []
-    for index, name in enumerate(columns):
-        process = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-        if process is not None:
-            found.append((index, process))
-    return found
-
-
-_TYPMOD = re.compile(r"\(.*\)$")  # VARCHAR(320) -> VARCHAR

@@ -304,18 +304,6 @@ def test_triage_leaves_a_login_to_the_planner_when_its_identity_is_deleted() -> 
     assert triage([again], {}, sessions, NOW)[1] == [again]
 
 
-def test_new_ids_are_time_ordered_version_7() -> None:
-    first = time_ordered_id()
-    time.sleep(0.002)
-    later = [time_ordered_id() for _ in range(1000)]
-    assert {u.version for u in [first, *later]} == {7}
-    assert {u.variant for u in later} == {uuid.RFC_4122}
-    assert len(set(later)) == 1000
-    assert all(first < u for u in later)  # a later millisecond sorts after
-    millis = first.int >> 80
-    assert abs(millis - time.time() * 1000) < 60_000
-
-
 def test_a_change_triage_passes_on_is_hashed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The planner reuses the content hash triage computed (a tenth of a drain's CPU)."""
     snap = snapshot(identity(ORIGINAL), users=(user(),))  # hashes ORIGINAL: before counting
@@ -343,3 +331,15 @@ def test_a_change_triage_passes_on_is_hashed_once(monkeypatch: pytest.MonkeyPatc
     triage([upsert("auth0|3")], dict(snap.identities), {}, NOW)
     plan([left], snap, PlanSettings(), NOW, ids())
     assert hashed.count("auth0|1") == 4  # left: in its triage, and again in plan
+
+
+def test_new_ids_are_time_ordered_version_7() -> None:
+    first = time_ordered_id()
+    time.sleep(0.002)
+    later = [time_ordered_id() for _ in range(1000)]
+    assert {u.version for u in [first, *later]} == {7}
+    assert {u.variant for u in later} == {uuid.RFC_4122}
+    assert len(set(later)) == 1000
+    assert all(first < u for u in later)  # a later millisecond sorts after
+    millis = first.int >> 80
+    assert abs(millis - time.time() * 1000) < 60_000

@@ -34,14 +34,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any, Literal
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     Row,
     and_,
+    any_,
     bindparam,
     delete,
     func,
@@ -230,32 +233,51 @@ def claim(
     _check_width("worker", worker)
     if lease <= timedelta(0):
         raise ValueError("inbox: the lease must be positive")
+    if max_attempts is not None:
+        _check_positive("max_attempts", max_attempts)
+    params = {
+        "now": now,
+        "until": now + lease,
+        "worker": worker,
+        "limit": limit,
+        "max_attempts": max_attempts,
+    }
+    stmt = _claim_statement(max_attempts is not None)
+    rows = [_inbox_row(r) for r in conn.execute(stmt, params).all()]
+    return sorted(rows, key=lambda r: r.id)  # RETURNING has no order
+
+
+@cache
+def _claim_statement(capped: bool) -> Any:
+    """Built once (per whether attempts are capped): a drainer claims again and again."""
+    now = bindparam("now", type_=_t.c.received_at.type)
     due = and_(
         _CLAIMABLE,
         or_(_t.c.next_attempt_at.is_(None), _t.c.next_attempt_at <= now),
         _unleased(now),
     )
-    if max_attempts is not None:
-        _check_positive("max_attempts", max_attempts)
-        due = and_(due, _t.c.attempts < max_attempts)
+    if capped:
+        due = and_(due, _t.c.attempts < bindparam("max_attempts", type_=Integer))
     # A CTE holding FOR UPDATE is always materialized on PostgreSQL: the pick runs once, so
     # the update cannot touch more than ``limit`` rows.
     picked = (
         select(_t.c.id)
         .where(due)
         .order_by(_t.c.id)
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True)
         .cte("picked")
     )
-    stmt = (
+    return (
         update(_t)
         .where(_t.c.id.in_(select(picked.c.id)))
-        .values(claimed_by=worker, claimed_until=now + lease, attempts=_t.c.attempts + 1)
+        .values(
+            claimed_by=bindparam("worker", type_=_t.c.claimed_by.type),
+            claimed_until=bindparam("until", type_=_t.c.claimed_until.type),
+            attempts=_t.c.attempts + 1,
+        )
         .returning(*_t.c)
     )
-    rows = [_inbox_row(r) for r in conn.execute(stmt)]
-    return sorted(rows, key=lambda r: r.id)  # RETURNING has no order
 
 
 def hold(conn: Connection, ids: Sequence[int], *, worker: str) -> list[int]:
@@ -269,13 +291,8 @@ def hold(conn: Connection, ids: Sequence[int], *, worker: str) -> list[int]:
     """
     if not ids:
         return []
-    stmt = (
-        select(_t.c.id)
-        .where(among(conn, _t.c.id, ids), _t.c.claimed_by == worker, _CLAIMABLE)
-        .order_by(_t.c.id)  # one lock order for every worker: no deadlock between them
-        .with_for_update()
-    )
-    return list(conn.execute(stmt).scalars())
+    stmt = _held_statement(conn.dialect.name)
+    return list(conn.execute(stmt, {"ids": list(ids), "worker": worker}).scalars())
 
 
 def complete(conn: Connection, ids: Sequence[int], *, worker: str, now: datetime) -> int:
@@ -283,18 +300,8 @@ def complete(conn: Connection, ids: Sequence[int], *, worker: str, now: datetime
     after ``hold``). Returns the number of rows marked."""
     if not ids:
         return 0
-    stmt = (
-        update(_t)
-        .where(among(conn, _t.c.id, ids), _t.c.claimed_by == worker, _CLAIMABLE)
-        .values(
-            status="done",
-            processed_at=now,
-            next_attempt_at=None,
-            claimed_by=None,
-            claimed_until=None,
-        )
-    )
-    return conn.execute(stmt).rowcount
+    stmt = _complete_statement(conn.dialect.name)
+    return conn.execute(stmt, {"ids": list(ids), "worker": worker, "now": now}).rowcount
 
 
 def fail(
@@ -505,6 +512,38 @@ _record_failure = (
 )
 
 
+def _ids_in(dialect: str) -> ColumnElement[bool]:
+    """``among`` with a named parameter (``ids``), for statements built once."""
+    if dialect == "postgresql":
+        return _t.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(_t.c.id.type)))
+    return _t.c.id.in_(bindparam("ids", expanding=True))
+
+
+@cache
+def _held_statement(dialect: str) -> Any:
+    return (
+        select(_t.c.id)
+        .where(_ids_in(dialect), _t.c.claimed_by == bindparam("worker"), _CLAIMABLE)
+        .order_by(_t.c.id)  # one lock order for every worker: no deadlock between them
+        .with_for_update()
+    )
+
+
+@cache
+def _complete_statement(dialect: str) -> Any:
+    return (
+        update(_t)
+        .where(_ids_in(dialect), _t.c.claimed_by == bindparam("worker"), _CLAIMABLE)
+        .values(
+            status="done",
+            processed_at=bindparam("now", type_=_t.c.processed_at.type),
+            next_attempt_at=None,
+            claimed_by=None,
+            claimed_until=None,
+        )
+    )
+
+
 def _insert_new(dialect: str) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return insert(_t).on_conflict_do_nothing(index_elements=[_t.c.provider, _t.c.event_id])
@@ -522,7 +561,7 @@ def _new_row(provider: str, item: Delivery, now: datetime) -> dict[str, Any]:
     }
 
 
-def _unleased(now: datetime) -> ColumnElement[bool]:
+def _unleased(now: datetime | ColumnElement[Any]) -> ColumnElement[bool]:
     return or_(_t.c.claimed_until.is_(None), _t.c.claimed_until < now)
 
 

@@ -13,14 +13,16 @@ from db.errors import translated
 from db.lookup import among
 from db.rows import AuditRow, Writes
 from db.tables import profiles, sync_audit, user_identities, user_sessions, users
-from db.upsert import insert_rows, upsert_rows
+from db.upsert import Step, insert_rows, write_steps
 
-_IDENTITY_UPDATE = [
+_IDENTITY_UPDATE = tuple(
     c.name
     for c in user_identities.columns
     if c.name not in ("provider", "external_id", "first_seen_at")
-]
-_SESSION_UPDATE = ["user_id", "ip", "user_agent", "last_seen_at", "expires_at", "revoked_at"]
+)
+_IDENTITY_KEY = ("provider", "external_id")
+_SESSION_KEY = ("provider", "external_session_id")
+_SESSION_UPDATE = ("user_id", "ip", "user_agent", "last_seen_at", "expires_at", "revoked_at")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,31 +36,25 @@ class Stamp:
 
 @translated
 def write(conn: Connection, writes: Writes, stamp: Stamp) -> None:
-    """Execute ``writes`` inside the caller's transaction."""
-    insert_rows(conn, users, writes.new_users)
-    for group in writes.user_updates:
-        upsert_rows(conn, users, group.rows, conflict=["id"], update=group.columns)
-    insert_rows(conn, profiles, writes.new_profiles)
-    for pgroup in writes.profile_updates:
-        upsert_rows(conn, profiles, pgroup.rows, conflict=["user_id"], update=pgroup.columns)
-    insert_rows(conn, user_identities, writes.new_identities)
-    upsert_rows(
-        conn,
-        user_identities,
-        writes.identity_updates,
-        conflict=["provider", "external_id"],
-        update=_IDENTITY_UPDATE,
-    )
-    insert_rows(conn, user_sessions, writes.new_sessions)
-    upsert_rows(
-        conn,
-        user_sessions,
-        writes.sessions,
-        conflict=["provider", "external_session_id"],
-        update=_SESSION_UPDATE,
-    )
-    _revoke_sessions(conn, writes.revoke_sessions_of, stamp.now)
-    _insert_audit(conn, writes.audit, stamp)
+    """Execute ``writes`` inside the caller's transaction: on PostgreSQL one pipeline (one
+    round trip) for a small batch, a revocation of sessions splitting it in two."""
+    steps = [
+        Step(users, writes.new_users),
+        *(Step(users, g.rows, ("id",), tuple(g.columns)) for g in writes.user_updates),
+        Step(profiles, writes.new_profiles),
+        *(Step(profiles, g.rows, ("user_id",), tuple(g.columns)) for g in writes.profile_updates),
+        Step(user_identities, writes.new_identities),
+        Step(user_identities, writes.identity_updates, _IDENTITY_KEY, _IDENTITY_UPDATE),
+        Step(user_sessions, writes.new_sessions),
+        Step(user_sessions, writes.sessions, _SESSION_KEY, _SESSION_UPDATE),
+    ]
+    audit = Step(sync_audit, _stamped(writes.audit, stamp))
+    if writes.revoke_sessions_of:  # after the sessions' upsert, before the audit
+        write_steps(conn, steps)
+        _revoke_sessions(conn, writes.revoke_sessions_of, stamp.now)
+        write_steps(conn, [audit])
+    else:
+        write_steps(conn, [*steps, audit])
 
 
 @translated
@@ -84,8 +80,11 @@ def _revoke_sessions(conn: Connection, targets: list[tuple[str, uuid.UUID]], now
 
 
 def _insert_audit(conn: Connection, rows: Sequence[AuditRow], stamp: Stamp) -> None:
-    stamped = [
+    insert_rows(conn, sync_audit, _stamped(rows, stamp))
+
+
+def _stamped(rows: Sequence[AuditRow], stamp: Stamp) -> list[dict[str, object]]:
+    return [
         {**row, "occurred_at": stamp.now, "run_id": stamp.run_id, "source": stamp.source}
         for row in rows
     ]
-    insert_rows(conn, sync_audit, stamped)

@@ -32,7 +32,7 @@ from db.transaction import transaction
 from providers import registry
 from providers.webhook import WebhookReceiver, Work, WorkDecoder
 from sync_worker import simulate
-from sync_worker.daemon.drainer import Drainer
+from sync_worker.daemon.drainer import BACKLOG_FACTOR, Drainer
 from tests import drain_worker
 from tests.conftest import SCHEMA, sqlalchemy_url
 from tests.daemon_harness import SECRETS, settings_with_secrets
@@ -503,3 +503,37 @@ def test_a_sign_in_before_its_user_is_retried_until_the_user_exists(engine: Engi
         ("created", created.delivery.event_id),
         ("login", sign_in.delivery.event_id),
     ]
+
+
+# -- 5. claims sized to the backlog ----------------------------------------------------------
+
+
+def test_a_backlog_is_claimed_in_larger_batches_and_a_trickle_in_small_ones(
+    engine: Engine,
+) -> None:
+    """A full claim means more are waiting: the next claims take BACKLOG_FACTOR x the batch
+    size, until one comes back short; then the configured size again."""
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    clock = (start + timedelta(milliseconds=n) for n in range(10**6))
+    backlog = [_step("stack", n, 0, next(clock)) for n in range(2 + 5 * 2 + 3)]
+    store(engine, backlog)
+    d, applied = drainer(engine, batch=2)
+    assert d.settings.backlog_batch == 2 * BACKLOG_FACTOR == 10
+    assert [d.drain_once() for _ in range(4)] == [2, 10, 3, 0]
+    trickle = [_step("stack", n, 0, next(clock)) for n in range(100, 103)]
+    store(engine, trickle)
+    assert [d.drain_once() for _ in range(3)] == [2, 1, 0]  # the short claim reset the size
+    assert Counter(applied.applied) == Counter(s.delivery.event_id for s in backlog + trickle)
+    assert {(r["status"], r["attempts"]) for r in inbox_rows(engine)} == {("done", 1)}
+
+
+def test_a_backlog_is_claimed_in_batches_that_fit_the_lease(engine: Engine) -> None:
+    """Claims grow only while a claim of the larger size would take a small share of the
+    lease at the pace of the last one: here no batch is quick enough for a 10 ms lease."""
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    clock = (start + timedelta(milliseconds=n) for n in range(10**6))
+    store(engine, [_step("stack", n, 0, next(clock)) for n in range(7)])
+    d, applied = drainer(engine, batch=2, lease=timedelta(milliseconds=10))
+    assert [d.drain_once() for _ in range(5)] == [2, 2, 2, 1, 0]
+    assert len(applied.applied) == 7
+    assert {(r["status"], r["attempts"]) for r in inbox_rows(engine)} == {("done", 1)}

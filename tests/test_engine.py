@@ -5,11 +5,21 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, update
 
+from db import snapshot
 from db.cursors import load_cursor
 from db.tables import profiles, users
 from sync_worker.changes import LinkedIdentity, Source
 from sync_worker.engine import PlanSettings
 from tests.factories import BoundEngine, at, audit, delete, dump, login, rows, upsert
+
+
+@pytest.fixture(autouse=True, params=["prefetched", "two-step"])
+def snapshot_reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rule on both ways of reading a batch's rows: a small batch reads its users'
+    rows with its identities; a larger one reads its identities first (triage), then the
+    rest of what it changes."""
+    if request.param == "two-step":
+        monkeypatch.setattr(snapshot, "PREFETCH_MAX", 0)
 
 
 @pytest.fixture

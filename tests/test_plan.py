@@ -304,6 +304,35 @@ def test_triage_leaves_a_login_to_the_planner_when_its_identity_is_deleted() -> 
     assert triage([again], {}, sessions, NOW)[1] == [again]
 
 
+def test_a_change_triage_passes_on_is_hashed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner reuses the content hash triage computed (a tenth of a drain's CPU)."""
+    snap = snapshot(identity(ORIGINAL), users=(user(),))  # hashes ORIGINAL: before counting
+    hashed: list[str] = []
+    original = UserChange.content_hash
+
+    def counting(change: UserChange) -> str:
+        hashed.append(change.external_id)
+        return original(change)
+
+    monkeypatch.setattr(UserChange, "content_hash", counting)
+    renamed = upsert("auth0|1", 5, name="Renamed")
+    done, todo = triage([renamed, upsert("auth0|2")], dict(snap.identities), {}, NOW)
+    assert (done, todo) == ([], [renamed, upsert("auth0|2")])
+    decided = plan(todo, snap, PlanSettings(), NOW, ids())
+    assert [o.action for o in decided.outcomes] == [Action.UPDATED, Action.CREATED]
+    assert sorted(hashed) == ["auth0|1", "auth0|2"]  # once each: the new one only in plan
+    # A change the planner gets without triage is hashed there.
+    again = upsert("auth0|1", 6, name="Again")
+    plan([again], snap, PlanSettings(), NOW, ids())
+    assert hashed.count("auth0|1") == 2
+    # The next batch's triage drops what an earlier one left unplanned: one batch is held.
+    left = upsert("auth0|1", 7, name="Left")
+    triage([left], dict(snap.identities), {}, NOW)
+    triage([upsert("auth0|3")], dict(snap.identities), {}, NOW)
+    plan([left], snap, PlanSettings(), NOW, ids())
+    assert hashed.count("auth0|1") == 4  # left: in its triage, and again in plan
+
+
 def test_new_ids_are_time_ordered_version_7() -> None:
     first = time_ordered_id()
     time.sleep(0.002)

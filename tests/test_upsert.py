@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, select, text
+from sqlalchemy import Connection, Engine, insert, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 
 from db.tables import sync_audit, user_identities, users
-from db.upsert import insert_rows, upsert_rows
+from db.upsert import PIPELINE_INSERT_MAX, Step, insert_rows, upsert_rows, write_steps
 
 AWARE = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-5)))
 NAIVE = datetime(2026, 3, 2, 8, 0, 0)  # taken to be UTC
@@ -91,8 +92,10 @@ def test_none_in_a_json_column_is_stored_as_insert_stores_it(engine: Engine) -> 
         insert_rows(conn, users, [owner])
         insert_rows(conn, user_identities, [identity(owner["id"], "bulk", None)])
         conn.execute(insert(user_identities), [identity(owner["id"], "plain", None)])
+        write_steps(conn, [Step(user_identities, [identity(owner["id"], "steps", None)])])
         insert_rows(conn, sync_audit, [audit])
         conn.execute(insert(sync_audit), [{**audit, "external_id": "y"}])
+        write_steps(conn, [Step(sync_audit, [{**audit, "external_id": "z"}])])
     with engine.connect() as conn:  # JSON null and SQL NULL both read back as None
         raw_null = conn.execute(
             select(user_identities.c.external_id, user_identities.c.raw.is_(None))
@@ -133,12 +136,99 @@ def test_upsert_updates_only_the_named_columns(engine: Engine) -> None:
 
 
 @pytest.mark.postgres
-def test_a_value_too_long_raises_data_error(pg_engine: Engine) -> None:
+@pytest.mark.parametrize("way", ["insert_rows", "write_steps", "upsert step"])
+def test_a_value_too_long_raises_data_error(pg_engine: Engine, way: str) -> None:
+    """Never cut to the column's width: a cast to varchar(64) would have."""
+    too_long = user(phone="5" * 65)
+    writes: dict[str, Callable[[Connection], None]] = {
+        "insert_rows": lambda conn: insert_rows(conn, users, [too_long]),
+        "write_steps": lambda conn: write_steps(conn, [Step(users, [too_long])]),
+        "upsert step": lambda conn: write_steps(
+            conn, [Step(users, [too_long], ("id",), ("phone",))]
+        ),
+    }
     with pg_engine.begin() as conn, pytest.raises(DataError) as refused:
-        insert_rows(conn, users, [user(phone="5" * 65)])
+        writes[way](conn)
     assert "too long" in str(refused.value.orig).splitlines()[0]
 
 
 def test_an_unknown_column_is_refused_before_the_database(engine: Engine) -> None:
     with engine.begin() as conn, pytest.raises(ValueError, match="nickname"):
         insert_rows(conn, users, [user(nickname="x")])
+
+
+def test_write_steps_run_in_order_and_store_what_insert_stores(engine: Engine) -> None:
+    """Small inserts (pipelined INSERTs on PostgreSQL) and a large one (a COPY, which leaves
+    the pipeline) keep their order: identities reference users inserted in an earlier step."""
+    small = [user(email=f"small{i}@example.org") for i in range(3)]
+    large = [user(email=f"large{i}@example.org") for i in range(PIPELINE_INSERT_MAX + 1)]
+    plain = user(email="plain@example.org")
+    renamed = {**small[0], "name": "Renamed", "role": "admin"}
+    with engine.begin() as conn:
+        write_steps(conn, [
+            Step(users, small),
+            Step(user_identities, [identity(small[1]["id"], "s1", RAW)]),
+            Step(users, large),
+            Step(user_identities, [identity(large[-1]["id"], "l1", RAW)]),
+            Step(users, [renamed], ("id",), ("name",)),
+            Step(users, []),
+        ])  # fmt: skip
+        conn.execute(insert(users), [plain])
+    assert read(engine, users, id=small[0]["id"])["name"] == "Renamed"
+    assert read(engine, users, id=small[0]["id"])["role"] == "member"
+    got, want = read(engine, users, id=small[2]["id"]), read(engine, users, id=plain["id"])
+    assert got == {**want, "id": small[2]["id"], "email": small[2]["email"]}
+    assert read(engine, user_identities, external_id="s1")["raw"] == RAW
+    with engine.connect() as conn:
+        assert len(conn.execute(select(users.c.id)).all()) == len(small) + len(large) + 1
+
+
+def test_write_steps_raise_integrity_error_and_the_savepoint_recovers(engine: Engine) -> None:
+    taken = user()
+    with engine.begin() as conn:
+        insert_rows(conn, users, [taken])
+        with pytest.raises(IntegrityError) as refused, conn.begin_nested():
+            write_steps(conn, [
+                Step(users, [user(email="fine@example.org")]),
+                Step(users, [{**taken, "email": "no-at-sign"}], ("id",), ("email",)),
+                Step(sync_audit, []),
+            ])  # fmt: skip
+        write_steps(conn, [Step(users, [user(email="after@example.org")])])
+    assert "email_shape" in str(refused.value.orig).splitlines()[0]
+    with engine.connect() as conn:
+        emails = set(conn.execute(select(users.c.email)).scalars())
+    assert emails == {taken["email"], "after@example.org"}
+
+
+def test_an_upsert_step_naming_one_row_twice_applies_both_in_order(engine: Engine) -> None:
+    """One INSERT ... SELECT may not update a row twice (PostgreSQL refuses it): such a step
+    goes row by row, the later row winning, as an executemany did."""
+    first = user(name="First")
+    with engine.begin() as conn:
+        insert_rows(conn, users, [first])
+        write_steps(conn, [Step(users, [{**first, "name": "Second"}, {**first, "name": "Third"}],
+                                ("id",), ("name",))])  # fmt: skip
+    assert read(engine, users, id=first["id"])["name"] == "Third"
+
+
+def test_a_statement_first_sent_after_a_refused_one_runs_after_the_rollback(
+    engine: Engine,
+) -> None:
+    """A pipeline stops at its first error: statements after it were never prepared, and
+    must be prepared (not merely named) when the batch runs again after the savepoint."""
+    taken = user()
+    # A column set no other test writes: this statement is new to the connection.
+    note = {"occurred_at": AWARE, "source": "cli", "provider": "auth0", "action": "failed",
+            "error": "first sent after a refused statement"}  # fmt: skip
+    with engine.begin() as conn:
+        insert_rows(conn, users, [taken])
+        with pytest.raises(IntegrityError), conn.begin_nested():
+            write_steps(conn, [
+                Step(users, [{**taken, "email": "no-at-sign"}], ("id",), ("email",)),
+                Step(sync_audit, [note]),
+            ])  # fmt: skip
+        write_steps(conn, [Step(sync_audit, [note])])
+        write_steps(conn, [Step(sync_audit, [note])])
+    with engine.connect() as conn:
+        errors = list(conn.execute(select(sync_audit.c.error)).scalars())
+    assert errors == [note["error"]] * 2

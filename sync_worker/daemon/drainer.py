@@ -45,9 +45,21 @@ log = structlog.get_logger(__name__)
 REREAD = frozenset({"stack", "authjs"})
 
 
+#: A claim that came back full means a backlog: the next claims take this many times
+#: ``batch_size`` (fewer statements, commits and round trips per row; measured on a
+#: 20,000-delivery backlog: 1,750/s in claims of 200, 2,350/s in claims of 1,000).
+BACKLOG_FACTOR = 5
+#: ... as long as a claim that size, at the pace of the last one, takes at most this share
+#: of the lease.
+LEASE_SHARE = 0.25
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DrainSettings:
     batch_size: int = 100
+    #: Rows a claim takes while a backlog lasts (after a full claim); None: BACKLOG_FACTOR x
+    #: ``batch_size``, at most what one claim may take.
+    backlog_batch_size: int | None = None
     lease: timedelta = timedelta(minutes=5)
     max_attempts: int = 8
     backoff: inbox.Backoff = field(default_factory=inbox.Backoff)
@@ -66,6 +78,12 @@ class DrainSettings:
             backoff=backoff,
             poll_seconds=config.poll_seconds,
         )
+
+    @property
+    def backlog_batch(self) -> int:
+        if self.backlog_batch_size is not None:
+            return max(self.batch_size, self.backlog_batch_size)
+        return max(self.batch_size, min(BACKLOG_FACTOR * self.batch_size, inbox.MAX_BATCH))
 
 
 @dataclass(slots=True)
@@ -104,6 +122,7 @@ class Drainer:
         # checks the claimant, not the lease), so they are finished first once it is back
         # instead of waiting out their lease.
         self._unfinished: list[inbox.InboxRow] = []
+        self._limit = settings.batch_size  # rows the next claim takes (larger in a backlog)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -132,17 +151,29 @@ class Drainer:
             rows, self._unfinished = self._unfinished, []
             self._process(rows)
             return len(rows)
+        limit = self._limit
         with transaction(self.db) as conn:
             rows = inbox.claim(
                 conn,
-                limit=self.settings.batch_size,
+                limit=limit,
                 now=self.clock(),
                 lease=self.settings.lease,
                 worker=self.worker,
                 max_attempts=self.settings.max_attempts,
             )
-        if rows:
-            self._process(rows)
+        self._limit = self.settings.batch_size  # a trickle: small, quick batches
+        if not rows:
+            return 0
+        started = time.monotonic()
+        self._process(rows)
+        took = time.monotonic() - started
+        # Full: more are waiting, so the next claim takes more, provided that a claim that
+        # size would still be seen through well within its lease at this pace (re-reading
+        # users from an IdP costs a network call each).
+        backlog = self.settings.backlog_batch
+        fits = took / len(rows) * backlog < self.settings.lease.total_seconds() * LEASE_SHARE
+        if len(rows) == limit and fits:
+            self._limit = backlog
         return len(rows)
 
     # -- one batch ---------------------------------------------------------------------

@@ -247,32 +247,32 @@ def updated_by_webhook(t: Twins) -> None:
     )
 
 
-def session_revoked_in_worker(t: Twins) -> None:
-    user, _ = live_session_of(t)
+def on_both_workers(t: Twins, sql: str, **params: object) -> None:
     for worker in (t.digest, t.plain):
         with transaction(worker) as conn:
-            conn.execute(
-                text(
-                    "UPDATE user_sessions SET revoked_at = :now WHERE user_id = "
-                    "(SELECT user_id FROM user_identities WHERE provider = 'authjs' "
-                    "AND external_id = :e)"
-                ),
-                {"now": t.now, "e": str(user)},
-            )
+            conn.execute(text(sql), params)
+
+
+def session_revoked_in_worker(t: Twins) -> None:
+    user, _ = live_session_of(t)
+    on_both_workers(
+        t,
+        "UPDATE user_sessions SET revoked_at = :now WHERE user_id = (SELECT user_id FROM "
+        "user_identities WHERE provider = 'authjs' AND external_id = :e)",
+        now=t.now,
+        e=str(user),
+    )
 
 
 def user_row_changed_in_worker(t: Twins) -> None:
     # The app edits the worker's users row directly: the engine's skip does not read it.
     a = ids(t)[9]
-    for worker in (t.digest, t.plain):
-        with transaction(worker) as conn:
-            conn.execute(
-                text(
-                    "UPDATE users SET name = 'App Edit' WHERE id = (SELECT user_id FROM "
-                    "user_identities WHERE provider = 'authjs' AND external_id = :e)"
-                ),
-                {"e": str(a)},
-            )
+    on_both_workers(
+        t,
+        "UPDATE users SET name = 'App Edit' WHERE id = (SELECT user_id FROM "
+        "user_identities WHERE provider = 'authjs' AND external_id = :e)",
+        e=str(a),
+    )
 
 
 def poison_row(t: Twins) -> None:

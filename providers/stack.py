@@ -322,14 +322,15 @@ class StackProvider:
 
     def _pass(self, start: str | None, directory: TeamDirectory) -> Iterator[Page]:
         partial = start is not None
-        for listed in read_ahead(self._listing(start), self._listing_read_ahead):
+        # Mapped in the reader thread too: while the engine waits on the database (a COPY,
+        # a commit), the next page is parsed and mapped instead of after it.
+        mapped = ((listed, _mapped(listed, directory)) for listed in self._listing(start))
+        for listed, (changes, errors, seen) in read_ahead(mapped, self._listing_read_ahead):
             position, next_cursor = listed.position, listed.next_cursor
             if position is not None and not listed.items:
                 # The cursor user is gone (deleted mid-pass): the rest of this pass is lost.
                 log.warning("stack_cursor_vanished", provider=PROVIDER, cursor=position)
                 partial = True
-            with collector_paused():  # the page's changes all live until it is applied
-                changes, errors, seen = _map_page(listed.items, directory, listed.observed)
             if next_cursor is None:
                 cursor = {"completed_at": listed.observed.isoformat()}
                 yield from self._chunks(
@@ -464,6 +465,13 @@ def _items(body: object, what: str) -> list[Mapping[str, Any]]:
     if not isinstance(body, Mapping) or not isinstance(body.get("items"), list):
         raise UpstreamDataError(f"stack: {what} response without an items list")
     return [i for i in body["items"] if isinstance(i, Mapping)]
+
+
+def _mapped(
+    listed: _Listed, directory: TeamDirectory
+) -> tuple[list[UserChange], tuple[RecordError, ...], tuple[str, ...]]:
+    with collector_paused():  # the page's changes all live until it is applied
+        return _map_page(listed.items, directory, listed.observed)
 
 
 def _map_page(

@@ -71,8 +71,9 @@ class Provider(Protocol):
         ``complete=True`` and its cursor is where the next incremental pull starts.
         Without it, yield only what changed since the cursor. Where reading a page mostly
         waits (HTTP, rate-limit pacing), the adapter reads the next one while the caller
-        applies this one (``sync_worker.readahead``); where it is Python work, it does not:
-        a reader thread would compete with the engine for the GIL (bench/pull.py).
+        applies this one (``sync_worker.readahead``), and may map it there too (Stack: the
+        engine mostly waits on the database meanwhile); where reading is Python work alone, it
+        does not: a reader thread would compete with the engine for the GIL (bench/pull.py).
         """
         ...
 

@@ -13,7 +13,8 @@ one live session. For each size (10,000 and 100,000 users; 2,000 and 10,000 with
   empty indexed copies of the worker's tables, and reading the pass's source columns by
   COPY; both in one process, timed around the COPY statements only;
 - dlt (``sql_database`` -> postgres, ``write_disposition="merge"``, the same three tables)
-  as a peer, when it can be installed (``pip install "dlt[postgres]"``, bench-only);
+  as a peer, installed on first use into a virtualenv of its own (``.venv-dlt``, bench only;
+  ``bench/dlt_child.py`` runs it);
 
 and once, on the largest worker database: the naive per-row ORM loop (the seeds' pattern:
 query, create or update, commit per record) on a subset, and the latency of
@@ -24,7 +25,6 @@ Peak RSS is each process's own (``wait4``).
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import os
@@ -280,46 +280,40 @@ def read_floor(source_libpq: str) -> float:
 # -- dlt, the generic mirror -----------------------------------------------------------
 
 
+#: dlt lives in a virtualenv of its own (bench/dlt_child.py says why).
+DLT_VENV = ROOT / ".venv-dlt"
+DLT_PYTHON = DLT_VENV / "bin" / "python"
+DLT_CHILD = Path(__file__).resolve().parent / "dlt_child.py"
+DLT_PACKAGES = ("dlt[postgres]", "sqlalchemy", "psycopg[binary]")
+
+
 def dlt_available() -> bool:
-    try:
-        importlib.import_module("dlt")
+    """dlt in ``.venv-dlt``, made on first use (dlt with its PostgreSQL extra, SQLAlchemy and
+    psycopg 3, which SQLAlchemy 2.1 uses for ``postgresql://``)."""
+    probe = [str(DLT_PYTHON), "-c", "import dlt.sources.sql_database"]
+    if (
+        DLT_PYTHON.exists()
+        and subprocess.run(probe, capture_output=True, check=False).returncode == 0
+    ):
         return True
-    except ImportError:
-        pass
-    say('dlt missing: pip install "dlt[postgres]" (bench only)')
+    say(f"dlt missing: making {DLT_VENV.name} with {' '.join(DLT_PACKAGES)} (bench only)")
+    made = subprocess.run([sys.executable, "-m", "venv", str(DLT_VENV)], capture_output=True,
+                          check=False)  # fmt: skip
+    if made.returncode != 0:
+        return False
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "dlt[postgres]"],
+        [str(DLT_PYTHON), "-m", "pip", "install", "--quiet", *DLT_PACKAGES],
         capture_output=True,
         check=False,
     )
     return done.returncode == 0
 
 
-def child_dlt(source: str, dest: str, pipelines: str) -> None:
-    """One dlt run: the three tables, merged on their primary keys."""
-    dlt: Any = importlib.import_module("dlt")
-    sources: Any = importlib.import_module("dlt.sources.sql_database")
-    src = sources.sql_database(credentials=sqlalchemy_url(source), table_names=TABLES_DLT)
-    for name in TABLES_DLT:
-        src.resources[name].apply_hints(write_disposition="merge", primary_key="id")
-    pipeline = dlt.pipeline(
-        pipeline_name="authjs_scale",
-        # dlt insists on a password; the server trusts local connections and ignores it.
-        destination=dlt.destinations.postgres(dest.replace("postgres@", "postgres:unused@", 1)),
-        dataset_name="authjs",
-        pipelines_dir=pipelines,
-    )
-    pipeline.run(src)
-
-
-TABLES_DLT = ["users", "accounts", "sessions"]
-
-
 def dlt_pair(source: str) -> tuple[Proc, Proc]:
     with pg_database("sw_scale_dlt") as dest, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         env = {**os.environ, "RUNTIME__LOG_LEVEL": "WARNING"}
-        args = [sys.executable, __file__, "--child-dlt", source, dest, str(work / "pipelines")]
+        args = [str(DLT_PYTHON), str(DLT_CHILD), source, dest, str(work / "pipelines")]
         first = run_process(args, env, work)
         second = run_process(args, env, work)
     return first, second
@@ -720,9 +714,6 @@ def render(runs: Sequence[SizeRun], opts: argparse.Namespace, seconds: float) ->
 
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
-    if opts.child_dlt:
-        child_dlt(*opts.child_dlt)
-        return
     configure("warning")
     opts.load_before = os.getloadavg()[0]
     sizes: tuple[int, ...] = (2_000, 10_000) if opts.quick else (10_000, 100_000)
@@ -745,7 +736,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-dlt", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    parser.add_argument("--child-dlt", nargs=3, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

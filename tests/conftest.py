@@ -90,9 +90,14 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         empty_tables(pg)
         yield pg
         return
-    template: Path = request.getfixturevalue("sqlite_template")
+    yield request.getfixturevalue("sqlite_engine")
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_template: Path, tmp_path: Path) -> Iterator[Engine]:
+    """A migrated, empty SQLite database (a copy of the session's template)."""
     path = tmp_path / "worker.db"
-    shutil.copy(template, path)
+    shutil.copy(sqlite_template, path)
     sqlite = make_engine(f"sqlite:///{path}", schema=SCHEMA)
     yield sqlite
     sqlite.dispose()

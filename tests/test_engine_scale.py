@@ -254,18 +254,8 @@ def test_no_statement_reads_more_as_the_tables_grow(
 _SCAN = re.compile(r"\bSCAN (\w+)")
 
 
-@pytest.fixture
-def lite(tmp_path: Any, sqlite_template: Any) -> Iterator[Engine]:
-    import shutil
-
-    path = tmp_path / "worker.db"
-    shutil.copy(sqlite_template, path)
-    db = make_engine(f"sqlite:///{path}", schema="identity")
-    yield db
-    db.dispose()
-
-
-def test_sqlite_runs_no_full_scan_of_a_worker_table(lite: Engine) -> None:
+def test_sqlite_runs_no_full_scan_of_a_worker_table(sqlite_engine: Engine) -> None:
+    lite = sqlite_engine
     seed(lite, 1, TINY)
     statements: list[tuple[str, Any]] = []
 

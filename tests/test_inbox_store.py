@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +15,6 @@ from psycopg import sql
 from sqlalchemy import Connection, Engine, event, func, select, update
 
 from db import inbox
-from db.connect import make_engine
 from db.inbox import Backoff, Delivery, InboxRow
 from db.migrate import alembic_config, upgrade
 from db.tables import sync_inbox
@@ -591,15 +588,6 @@ def explain_generic(conn: Connection, statement: str, params: dict[str, Any]) ->
         plan = "\n".join(r[0] for r in cursor.fetchall())
         cursor.execute("DEALLOCATE inbox_plan")
     return plan
-
-
-@pytest.fixture
-def sqlite_engine(sqlite_template: Path, tmp_path: Path) -> Iterator[Engine]:
-    path = tmp_path / "worker.db"
-    shutil.copy(sqlite_template, path)
-    engine = make_engine(f"sqlite:///{path}", schema="identity")
-    yield engine
-    engine.dispose()
 
 
 def test_claim_and_purge_use_the_partial_indexes_on_sqlite(sqlite_engine: Engine) -> None:

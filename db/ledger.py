@@ -11,9 +11,12 @@ PostgreSQL it is a session advisory lock per (schema, job, provider), held on a 
 its own in autocommit (no transaction stays open for the run's length); on SQLite, which one
 process uses, it is a lock in this process.
 
-``claim_tick``, ``finish_tick``, ``last_ticks``, ``last_scheduled`` and ``purge_ticks`` run in
-the caller's transaction; ``job_lock`` takes the engine. Driver errors come out as
-``StoreError`` (``db.errors``).
+A run killed with its process leaves its tick ``running``; the next run of that job, once
+it holds the lock, marks such ticks failed (``abandon_ticks``).
+
+``claim_tick``, ``finish_tick``, ``abandon_ticks``, ``last_ticks``, ``last_scheduled`` and
+``purge_ticks`` run in the caller's transaction; ``job_lock`` takes the engine. Driver errors
+come out as ``StoreError`` (``db.errors``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,33 @@ def finish_tick(
         .values(status=str(status), finished_at=now, run_id=run_id, error=_one_line(error))
     )
     return conn.execute(stmt).rowcount == 1
+
+
+#: The error of a tick whose run ended with its process, before it recorded an outcome.
+ABANDONED = "abandoned: its instance stopped before recording an outcome"
+
+
+@translated
+def abandon_ticks(
+    conn: Connection, job: str, provider: str | None, *, before: datetime, now: datetime
+) -> int:
+    """Mark failed the ``running`` ticks of (job, provider) scheduled before ``before``.
+
+    Only while holding the job's lock (``job_lock``): no run of the job for the provider can
+    then be alive anywhere, so such a row is the ledger's record of a run whose process died
+    (SIGKILL, a crash, a lost host) and would read "running" in ``status`` for ever.
+    """
+    stmt = (
+        update(_t)
+        .where(
+            _t.c.job == job,
+            _t.c.provider == _key(provider),
+            _t.c.scheduled_at < before,
+            _t.c.status == str(TickStatus.RUNNING),
+        )
+        .values(status=str(TickStatus.FAILED), finished_at=now, error=ABANDONED)
+    )
+    return int(conn.execute(stmt).rowcount)
 
 
 @translated

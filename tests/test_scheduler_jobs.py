@@ -191,6 +191,35 @@ def test_a_tick_whose_job_still_runs_is_skipped(engine: Engine) -> None:
     assert 'job="probe",status="skipped"} 1.0' in metrics.render().decode()
 
 
+def test_ticks_left_running_by_a_dead_process_are_failed_by_the_next_run(engine: Engine) -> None:
+    """A run killed with its process (SIGKILL) leaves its tick 'running'; the job's next run,
+    holding the lock, records it failed as abandoned. Other jobs', other providers' and
+    later ticks are left alone."""
+    assert claim(engine, "probe", None, T0, "dead")  # claimed, then the process died
+    assert claim(engine, "other", None, T0, "dead")
+    assert claim(engine, "pull", "stack", T0, "dead")
+    assert claim(engine, "probe", None, T0 + timedelta(minutes=10), "later")
+    (outcome,) = tick_runner(engine, "a").run(Probe(), T0 + timedelta(minutes=5))
+    assert outcome.status == "succeeded"
+    by_time = {t["scheduled_at"]: t for t in ticks(engine, "probe")}
+    dead = by_time[T0]
+    assert (dead["status"], dead["error"]) == ("failed", ledger.ABANDONED)
+    assert dead["finished_at"] is not None
+    assert by_time[T0 + timedelta(minutes=5)]["status"] == "succeeded"
+    assert by_time[T0 + timedelta(minutes=10)]["status"] == "running"  # not before this one
+    assert [t["status"] for t in ticks(engine, "other")] == ["running"]
+    assert [t["status"] for t in ticks(engine, "pull")] == ["running"]
+
+
+def test_a_skipped_tick_abandons_nothing(engine: Engine) -> None:
+    """Without the lock the earlier run may be alive (another instance's): left running."""
+    assert claim(engine, "probe", None, T0, "busy")
+    with ledger.job_lock(engine, "probe", None):
+        (outcome,) = tick_runner(engine).run(Probe(), T0 + timedelta(minutes=5))
+    assert outcome.status == "skipped"
+    assert ticks(engine, "probe")[0]["status"] == "running"
+
+
 def test_an_unreachable_ledger_fails_the_tick_without_raising() -> None:
     nowhere = make_engine(
         "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1", schema=SCHEMA

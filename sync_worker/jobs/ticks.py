@@ -7,6 +7,7 @@ For each provider the job runs for::
     job_lock  --busy-->  a run holding the job's lock is still going (here or elsewhere):
         |                 tick skipped
         | held
+    earlier ticks of the job still 'running' (their process died): marked failed
     run the job  ->  sync_runs row (the job's own, or one written here), finish_tick, metric
 
 Each provider's run stands alone: one failing does not keep the next from running. A run
@@ -125,12 +126,23 @@ class TickRunner:
             return tick.outcome(TAKEN)
         with ledger.job_lock(self.db, job.lock, provider) as held:
             if held:
+                self._abandon_earlier(tick, bound)
                 outcome = self._execute(tick, bound)
             else:
                 outcome = tick.outcome(TickStatus.SKIPPED, error=PREVIOUS_RUNNING)
                 bound.warning("job_tick_skipped", reason=PREVIOUS_RUNNING)
         self._finish(outcome, bound)
         return outcome
+
+    def _abandon_earlier(self, tick: _Tick, bound: FilteringBoundLogger) -> None:
+        """Earlier ticks of the job still ``running`` died with their process: with the
+        lock held, none of them can be going (``ledger.abandon_ticks``)."""
+        with transaction(self.db) as conn:
+            abandoned = ledger.abandon_ticks(
+                conn, tick.job.name, tick.provider, before=tick.scheduled_at, now=self.clock()
+            )
+        if abandoned:
+            bound.warning("job_ticks_abandoned", count=abandoned, reason=ledger.ABANDONED)
 
     def _execute(self, tick: _Tick, bound: FilteringBoundLogger) -> Outcome:
         job = tick.job

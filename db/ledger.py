@@ -182,6 +182,12 @@ def purge_ticks(conn: Connection, *, before: datetime) -> int:
     return conn.execute(delete(_t).where(_t.c.scheduled_at < before)).rowcount
 
 
+def locks_across_processes(db: Engine) -> bool:
+    """Whether ``job_lock`` excludes other processes (PostgreSQL), not just this one's
+    threads (SQLite, which one process uses)."""
+    return db.dialect.name == "postgresql"
+
+
 @contextmanager
 def job_lock(db: Engine, job: str, provider: str | None) -> Iterator[bool]:
     """Hold the (job, provider) lock for the ``with`` block: yields True if taken, False if

@@ -122,6 +122,55 @@ def test_backfill_stack_dry_run_then_real(
     assert report["runs"][0]["counts"]["created"] == 12
 
 
+@pytest.mark.postgres
+def test_a_backfill_beside_a_running_pass_refuses_and_one_after_a_dead_one_records_it(
+    make_pg_database: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two passes of a provider at once would fight over its cursor: a backfill while the
+    pass lock is held (here by another connection, as the daemon's pull holds it) exits 1
+    saying so and writes nothing; once the lock is free, a run left 'running' by a process
+    that died is recorded failed (abandoned) and the backfill goes on."""
+    from db import ledger
+    from db.runs import ABANDONED, start_run
+    from db.tables import sync_runs
+
+    url = make_pg_database()
+    for name in ("AUTH0_DOMAIN", "STACK_PROJECT_ID", "AUTHJS_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert main(["migrate"]) == 0
+    db = make_engine(sqlalchemy_url(url), schema="identity")
+    try:
+        dead = start_run(db, "full", "stack")  # its process was killed mid-pass
+        other = start_run(db, "full", "auth0")  # another provider's: not ours to judge
+        with StackFake() as fake:
+            fake.seed(3)
+            monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+            monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
+            monkeypatch.setenv("STACK_BASE_URL", fake.url)
+            capsys.readouterr()
+            with ledger.job_lock(db, "pull", "stack") as held:
+                assert held
+                assert main(["backfill", "--provider", "stack"]) == 1
+                err = capsys.readouterr().err
+                assert "stack: a pass is already running" in err
+                assert err.count("\n") == 1
+                assert main(["sync"]) == 1  # the same lock, and the same message
+                assert "a pass is already running" in capsys.readouterr().err
+                assert table_counts(url)["users"] == 0
+            assert main(["backfill", "--provider", "stack"]) == 0
+        with db.connect() as conn:
+            got = {r.id: r for r in conn.execute(select(sync_runs))}
+    finally:
+        db.dispose()
+    assert (got[dead].status, got[dead].error) == ("failed", ABANDONED)
+    assert got[dead].finished_at is not None
+    assert got[other].status == "running"
+    assert [r.status for r in got.values() if r.id not in (dead, other)] == ["succeeded"]
+
+
 def table_counts(url: str) -> dict[str, int]:
     """Rows in every table of the worker's database (its schema on PostgreSQL)."""
     engine = make_engine(sqlalchemy_url(url), schema="identity")

@@ -16,6 +16,8 @@ from db import ledger
 from db.connect import make_engine
 from db.ledger import TickStatus
 from db.migrate import alembic_config, head_revision, upgrade
+from db.runs import ABANDONED as ABANDONED_RUN
+from db.runs import start_run
 from db.tables import sync_audit, sync_inbox, user_sessions, users
 from db.transaction import transaction
 from sync_worker.changes import utcnow
@@ -196,6 +198,8 @@ def test_ticks_left_running_by_a_dead_process_are_failed_by_the_next_run(engine:
     holding the lock, records it failed as abandoned. Other jobs', other providers' and
     later ticks are left alone."""
     assert claim(engine, "probe", None, T0, "dead")  # claimed, then the process died
+    dead_run = start_run(engine, "probe", None)
+    other_run = start_run(engine, "other", None)
     assert claim(engine, "other", None, T0, "dead")
     assert claim(engine, "pull", "stack", T0, "dead")
     assert claim(engine, "probe", None, T0 + timedelta(minutes=10), "later")
@@ -209,6 +213,13 @@ def test_ticks_left_running_by_a_dead_process_are_failed_by_the_next_run(engine:
     assert by_time[T0 + timedelta(minutes=10)]["status"] == "running"  # not before this one
     assert [t["status"] for t in ticks(engine, "other")] == ["running"]
     assert [t["status"] for t in ticks(engine, "pull")] == ["running"]
+    statuses = {r["id"]: (r["status"], r["error"]) for r in runs(engine, "probe")}
+    if ledger.locks_across_processes(engine):  # SQLite's lock is this process's alone
+        assert statuses[dead_run] == ("failed", ABANDONED_RUN)
+    else:
+        assert statuses[dead_run] == ("running", None)
+    assert statuses[outcome.run_id] == ("succeeded", None)
+    assert [r["status"] for r in runs(engine, "other") if r["id"] == other_run] == ["running"]
 
 
 def test_a_skipped_tick_abandons_nothing(engine: Engine) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
 
-from db.runs import RunStatus
+from db import ledger
+from db.runs import PASS_KINDS, RunStatus, abandon_runs
+from db.transaction import transaction
 from providers.base import Provider
 from sync_worker.changes import Source, utcnow
 from sync_worker.cli.common import (
@@ -86,11 +89,43 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         cursor = _since_cursor(provider, args.since)
         with open_database(settings) as engine, progress(f"{args.provider} users") as bar:
             runner = _runner(engine, settings, provider, Source.BACKFILL, bar)
-            report = _refusal_reported(runner, full=args.full, dry_run=args.dry_run, cursor=cursor)
+            # A dry run writes no cursor and no run: it may go beside a pass.
+            alone = nullcontext() if args.dry_run else one_pass(engine, args.provider)
+            with alone:
+                report = _refusal_reported(
+                    runner, full=args.full, dry_run=args.dry_run, cursor=cursor
+                )
     finally:
         provider.close()
     _print_report(report, dry_run=args.dry_run)
     return _exit_for(report)
+
+
+class PassRunning(SyncWorkerError):
+    """Another pass of the provider holds its lock: the command does not start one."""
+
+
+@contextmanager
+def one_pass(db: Engine, provider: str) -> Iterator[None]:
+    """Hold the provider's pass lock for the command's pass, as the daemon's pull and
+    reconcile jobs do (two passes at once would fight over the provider's cursor).
+
+    Busy: ``PassRunning``, at once. Held, on PostgreSQL (whose lock spans processes): the
+    provider's runs still ``running`` died with their process, and are recorded so.
+    """
+    from sync_worker.jobs.pulls import PullJob
+
+    with ledger.job_lock(db, PullJob.lock, provider) as held:
+        if not held:
+            raise PassRunning(
+                f"{provider}: a pass is already running (the daemon's scheduled pull, or "
+                "another backfill); try again when it has finished"
+            )
+        if ledger.locks_across_processes(db):
+            now = utcnow()
+            with transaction(db) as conn:
+                abandon_runs(conn, PASS_KINDS, provider, before=now, now=now)
+        yield
 
 
 def _runner(
@@ -129,7 +164,8 @@ def cmd_sync(settings: Settings, _args: argparse.Namespace) -> int:
         for name in enabled:
             provider = registry.build(name, settings)
             try:
-                report = _refusal_reported(_runner(engine, settings, provider, Source.PULL))
+                with one_pass(engine, name):
+                    report = _refusal_reported(_runner(engine, settings, provider, Source.PULL))
             except SyncWorkerError as exc:
                 print(f"sync-worker: {_naming(name, exc)}", file=sys.stderr)
                 worst = EXIT_FAILURE

@@ -30,7 +30,7 @@ from structlog.typing import FilteringBoundLogger
 
 from db import ledger
 from db.ledger import TickStatus
-from db.runs import RunStatus, finish_run, start_run
+from db.runs import PASS_KINDS, RunStatus, abandon_runs, finish_run, start_run
 from db.transaction import transaction
 from sync_worker.changes import utcnow
 from sync_worker.config import Settings
@@ -135,14 +135,21 @@ class TickRunner:
         return outcome
 
     def _abandon_earlier(self, tick: _Tick, bound: FilteringBoundLogger) -> None:
-        """Earlier ticks of the job still ``running`` died with their process: with the
-        lock held, none of them can be going (``ledger.abandon_ticks``)."""
+        """Earlier ticks of the job still ``running``, and on PostgreSQL the runs of its kind,
+        died with their process: with the lock held, none of them can be going
+        (``ledger.abandon_ticks``, ``runs.abandon_runs``)."""
+        job, now = tick.job, self.clock()
+        # A pull records its run as the pass it made; other jobs under their own name.
+        kinds = PASS_KINDS if job.records_own_run else (job.name,)
         with transaction(self.db) as conn:
-            abandoned = ledger.abandon_ticks(
-                conn, tick.job.name, tick.provider, before=tick.scheduled_at, now=self.clock()
+            ticks = ledger.abandon_ticks(
+                conn, job.name, tick.provider, before=tick.scheduled_at, now=now
             )
-        if abandoned:
-            bound.warning("job_ticks_abandoned", count=abandoned, reason=ledger.ABANDONED)
+            runs = 0
+            if ledger.locks_across_processes(self.db):
+                runs = abandon_runs(conn, kinds, tick.provider, before=now, now=now)
+        if ticks or runs:
+            bound.warning("job_runs_abandoned", ticks=ticks, runs=runs, reason=ledger.ABANDONED)
 
     def _execute(self, tick: _Tick, bound: FilteringBoundLogger) -> Outcome:
         job = tick.job

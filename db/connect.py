@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -34,8 +34,20 @@ _OPTION_VALUES: Mapping[str, frozenset[str]] = {
 }
 
 
-def make_engine(url: str, *, schema: str, pool_size: int = 5, echo: bool = False) -> Engine:
-    """Create the engine; on PostgreSQL every connection works inside ``schema``."""
+def make_engine(
+    url: str,
+    *,
+    schema: str,
+    pool_size: int = 5,
+    echo: bool = False,
+    prepared_statements: bool = True,
+) -> Engine:
+    """Create the engine; on PostgreSQL every connection works inside ``schema``.
+
+    ``prepared_statements=False`` (PostgreSQL): no statement is ever prepared on the server,
+    for poolers in transaction mode that cannot keep them (PgBouncer before 1.21, or without
+    ``max_prepared_statements``); ``prepares`` tells the store's writers.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, echo=echo)
@@ -48,7 +60,24 @@ def make_engine(url: str, *, schema: str, pool_size: int = 5, echo: bool = False
         json_deserializer=jsoncodec.loads,
     )
     _use_schema(engine, schema)
+    if not prepared_statements:
+        _never_prepare(engine)
     return engine
+
+
+def prepares(conn: Connection) -> bool:
+    """Whether statements may be prepared on this connection's server session."""
+    return bool(conn.connection.info.get(_PREPARES, True))
+
+
+_PREPARES = "sync_worker.prepares"
+
+
+def _never_prepare(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _no_prepares(dbapi_conn: Any, record: Any) -> None:
+        dbapi_conn.prepare_threshold = None  # psycopg's automatic preparing, off
+        record.info[_PREPARES] = False
 
 
 def url_problem(url: str, *, ignore_params: Collection[str] = ()) -> str | None:

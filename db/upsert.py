@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from db import jsoncodec
+from db.connect import prepares
 from db.types import UTCDateTime
 
 
@@ -249,9 +250,11 @@ def _pipelined(conn: Connection, steps: Sequence[Step]) -> None:
     statement = ""
     # Each step is one prepared statement taking its rows as one JSON document (see
     # ``_json_plan``); preparing is turned off during an apply (``planned_per_run``), for
-    # lookups whose plans could go stale as tables grow, which an INSERT cannot.
+    # lookups whose plans could go stale as tables grow, which an INSERT cannot. Unless the
+    # engine may not prepare at all (``db.connect.prepares``: a pooler in transaction mode).
+    prepare = prepares(conn)
     previous = driver.prepare_threshold
-    if previous is None:
+    if previous is None and prepare:
         driver.prepare_threshold = _PREPARE_THRESHOLD
     try:
         with driver.pipeline(), driver.cursor() as cursor:  # synced (errors raised) on exit
@@ -263,7 +266,7 @@ def _pipelined(conn: Connection, steps: Sequence[Step]) -> None:
                 # naming a row twice goes row by row, in order, the later row winning.
                 parts = [step.rows] if _unique_keys(step) else [[row] for row in step.rows]
                 for rows in parts:
-                    cursor.execute(statement, [plan.document(rows)], prepare=True)
+                    cursor.execute(statement, [plan.document(rows)], prepare=prepare)
     except dbapi.Error as exc:
         raise DBAPIError.instance(statement, None, exc, dbapi.Error, dialect=conn.dialect) from exc
     finally:

@@ -66,6 +66,8 @@ class DatabaseSettings(_Model):
     schema_: Annotated[str, Field(alias="schema", pattern=r"^[a-z_][a-z0-9_]*$")] = "identity"
     pool_size: Annotated[int, Field(ge=1, le=100)] = 5
     echo: bool = False
+    # False behind a pooler in transaction mode that cannot keep prepared statements.
+    prepared_statements: bool = True
 
 
 class SyncSettings(_Model):

@@ -15,11 +15,13 @@ import tempfile
 from collections.abc import Sequence
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
+from db.connect import make_engine
 from db.transaction import transaction
 from sync_worker.changes import Source, UserChange
 from sync_worker.engine import PlanSettings, SyncEngine
+from tests.conftest import SCHEMA
 from tests.factories import upsert
 
 pytestmark = pytest.mark.postgres
@@ -62,3 +64,30 @@ def test_new_users_cost_one_more_round_trip_for_the_verified_email_lookup(
     one = round_trips(pg_engine, [upsert("auth0|new", 0)])
     ten = round_trips(pg_engine, [upsert(f"auth0|new{n}", 0) for n in range(10)])
     assert (one, ten) == (RENAME_ROUND_TRIPS + 1, RENAME_ROUND_TRIPS + 1)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_prepared_statements_can_be_turned_off_for_poolers(
+    pg_engine: Engine, prepared: bool
+) -> None:
+    """``database.prepared_statements: false`` (PgBouncer in transaction mode before 1.21
+    loses a session's prepared statements): batches leave no prepared statement on the
+    server session; on by default, the pipelined writes prepare theirs."""
+    db = make_engine(
+        pg_engine.url.render_as_string(hide_password=False),
+        schema=SCHEMA,
+        pool_size=1,
+        prepared_statements=prepared,
+    )
+    engine = SyncEngine(PlanSettings())
+    try:
+        with db.connect() as conn:
+            for version in range(8):  # past psycopg's automatic preparing (the fifth run)
+                with conn.begin():
+                    changes = [upsert(f"auth0|{n}", version, name=f"N{version}") for n in range(3)]
+                    result = engine.apply(conn, changes, source=Source.WEBHOOK)
+                    assert not result.failures, result.failures
+            held = conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar_one()
+    finally:
+        db.dispose()
+    assert (held > 0) is prepared

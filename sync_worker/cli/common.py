@@ -32,7 +32,13 @@ def command(commands: Commands, name: str, text: str, handler: Handler) -> argpa
 @contextmanager
 def open_database(settings: Settings, *, require_head: bool = True) -> Iterator[Engine]:
     db = settings.database
-    engine = make_engine(db.url, schema=db.schema_, pool_size=db.pool_size, echo=db.echo)
+    engine = make_engine(
+        db.url,
+        schema=db.schema_,
+        pool_size=db.pool_size,
+        echo=db.echo,
+        prepared_statements=db.prepared_statements,
+    )
     try:
         if require_head and current_revision(engine) != head_revision():
             raise StoreError(

@@ -247,7 +247,13 @@ def child_main(
 
     configure(settings.logging.level, settings.logging.format)
     database = settings.database
-    db = make_engine(url, schema=database.schema_, pool_size=1, echo=database.echo)
+    db = make_engine(
+        url,
+        schema=database.schema_,
+        pool_size=1,
+        echo=database.echo,
+        prepared_statements=database.prepared_statements,
+    )
 
     def report(counts: Counts, seconds: float) -> None:
         with contextlib.suppress(OSError):  # the daemon died: its metrics died with it

@@ -14,8 +14,10 @@ is ``webhook-id``. Bodies carry no time: a change's version is when the inbox re
     linkAccount             upsert of ``data.user`` linked to ``data.account``, and a fetch
                             of the user: the event names only the new account, the app's
                             database has them all.
-    signIn                  a login at the time received: a session ``signin:<event id>``
-                            (the message holds no session token), ``last_login_at`` moves.
+    signIn                  a login at the time received, naming no session (the message
+                            holds no session token): ``last_login_at`` moves, no session row
+                            is written (the pull brings the database session; a JWT session
+                            is known by its ``jti`` at signOut).
     signOut                 with ``data.session`` (database strategy: the deleted row, which
                             some adapters return and @auth/pg-adapter does not) the session
                             is revoked under the id the pull uses (SHA-256 of its token);
@@ -170,13 +172,12 @@ def _user_work(event_type: str, data: Mapping[str, Any], event_id: str, at: date
 
 
 def _sign_in(data: Mapping[str, Any], event_id: str, at: datetime) -> UserChange:
-    session = SessionInfo(external_session_id=f"signin:{event_id}", created_at=at, last_seen_at=at)
+    # No session of its own: a row per sign-in would never expire nor be revoked.
     return UserChange(
         provider=PROVIDER,
         external_id=external_id(_object(data, "user").get("id")),
         kind=ChangeKind.LOGIN,
         version=at,
-        session=session,
         event_id=event_id,
     )
 

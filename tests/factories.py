@@ -97,6 +97,19 @@ def login(
     )
 
 
+def sign_in(
+    external_id: str, minutes: float = 0, event_id: str | None = None, *, provider: str = "auth0"
+) -> UserChange:
+    """A login that names no session (an Auth.js signIn webhook)."""
+    return UserChange(
+        provider=provider,
+        external_id=external_id,
+        kind=ChangeKind.LOGIN,
+        version=at(minutes),
+        event_id=event_id,
+    )
+
+
 def _iso(version: float | None) -> str | None:
     return at(version).isoformat() if version is not None else None
 

@@ -36,7 +36,11 @@ def _check(daemon: Harness, provider: str, event: str) -> None:
     (user,) = _live(db)
     assert len(rows(db, "profiles")) == 1
     assert any(i["provider"] == provider for i in rows(db, "user_identities"))
-    if event in ("signIn", "s"):
+    if event == "signIn":  # names no session: last_login_at alone
+        assert rows(db, "user_sessions") == []
+        assert user["last_login_at"] is not None
+        assert actions[-1] == "login"
+    elif event == "s":
         (session,) = rows(db, "user_sessions")
         assert user["last_login_at"] is not None
         assert session["revoked_at"] is None

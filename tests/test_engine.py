@@ -10,7 +10,7 @@ from db.cursors import load_cursor
 from db.tables import profiles, users
 from sync_worker.changes import LinkedIdentity, Source
 from sync_worker.engine import PlanSettings
-from tests.factories import BoundEngine, at, audit, delete, dump, login, rows, upsert
+from tests.factories import BoundEngine, at, audit, delete, dump, login, rows, sign_in, upsert
 
 
 @pytest.fixture(autouse=True, params=["prefetched", "two-step"])
@@ -366,3 +366,32 @@ class TestLogins:
 
     def test_login_of_unknown_identity_is_recorded_as_failed(self, sync: BoundEngine) -> None:
         assert apply(sync, login("auth0|404", "log-1", 5)).counts == {"failed": 1}
+
+    def test_a_sign_in_without_a_session_moves_last_login_only(self, sync: BoundEngine) -> None:
+        """A sign-in that names no session (Auth.js signIn) writes no session row: one per
+        sign-in would never expire nor be revoked. An older one moves nothing back; a batch
+        keeps the newest of an identity's; an unknown identity's fails like any login."""
+        apply(sync, upsert("auth0|1", 0))
+        result = apply(sync, sign_in("auth0|1", 5, "ev-1"))
+        assert result.counts == {"login": 1}
+        assert rows(sync.db, "user_sessions") == []
+        assert only(rows(sync.db, "users"))["last_login_at"] == at(5)
+        (entry,) = audit(sync.db, action="login")
+        assert entry["event_id"] == "ev-1"
+        assert entry["changes"] == {"last_login_at": [None, at(5).isoformat()]}
+        assert apply(sync, sign_in("auth0|1", 3, "ev-0")).counts == {"unchanged": 1}
+        assert apply(sync, sign_in("auth0|1", 5, "ev-1")).counts == {"unchanged": 1}
+        both = apply(sync, sign_in("auth0|1", 9, "ev-3"), sign_in("auth0|1", 7, "ev-2"))
+        assert both.counts == {"login": 1}
+        assert only(rows(sync.db, "users"))["last_login_at"] == at(9)
+        assert apply(sync, sign_in("auth0|404", 5, "ev-4")).counts == {"failed": 1}
+        assert rows(sync.db, "user_sessions") == []
+
+    def test_a_sign_in_beside_its_users_creation(self, sync: BoundEngine) -> None:
+        """In the batch that creates the user (a large one takes the bulk path first)."""
+        batch = [upsert(f"auth0|{n}", 0) for n in range(300)] + [sign_in("auth0|7", 5, "ev")]
+        result = apply(sync, *batch)
+        assert result.counts == {"created": 300, "login": 1}
+        by_id = {u["email"]: u["last_login_at"] for u in rows(sync.db, "users")}
+        assert by_id["auth0-7@example.org"] == at(5)
+        assert rows(sync.db, "user_sessions") == []

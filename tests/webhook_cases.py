@@ -89,7 +89,9 @@ def check_change(change: UserChange, want: Mapping[str, Any], *, received_at: da
     if "linked" in want:
         linked = sorted([i.provider, i.external_id] for i in change.linked)
         assert linked == sorted(want["linked"])
-    if "session" in want:
+    if "session" in want and want["session"] is None:
+        assert change.session is None
+    elif "session" in want:
         assert change.session is not None
         for name, value in want["session"].items():
             wanted = when(value, received_at) if name in _SESSION_TIMES else value

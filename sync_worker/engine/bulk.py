@@ -108,10 +108,11 @@ def split(
     planner_only: set[Key] = set()
     for change in changes:
         if change.kind is ChangeKind.LOGIN:
-            assert change.session is not None
             key = (change.provider, change.external_id)
-            if key in creates and (change.provider, change.session.external_session_id) in (
-                sessions
+            # A sign-in without a session compares last_login_at: the planner's to do.
+            if key in creates and (
+                change.session is None
+                or (change.provider, change.session.external_session_id) in sessions
             ):
                 planner_only.add(key)
     logins: list[UserChange] = []

@@ -100,19 +100,26 @@ def plan(
 
 
 def dedupe(changes: Iterable[UserChange]) -> list[UserChange]:
-    """Keep the newest upsert/delete per identity (later wins a tie) and each session once."""
+    """Keep the newest upsert/delete per identity (later wins a tie), each session once,
+    and the newest sessionless login per identity."""
     latest: dict[Key, UserChange] = {}
     logins: dict[Key, UserChange] = {}
+    sign_ins: dict[Key, UserChange] = {}
     for change in changes:
         if change.kind is ChangeKind.LOGIN:
-            assert change.session is not None
-            logins[(change.provider, change.session.external_session_id)] = change
+            if change.session is not None:
+                logins[(change.provider, change.session.external_session_id)] = change
+                continue
+            key = (change.provider, change.external_id)
+            held = sign_ins.get(key)
+            if held is None or not older(change.version, held.version):
+                sign_ins[key] = change
             continue
         key = (change.provider, change.external_id)
         held = latest.get(key)
         if held is None or not older(change.version, held.version):
             latest[key] = change
-    return [*latest.values(), *logins.values()]
+    return [*latest.values(), *logins.values(), *sign_ins.values()]
 
 
 def superseded(
@@ -183,7 +190,12 @@ def triage(
     for change in logins:
         key = (change.provider, change.external_id)
         held = identities.get(key)
-        if key in deleting or held is None or held["deleted_at"] is not None:
+        if (
+            key in deleting
+            or held is None
+            or held["deleted_at"] is not None
+            or change.session is None
+        ):
             todo.append(change)
         elif session_unchanged(change, sessions, now):
             done.append(Outcome.of(change, Action.UNCHANGED, held["user_id"]))
@@ -621,12 +633,14 @@ class _Planner:
 
     def _login(self, change: UserChange) -> None:
         session = change.session
-        assert session is not None
         held = self.identities.get((change.provider, change.external_id))
         if held is None or held["deleted_at"] is not None:
             self._fail(change, "login for an unknown or deleted identity")
             return
         user_id = held["user_id"]
+        if session is None:
+            self._sign_in(change, user_id)
+            return
         key = (change.provider, session.external_session_id)
         if session_unchanged(change, self.sessions, self.now):
             self._outcome(change, Action.UNCHANGED, user_id)
@@ -653,6 +667,19 @@ class _Planner:
             self._audit(change, Action.LOGIN, user_id, diff)
         else:
             self._outcome(change, Action.SESSION_UPDATED, user_id)
+
+    def _sign_in(self, change: UserChange, user_id: uuid.UUID) -> None:
+        """A login that names no session: the user's last_login_at moves to it, no later."""
+        at = change.version or self.now
+        latest = _newest(self.users[user_id]["last_login_at"], at)
+        diff = _set(
+            _fields(self.users[user_id]), self.user_cols[user_id], {"last_login_at": latest}, ""
+        )
+        if not diff:
+            self._outcome(change, Action.UNCHANGED, user_id)
+            return
+        self._mark_user(user_id, "updated_at")
+        self._audit(change, Action.LOGIN, user_id, diff)
 
     def _session_row(
         self, held: SessionRow | None, change: UserChange, user_id: uuid.UUID, seen_at: datetime

@@ -186,6 +186,10 @@ class RetentionSettings(_Model):
                           Field(ge=INBOX_MIN_RETENTION_SECONDS)] = 3 * 86400.0  # fmt: skip
     #: expired or revoked user_sessions rows, after they ended.
     sessions: Duration = 30 * 86400.0
+    #: user_sessions rows that state no expiry (Auth0 logins: the log carries none) end when
+    #: not seen for this long (Auth0's inactivity timeout is at most 100 days), and are then
+    #: kept ``sessions`` more; ``off`` keeps them until revoked.
+    idle_sessions: Annotated[Duration | None, BeforeValidator(_retention_or_off)] = 100 * 86400.0
     #: also delete expired rows of the Auth.js app's own sessions table (Auth.js never does).
     authjs_sessions: bool = False
     #: rows deleted per transaction, so a purge never holds long locks.

@@ -18,8 +18,13 @@ from db.tables import profiles, sync_audit, sync_inbox, sync_runs, user_sessions
 from db.transaction import transaction
 from providers.authjs import AuthjsProvider
 from sync_worker.cli import main
-from sync_worker.config import AuthjsSettings
-from sync_worker.jobs.maintenance import backfill_profiles, cleanup_sessions, purge_retention
+from sync_worker.config import AuthjsSettings, RetentionSettings
+from sync_worker.jobs.maintenance import (
+    backfill_profiles,
+    cleanup_sessions,
+    idle_cutoff,
+    purge_retention,
+)
 from tests.factories import rows
 from tests.fakes.authjs import make_loader
 
@@ -146,13 +151,16 @@ def add_session(
     *,
     expires: datetime | None = None,
     revoked: datetime | None = None,
+    created: datetime | None = None,
+    seen: datetime | None = None,
 ) -> None:
     values = {
         "id": uuid.uuid4(),
         "user_id": user_id,
         "provider": "auth0",
         "external_session_id": name,
-        "created_at": NOW - days(90),
+        "created_at": created or NOW - days(90),
+        "last_seen_at": seen,
         "expires_at": expires,
         "revoked_at": revoked,
     }
@@ -191,6 +199,37 @@ def test_cleanup_deletes_sessions_ended_before_the_cutoff_only(engine: Engine) -
     assert session_names(engine) == set(kept) | {f"new-{i}" for i in range(7)}
     again = cleanup_sessions(engine, older_than=cutoff, batch_size=3, authjs=None)
     assert again == {"deleted": 0, "authjs_deleted": 0}
+
+
+def test_sessions_stating_no_expiry_end_when_idle_longer_than_any_upstream_allows(
+    engine: Engine,
+) -> None:
+    """An Auth0 login's session states no expiry: once unseen for ``idle_sessions`` (then
+    kept ``sessions`` like any ended one), it is deleted; one seen since, or one that states
+    an expiry, is not. ``idle_before`` None (``off``) keeps them all."""
+    user = add_user(engine)
+    retention = RetentionSettings.model_validate({"sessions": "30d", "idle_sessions": "100d"})
+    cutoff = idle_cutoff(retention, NOW)
+    assert cutoff == NOW - days(130)
+    gone: dict[str, dict[str, Any]] = {
+        "idle-long-ago": {"created": NOW - days(400), "seen": cutoff - days(1)},
+        "idle-never-seen-again": {"created": cutoff - days(1), "seen": None},
+    }
+    kept: dict[str, dict[str, Any]] = {
+        "seen-lately": {"created": NOW - days(400), "seen": cutoff + days(1)},
+        "idle-but-expires-later": {"created": NOW - days(400), "expires": NOW + days(1)},
+        "created-lately-never-seen": {"created": cutoff + days(1)},
+    }
+    for name, shape in {**gone, **kept}.items():
+        add_session(engine, user, name, **shape)
+    off = cleanup_sessions(engine, older_than=NOW - days(30), batch_size=2, authjs=None)
+    assert off["deleted"] == 0
+    counts = cleanup_sessions(
+        engine, older_than=NOW - days(30), batch_size=2, authjs=None, idle_before=cutoff
+    )
+    assert counts == {"deleted": len(gone), "authjs_deleted": 0}
+    assert session_names(engine) == set(kept)
+    assert idle_cutoff(RetentionSettings.model_validate({"idle_sessions": "off"}), NOW) is None
 
 
 @pytest.mark.parametrize("flavour", ["pg", "prisma"])

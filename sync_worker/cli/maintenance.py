@@ -116,14 +116,19 @@ def cmd_cleanup_sessions(settings: Settings, _args: argparse.Namespace) -> int:
                 "(AUTHJS_DATABASE_URL)"
             )
         authjs = AuthjsProvider(settings.providers.authjs, batch_size=retention.batch_size)
-    older_than = utcnow() - timedelta(seconds=retention.sessions)
+    now = utcnow()
+    older_than = now - timedelta(seconds=retention.sessions)
     try:
         with open_database(settings) as db:
             counts = _recorded(
                 db,
                 "session_cleanup",
                 lambda: maintenance.cleanup_sessions(
-                    db, older_than=older_than, batch_size=retention.batch_size, authjs=authjs
+                    db,
+                    older_than=older_than,
+                    batch_size=retention.batch_size,
+                    authjs=authjs,
+                    idle_before=maintenance.idle_cutoff(retention, now),
                 ),
             )
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,6 +21,7 @@ from db import audit_retention, inbox, profile_backfill, session_cleanup
 from db.errors import translating
 from db.transaction import transaction
 from sync_worker.changes import Source
+from sync_worker.config import RetentionSettings
 
 if TYPE_CHECKING:
     from providers.authjs import AuthjsProvider
@@ -63,9 +64,15 @@ def backfill_profiles(
 
 
 def cleanup_sessions(
-    db: Engine, *, older_than: datetime, batch_size: int, authjs: AuthjsProvider | None
+    db: Engine,
+    *,
+    older_than: datetime,
+    batch_size: int,
+    authjs: AuthjsProvider | None,
+    idle_before: datetime | None = None,
 ) -> dict[str, int]:
-    """Delete ``user_sessions`` rows that expired or were revoked before ``older_than``.
+    """Delete ``user_sessions`` rows that expired or were revoked before ``older_than``, and
+    (``idle_before``) rows stating neither an expiry nor a revocation last seen before it.
 
     With ``authjs``, also delete the rows of the Auth.js app's own sessions table that
     expired before ``older_than`` (Auth.js never does), through the adapter. Live sessions
@@ -73,7 +80,7 @@ def cleanup_sessions(
     """
     _check_batch(batch_size)
     deleted = _delete_expired(db, older_than, batch_size)
-    deleted += _delete_revoked(db, older_than, batch_size)
+    deleted += _delete_revoked(db, older_than, batch_size, idle_before)
     authjs_deleted = 0 if authjs is None else _delete_authjs(authjs, older_than, batch_size)
     log.info("sessions_cleaned", deleted=deleted, authjs_deleted=authjs_deleted)
     return {"deleted": deleted, "authjs_deleted": authjs_deleted}
@@ -111,14 +118,16 @@ def _delete_expired(db: Engine, before: datetime, batch_size: int) -> int:
             return total
 
 
-def _delete_revoked(db: Engine, before: datetime, batch_size: int) -> int:
+def _delete_revoked(
+    db: Engine, before: datetime, batch_size: int, idle_before: datetime | None
+) -> int:
     # Walks every window: ids are random, revoked rows may be anywhere.
     total = 0
     after: uuid.UUID | None = None
     while True:
         with transaction(db) as conn:
             count, after = session_cleanup.delete_revoked_window(
-                conn, before=before, after=after, size=batch_size
+                conn, before=before, after=after, size=batch_size, idle_before=idle_before
             )
         total += count
         if after is None:
@@ -146,6 +155,14 @@ def _purge_audit(db: Engine, before: datetime, batch_size: int) -> int:
         total += count
         if after is None or count == 0:
             return total
+
+
+def idle_cutoff(retention: RetentionSettings, now: datetime) -> datetime | None:
+    """Before when a session stating no expiry was last seen to be deleted: idle for
+    ``retention.idle_sessions`` (it ended), then kept ``retention.sessions`` like any other."""
+    if retention.idle_sessions is None:
+        return None
+    return now - timedelta(seconds=retention.idle_sessions + retention.sessions)
 
 
 def _check_batch(batch_size: int) -> None:

@@ -62,6 +62,7 @@ class SessionCleanupJob(_Once):
                 older_than=ctx.now - timedelta(seconds=retention.sessions),
                 batch_size=retention.batch_size,
                 authjs=authjs,
+                idle_before=maintenance.idle_cutoff(retention, ctx.now),
             )
         finally:
             if authjs is not None:

@@ -68,6 +68,7 @@ def create_profiles(
     defaults: Mapping[str, Any],
     now: datetime,
     source: str,
+    run_id: uuid.UUID | None = None,
 ) -> list[ProfileRow]:
     """Insert a profile per user with the configured defaults and audit each one created.
 
@@ -84,7 +85,7 @@ def create_profiles(
         .returning(*profiles.c)
     )
     created = [cast(ProfileRow, dict(row._mapping)) for row in conn.execute(stmt, rows)]
-    insert_rows(conn, sync_audit, [_audit(row, now, source) for row in created])
+    insert_rows(conn, sync_audit, [_audit(row, now, source, run_id) for row in created])
     return created
 
 
@@ -107,7 +108,9 @@ def _profile(user: Bare, defaults: Mapping[str, Any], now: datetime) -> dict[str
 _AUDITED_FIELDS = ("display_name", "avatar_url", "timezone", "currency", "locale", "settings")
 
 
-def _audit(profile: ProfileRow, now: datetime, source: str) -> dict[str, Any]:
+def _audit(
+    profile: ProfileRow, now: datetime, source: str, run_id: uuid.UUID | None
+) -> dict[str, Any]:
     fields: Mapping[str, Any] = profile
     changes = {
         f"profile.{name}": [None, fields[name]]
@@ -116,7 +119,7 @@ def _audit(profile: ProfileRow, now: datetime, source: str) -> dict[str, Any]:
     }
     return {
         "occurred_at": now,
-        "run_id": None,
+        "run_id": run_id,
         "source": source,
         "provider": WORKER_PROVIDER,
         "external_id": None,

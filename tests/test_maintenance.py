@@ -378,6 +378,9 @@ def test_backfill_profiles_command(cli: Engine, capsys: pytest.CaptureFixture[st
     assert [(r["kind"], r["status"]) for r in recorded] == [("backfill_profiles", "succeeded")] * 2
     assert recorded[0]["counts"] == {"created": 3, "users": 3}
     assert {p["timezone"] for p in rows(cli, "profiles")} == {"UTC"}  # config.yaml's defaults
+    # Each profile's audit row names the run that created it (the first, which created all).
+    made = [r["id"] for r in recorded if r["counts"]["created"] == 3]
+    assert {a["run_id"] for a in rows(cli, "sync_audit")} == set(made)
 
 
 def test_cleanup_sessions_command(cli: Engine, capsys: pytest.CaptureFixture[str]) -> None:

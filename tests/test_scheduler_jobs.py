@@ -326,6 +326,10 @@ def test_the_maintenance_jobs_run_on_schedule_and_record_their_runs(engine: Engi
             id=uuid.uuid4(), user_id=user_id, provider="auth0", external_session_id="s-old",
             created_at=old, expires_at=old + timedelta(days=1),
         ))  # fmt: skip
+        conn.execute(insert(user_sessions).values(  # no expiry stated, unseen for 400 days
+            id=uuid.uuid4(), user_id=user_id, provider="auth0", external_session_id="s-idle",
+            created_at=old, last_seen_at=old,
+        ))  # fmt: skip
         conn.execute(insert(sync_audit).values(
             occurred_at=old, source="pull", provider="auth0", external_id="x", action="updated",
         ))  # fmt: skip
@@ -339,8 +343,14 @@ def test_the_maintenance_jobs_run_on_schedule_and_record_their_runs(engine: Engi
         assert outcome.status == "succeeded", outcome
     counts = {r["kind"]: r["counts"] for r in _all_runs(engine)}
     assert counts["backfill_profiles"]["created"] == 1
-    assert counts["session_cleanup"]["deleted"] == 1
+    assert counts["session_cleanup"]["deleted"] == 2  # the expired one and the idle one
     assert counts["retention"]["audit_deleted"] == 1
+    (made,) = runs(engine, "backfill_profiles")
+    with engine.connect() as conn:
+        audited = conn.execute(
+            select(sync_audit.c.run_id).where(sync_audit.c.action == "profile_created")
+        ).scalar_one()
+    assert audited == made["id"]
 
 
 def _all_runs(db: Engine) -> list[dict[str, Any]]:

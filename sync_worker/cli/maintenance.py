@@ -90,11 +90,12 @@ def cmd_backfill_profiles(settings: Settings, _args: argparse.Namespace) -> int:
         counts = _recorded(
             db,
             "backfill_profiles",
-            lambda: maintenance.backfill_profiles(
+            lambda run_id: maintenance.backfill_profiles(
                 db,
                 defaults=settings.profile.defaults,
                 batch_size=settings.retention.batch_size,
                 now=utcnow(),
+                run_id=run_id,
             ),
         )
     if counts["created"]:
@@ -123,7 +124,7 @@ def cmd_cleanup_sessions(settings: Settings, _args: argparse.Namespace) -> int:
             counts = _recorded(
                 db,
                 "session_cleanup",
-                lambda: maintenance.cleanup_sessions(
+                lambda _run_id: maintenance.cleanup_sessions(
                     db,
                     older_than=older_than,
                     batch_size=retention.batch_size,
@@ -160,11 +161,12 @@ def cmd_export_user(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _recorded(db: Engine, kind: str, job: Callable[[], dict[str, int]]) -> dict[str, int]:
-    """Run ``job`` as one ``sync_runs`` row of ``kind``: failed, with its error, if it raises."""
+def _recorded(db: Engine, kind: str, job: Callable[[uuid.UUID], dict[str, int]]) -> dict[str, int]:
+    """Run ``job`` (given its run's id) as one ``sync_runs`` row of ``kind``: failed, with
+    its error, if it raises."""
     run_id = start_run(db, kind, None)
     try:
-        counts = job()
+        counts = job(run_id)
     except BaseException as exc:
         _failed(db, run_id, exc)
         raise

@@ -36,13 +36,18 @@ log = structlog.get_logger(__name__)
 
 
 def backfill_profiles(
-    db: Engine, *, defaults: Mapping[str, Any], batch_size: int, now: datetime
+    db: Engine,
+    *,
+    defaults: Mapping[str, Any],
+    batch_size: int,
+    now: datetime,
+    run_id: uuid.UUID | None = None,
 ) -> dict[str, int]:
     """Give every user without a profile one, with ``defaults`` (``profile.defaults``).
 
     ``display_name`` and ``avatar_url`` come from the user. Each profile created is audited
-    (action ``profile_created``, source ``backfill``, its fields as changes). A second run
-    creates none. Returns ``{"created": n, "users": total users}``.
+    (action ``profile_created``, source ``backfill``, its fields as changes, the run's
+    ``run_id``). A second run creates none. Returns ``{"created": n, "users": total users}``.
     """
     _check_batch(batch_size)
     created = 0
@@ -51,7 +56,7 @@ def backfill_profiles(
         with transaction(db) as conn:
             bare = profile_backfill.users_without_profile(conn, after=after, limit=batch_size)
             made = profile_backfill.create_profiles(
-                conn, bare, defaults=defaults, now=now, source=str(Source.BACKFILL)
+                conn, bare, defaults=defaults, now=now, source=str(Source.BACKFILL), run_id=run_id
             )
         created += len(made)
         if len(bare) < batch_size:

@@ -44,6 +44,7 @@ class BackfillProfilesJob(_Once):
             defaults=settings.profile.defaults,
             batch_size=settings.sync.batch_size,
             now=ctx.now,
+            run_id=ctx.run_id,
         )
 
 

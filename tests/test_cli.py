@@ -99,14 +99,19 @@ def sqlite_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def use_stack(monkeypatch: pytest.MonkeyPatch, fake: StackFake) -> None:
+    """The Stack pull's environment, pointed at ``fake``."""
+    monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
+    monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
+    monkeypatch.setenv("STACK_BASE_URL", fake.url)
+
+
 def test_backfill_stack_dry_run_then_real(
     sqlite_worker: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with StackFake() as fake:
         fake.seed(12)
-        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
-        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
-        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        use_stack(monkeypatch, fake)
         capsys.readouterr()
         assert main(["backfill", "--provider", "stack", "--dry-run"]) == 0
         out = capsys.readouterr().out
@@ -147,9 +152,7 @@ def test_a_backfill_beside_a_running_pass_refuses_and_one_after_a_dead_one_recor
         other = start_run(db, "full", "auth0")  # another provider's: not ours to judge
         with StackFake() as fake:
             fake.seed(3)
-            monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
-            monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
-            monkeypatch.setenv("STACK_BASE_URL", fake.url)
+            use_stack(monkeypatch, fake)
             capsys.readouterr()
             with ledger.job_lock(db, "pull", "stack") as held:
                 assert held
@@ -191,9 +194,7 @@ def test_a_dry_run_writes_nothing_at_all(
     assert main(["migrate"]) == 0
     with StackFake() as fake:
         ids = fake.seed(12)
-        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
-        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
-        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        use_stack(monkeypatch, fake)
         assert main(["backfill", "--provider", "stack"]) == 0
         fake.delete_user(ids[0])
         fake.seed(3)
@@ -212,9 +213,7 @@ def test_status_text_prints_cursors_as_json_without_trailing_spaces(
 ) -> None:
     with StackFake() as fake:
         fake.seed(4)
-        monkeypatch.setenv("STACK_PROJECT_ID", fake.project_id)
-        monkeypatch.setenv("STACK_SECRET_SERVER_KEY", fake.secret_server_key)
-        monkeypatch.setenv("STACK_BASE_URL", fake.url)
+        use_stack(monkeypatch, fake)
         assert main(["backfill", "--provider", "stack"]) == 0
     capsys.readouterr()
     assert main(["status", "--json"]) == 0

@@ -2,13 +2,16 @@
 
 A person is one ``users`` row. Everything about them hangs off its id (profile, identities,
 sessions, audit rows), plus the audit rows of their identities that name no user (a record
-that failed before it reached one). Nothing is matched loosely: emails compare equal
+that failed before it reached one), plus the webhook deliveries still in the inbox whose
+payload mentions one of their identities (``inbox_mentioning``: the caller decodes them to
+keep those that are about the person). Nothing is matched loosely: emails compare equal
 ignoring case, ids and identity keys compare equal, so a namesake or a look-alike email
 never comes along. A handful of statements per person, whatever their history.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +23,7 @@ from sqlalchemy import (
     Engine,
     Select,
     Table,
+    Text,
     and_,
     func,
     or_,
@@ -28,7 +32,7 @@ from sqlalchemy import (
 )
 
 from db.errors import translated, translating
-from db.tables import profiles, sync_audit, user_identities, user_sessions, users
+from db.tables import profiles, sync_audit, sync_inbox, user_identities, user_sessions, users
 
 Record = dict[str, Any]
 
@@ -95,6 +99,37 @@ def person(conn: Connection, user_id: uuid.UUID) -> dict[str, Any]:
         ),
         "audit": _rows(conn, _audit_query(user_id, identities)),
     }
+
+
+@translated
+def inbox_mentioning(conn: Connection, keys: Sequence[tuple[str, str]]) -> list[Record]:
+    """Inbox rows of each key's provider whose stored payload holds its external id, as the
+    JSON text spells it (a prefilter: ``12`` is in ``123`` too; the caller decodes).
+
+    No index covers payloads: the scan reads the inbox, which retention keeps to a few days
+    of deliveries (and the failed and dead rows), for a rare operator command.
+    """
+    if not keys:
+        return []
+    if conn.dialect.name == "postgresql":  # jsonb prints as JSON text
+
+        def holds(needle: str) -> ColumnElement[bool]:
+            return func.strpos(sync_inbox.c.payload.cast(Text), needle) > 0
+    else:  # SQLite keeps the JSON text itself
+
+        def holds(needle: str) -> ColumnElement[bool]:
+            return func.instr(sync_inbox.c.payload, needle) > 0
+
+    mentions = [
+        and_(sync_inbox.c.provider == provider, holds(_spelled(external)))
+        for provider, external in keys
+    ]
+    return _rows(conn, select(sync_inbox).where(or_(*mentions)).order_by(sync_inbox.c.id))
+
+
+def _spelled(external_id: str) -> str:
+    """The id as it appears inside a JSON string (escapes as both databases print them)."""
+    return json.dumps(external_id, ensure_ascii=False)[1:-1]
 
 
 def _audit_query(user_id: uuid.UUID, identities: Sequence[Record]) -> Select[Any]:

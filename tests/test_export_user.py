@@ -14,20 +14,28 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select
 
+from db import inbox
 from db.tables import sync_audit, sync_runs
+from db.transaction import transaction
+from providers import registry
 from providers.authjs import session_change, session_id
+from sync_worker import simulate
 from sync_worker.changes import LinkedIdentity, Source
 from sync_worker.cli import main
 from sync_worker.jobs.export import (
     AmbiguousUser,
     Selector,
     UserNotFound,
+    counts,
     export_user,
     render_csv,
     render_json,
 )
+from tests.daemon_harness import SECRETS, settings_with_secrets
 from tests.factories import BoundEngine, login, rows, upsert
+from tests.webhook_cases import standard_headers, svix_headers
 
+DECODERS = registry.decoders(settings_with_secrets())
 ADA_EMAIL = "ada@example.org"
 ADA_TOKEN = "0b6f6c1e-5d0a-4d1e-9d55-6a3f1f0c9a11"  # an Auth.js session token: never exported
 STACK_ADA = "4f2c1a9e-8b7d-4e3f-9a6b-2c1d0e9f8a7b"
@@ -100,9 +108,12 @@ def populate(engine: Engine) -> People:
 
 def test_export_by_email_is_one_person_across_linked_identities(engine: Engine) -> None:
     people = populate(engine)
-    document = export_user(engine, Selector(email="ADA@Example.ORG"))
+    document = export_user(engine, Selector(email="ADA@Example.ORG"), DECODERS)
 
-    assert list(document) == ["export", "user", "profile", "identities", "sessions", "audit"]
+    assert list(document) == [
+        "export", "user", "profile", "identities", "sessions", "audit", "inbox"
+    ]  # fmt: skip
+    assert document["inbox"] == []
     assert document["export"]["selected_by"] == "email"
     assert document["user"]["id"] == str(people.ada)
     assert document["user"]["email"] == ADA_EMAIL
@@ -137,6 +148,45 @@ def test_export_by_email_is_one_person_across_linked_identities(engine: Engine) 
     assert ADA_TOKEN not in text
 
 
+def deliver(engine: Engine, provider: str, event: str, user_id: str) -> str:
+    """A real signed delivery of ``event`` about ``user_id``, verified by the receiver and
+    stored in the inbox; its event id."""
+    now = datetime.now(UTC)
+    _, body = simulate.build(
+        provider, event, email="x@example.net", now=now, secret=SECRETS[provider]
+    )
+    document = json.loads(body)
+    user = document["data"] if provider == "stack" else document["data"]["user"]
+    user["id"] = user_id
+    body = json.dumps(document).encode()
+    sign = svix_headers if provider == "stack" else standard_headers
+    headers = sign(SECRETS[provider], f"msg_{uuid.uuid4().hex}", now, body)
+    (item,) = registry.receivers(settings_with_secrets(), local={})[provider].verify(
+        headers, body, now=now
+    )
+    with transaction(engine) as conn:
+        delivery = inbox.Delivery(item.event_id, item.payload, item.event_type, "pending")
+        inbox.store(conn, provider, [delivery], now=now)
+    return item.event_id
+
+
+def test_the_inbox_deliveries_about_the_person_come_along(engine: Engine) -> None:
+    """A delivery still in the inbox whose payload is about one of Ada's identities is part
+    of her data; one about another user is not, even one whose id holds hers ("170")."""
+    people = populate(engine)
+    mine = {
+        deliver(engine, "stack", "user.updated", STACK_ADA),
+        deliver(engine, "authjs", "signIn", "17"),
+    }
+    deliver(engine, "authjs", "signIn", "170")
+    deliver(engine, "stack", "user.updated", "5e3d2b1a-0000-4000-8000-000000000000")
+    document = export_user(engine, Selector(user_id=people.ada), DECODERS)
+    assert {r["event_id"] for r in document["inbox"]} == mine
+    assert {r["provider"] for r in document["inbox"]} == {"stack", "authjs"}
+    assert counts(document)["inbox"] == 2
+    assert export_user(engine, Selector(user_id=people.namesake), DECODERS)["inbox"] == []
+
+
 def test_every_selector_finds_the_same_person(engine: Engine) -> None:
     people = populate(engine)
     selectors = [
@@ -148,10 +198,10 @@ def test_every_selector_finds_the_same_person(engine: Engine) -> None:
         Selector(external="authjs:github:42"),  # a provider name holding a colon
     ]
     for selector in selectors:
-        document = export_user(engine, selector)
+        document = export_user(engine, selector, DECODERS)
         assert document["user"]["id"] == str(people.ada), selector
         assert len(document["identities"]) == 4
-    namesake = export_user(engine, Selector(user_id=people.namesake))
+    namesake = export_user(engine, Selector(user_id=people.namesake), DECODERS)
     assert {i["external_id"] for i in namesake["identities"]} == {"auth0|ada2"}
     assert [s["external_session_id"] for s in namesake["sessions"]] == ["namesake-session"]
     assert "another user's history" in [a["error"] for a in namesake["audit"]]
@@ -162,7 +212,7 @@ def test_a_deleted_user_is_still_exported(engine: Engine) -> None:
 
     people = populate(engine)
     BoundEngine(engine).apply([delete("auth0|ada2", 9)], source=Source.PULL)
-    document = export_user(engine, Selector(user_id=people.namesake))
+    document = export_user(engine, Selector(user_id=people.namesake), DECODERS)
     assert document["user"]["deleted_at"] is not None
     assert document["identities"][0]["deleted_at"] is not None
 
@@ -177,7 +227,7 @@ def test_an_email_of_several_users_is_refused_with_their_count(engine: Engine) -
         source=Source.PULL,
     )
     with pytest.raises(AmbiguousUser, match="matches 2 users") as refused:
-        export_user(engine, Selector(email="SAM@example.org"))
+        export_user(engine, Selector(email="SAM@example.org"), DECODERS)
     assert refused.value.count == 2
     assert "sam@" not in str(refused.value).lower()  # the message names no one
 
@@ -195,7 +245,7 @@ def test_an_email_of_several_users_is_refused_with_their_count(engine: Engine) -
 def test_no_such_person(engine: Engine, selector: Selector) -> None:
     populate(engine)
     with pytest.raises(UserNotFound, match="no user matches"):
-        export_user(engine, selector)
+        export_user(engine, selector, DECODERS)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +264,7 @@ def read_csv(data: bytes) -> list[dict[str, str]]:
 
 def test_csv_is_one_row_per_value(engine: Engine) -> None:
     people = populate(engine)
-    document = export_user(engine, Selector(user_id=people.lookalike))
+    document = export_user(engine, Selector(user_id=people.lookalike), DECODERS)
     table = read_csv(render_csv(document))
 
     assert list(table[0]) == ["section", "record", "field", "value"]
@@ -236,7 +286,7 @@ def test_csv_cells_never_start_a_formula(engine: Engine) -> None:
         [upsert("auth0|x", 1, name='=HYPERLINK("http://evil")', given_name="+1", family_name="@a")],
         source=Source.PULL,
     )
-    document = export_user(engine, Selector(external="auth0:auth0|x"))
+    document = export_user(engine, Selector(external="auth0:auth0|x"), DECODERS)
     cells = {
         r["field"]: r["value"] for r in read_csv(render_csv(document)) if r["section"] == "user"
     }
@@ -293,6 +343,7 @@ def test_export_user_command_json_and_csv(
         "identities": 4,
         "sessions": 2,
         "audit": len(document["audit"]),
+        "inbox": 0,
     }
     assert ADA_EMAIL not in json.dumps([r["counts"] for r in runs] + [r["error"] for r in runs])
 

@@ -19,6 +19,7 @@ from datetime import timedelta
 from sqlalchemy import Engine
 
 from db.runs import RunStatus, finish_run, start_run
+from providers import registry
 from sync_worker.changes import utcnow
 from sync_worker.cli.common import (
     EXIT_FAILURE,
@@ -35,11 +36,12 @@ from sync_worker.jobs import export, maintenance
 _EXPORT_HELP = """\
 Prints everything the worker stores about one person: their user row, profile, every
 identity (linked ones too, with the raw upstream records), sessions (ids, device and
-times; never a token) and audit trail, including failed records of their identities.
+times; never a token) and audit trail, including failed records of their identities, and
+the webhook deliveries still in the inbox that are about one of their identities.
 A person is selected by an exact match only: an email (any case) matching several users
 is refused (exit 2), so choose one with --id.
 
---format json: one document, sections user, profile, identities, sessions, audit.
+--format json: one document, sections user, profile, identities, sessions, audit, inbox.
 --format csv: one spreadsheet table with columns section, record, field, value: one row
 per stored value; record numbers the rows of a section (identity 1, 2, ...); nested
 values get dotted field names (raw.email; audit changes.email.0 is the old value and .1
@@ -147,7 +149,7 @@ def cmd_export_user(settings: Settings, args: argparse.Namespace) -> int:
     with open_database(settings) as db:
         run_id = start_run(db, "export", None)
         try:
-            document = export.export_user(db, selector)
+            document = export.export_user(db, selector, registry.decoders(settings))
         except (export.UserNotFound, export.AmbiguousUser) as exc:
             finish_run(db, run_id, RunStatus.FAILED, {}, error=str(exc))
             print(f"sync-worker: {exc}", file=sys.stderr)

@@ -4,11 +4,15 @@
 them in one snapshot (``db.export``) and returns a JSON-ready document:
 
     {"export": {"generated_at", "selected_by"}, "user": {...}, "profile": {...} | null,
-     "identities": [...], "sessions": [...], "audit": [...]}
+     "identities": [...], "sessions": [...], "audit": [...], "inbox": [...]}
 
 Identities include the linked ones (one person may sign in through several) with their raw
 upstream records; sessions are stored by id only (Auth.js tokens as their SHA-256), so no
-credential can appear. ``render_json`` and ``render_csv`` turn the document into bytes.
+credential can appear. ``inbox`` holds the webhook deliveries still stored (done ones for
+``retention.inbox_done``, failed and dead ones until replayed) that are about one of the
+person's identities: those whose payload names it, decoded as the drainer decodes them (a
+payload that no longer decodes is kept if it holds the id at all). ``render_json`` and
+``render_csv`` turn the document into bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import structlog
 from sqlalchemy import Connection, Engine
 
 from db import export as store
+from providers.webhook import WorkDecoder
 from sync_worker.changes import utcnow
-from sync_worker.errors import SyncWorkerError
+from sync_worker.errors import SyncWorkerError, WebhookPayloadError
 
 __all__ = [
     "CSV_COLUMNS",
@@ -42,7 +47,7 @@ __all__ = [
     "render_json",
 ]
 
-SECTIONS = ("user", "profile", "identities", "sessions", "audit")
+SECTIONS = ("user", "profile", "identities", "sessions", "audit", "inbox")
 CSV_COLUMNS = ("section", "record", "field", "value")
 # A cell starting with one of these is a formula to a spreadsheet (CSV injection): a name
 # such as "=HYPERLINK(...)" must stay text in the officer's spreadsheet.
@@ -98,22 +103,49 @@ def identity_keys(external: str) -> list[tuple[str, str]]:
     return [(p, e) for p, e in keys if p and e]
 
 
-def export_user(db: Engine, selector: Selector) -> dict[str, Any]:
+def export_user(
+    db: Engine, selector: Selector, decoders: Mapping[str, WorkDecoder]
+) -> dict[str, Any]:
     """The export document of the one person ``selector`` names.
 
-    Raises UserNotFound, or AmbiguousUser when an email matches several users (never a
-    guess: the operator picks one with ``--id``). A soft-deleted user is still exported:
+    ``decoders`` (``providers.registry.decoders``) tell which inbox deliveries are about the
+    person. Raises UserNotFound, or AmbiguousUser when an email matches several users (never
+    a guess: the operator picks one with ``--id``). A soft-deleted user is still exported:
     their rows are still stored.
     """
     with store.snapshot(db) as conn:
         user_id = _resolve(conn, selector)
         found = store.person(conn, user_id)
+        keys = {(i["provider"], i["external_id"]) for i in found["identities"]}
+        found["inbox"] = [
+            row for row in store.inbox_mentioning(conn, sorted(keys)) if _about(row, keys, decoders)
+        ]
     log.info("user_exported", user_id=str(user_id), selected_by=selector.kind)  # id, no email
     document: dict[str, Any] = {
         "export": {"generated_at": utcnow().isoformat(), "selected_by": selector.kind}
     }
     document.update({section: _plain(found[section]) for section in SECTIONS})
     return document
+
+
+def _about(
+    row: Mapping[str, Any], keys: set[tuple[str, str]], decoders: Mapping[str, WorkDecoder]
+) -> bool:
+    """Whether an inbox row's payload is about one of ``keys`` (its changes, or the users it
+    asks to re-read); a payload that does not decode any more counts (it holds the id)."""
+    provider = row["provider"]
+    decoder = decoders.get(provider)
+    if decoder is None:
+        return True
+    try:
+        work = decoder.to_work(
+            row["payload"], event_id=row["event_id"], received_at=row["received_at"]
+        )
+    except WebhookPayloadError:
+        return True
+    named = {(c.provider, c.external_id) for c in work.changes}
+    named.update((provider, e) for e in work.fetch)
+    return not named.isdisjoint(keys)
 
 
 def _resolve(conn: Connection, selector: Selector) -> uuid.UUID:

@@ -6,6 +6,7 @@ timestamps as epoch milliseconds). The pure mapping is tested from tests/data/au
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from collections.abc import Callable, Generator, Iterator
@@ -922,3 +923,49 @@ def test_a_hundred_thousand_users(pg_url: str, providers: Callable[..., AuthjsPr
     assert len(pages) == 100
     assert sum(len(p.seen_ids) for p in pages) == len(users)
     assert len(logins(pages)) == sum(len(live(u)) for u in users)
+
+
+# -- the digest's version pins the mapping ----------------------------------------------------
+
+#: What ``to_change`` and ``session_change`` give for ``_PINNED_ROWS``, per DIGEST_VERSION.
+MAPPING_PINS = {"authjs-1": "14dcbcca"}
+
+
+def _mapping_fingerprint() -> str:
+    """A digest of everything the mapping produces for a spread of rows (every case file,
+    plus sessions), so that any change to what it reads or writes shows."""
+    observed = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    produced: list[Any] = []
+    for path in CASES:
+        case = json.loads(path.read_text())
+        change = to_change(case["row"], case["accounts"], observed_at=observed)
+        produced.append([asdict(change), change.content_hash()])
+    for created in (None, "2026-01-01T08:00:00+00:00"):
+        session = {"userId": 7, "sessionToken": "tok-1", "expires": "2026-02-01T00:00:00+00:00"}
+        if created is not None:
+            session["createdAt"] = created
+        produced.append(asdict(session_change(session, observed_at=observed)))
+    text = json.dumps(produced, sort_keys=True, default=_plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _plain(value: object) -> object:
+    # A set prints in hash order, which varies from process to process.
+    return sorted(map(str, value)) if isinstance(value, set | frozenset) else str(value)
+
+
+def test_the_digest_version_changes_with_the_mapping() -> None:
+    """A digest pass skips a user whose source rows are unchanged since a digest was stored.
+    Should the mapping change (a field read or written differently), every stored digest
+    must stop matching, or those users keep what the old mapping wrote: bump DIGEST_VERSION
+    with any such change. This fails when the mapping's output changes while the version
+    does not (then bump it, and pin the new fingerprint under the new version)."""
+    from providers.authjs import DIGEST_VERSION
+
+    got = _mapping_fingerprint()
+    pinned = MAPPING_PINS.get(DIGEST_VERSION)
+    assert pinned is not None, f"pin {DIGEST_VERSION!r}: {got!r} in MAPPING_PINS"
+    assert got == pinned, (
+        f"the Auth.js mapping changed (fingerprint {got}, pinned {pinned} for "
+        f"{DIGEST_VERSION}): bump providers.authjs.DIGEST_VERSION and pin {got} under it"
+    )

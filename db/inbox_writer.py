@@ -4,8 +4,10 @@ The daemon's receiver stores each group of waiting requests with one statement
 (``group_store``). On PostgreSQL it runs here, on the receiver's own event loop: no writer
 thread, so no GIL handoff and no wake-up of the loop from another thread per group, and no
 SQLAlchemy per-row work. The statement is compiled once by SQLAlchemy Core: an
-``INSERT ... SELECT`` over ``unnest`` of one array per column (every row of the group in one
-parameter each), ``ON CONFLICT DO NOTHING`` for redeliveries, ``RETURNING`` what was new.
+``INSERT ... SELECT`` over ``jsonb_array_elements`` of one JSON document holding every row
+of the group (one parameter), ``ON CONFLICT DO NOTHING`` for redeliveries, ``RETURNING``
+what was new. Measured in-process on groups of 16 Stack deliveries: 30-40 us of CPU per
+row, against 83-125 us through the engine's ``inbox.store_arrivals``.
 
 The connection is in autocommit mode: the one statement is its own transaction, so the
 answer from the server means the group is committed (durable: ``synchronous_commit`` as the
@@ -52,6 +54,7 @@ _t = sync_inbox
 _COLUMNS = (
     "provider", "event_id", "event_type", "status", "payload", "received_at", "processed_at"
 )  # fmt: skip
+_TIMES = frozenset({"received_at", "processed_at"})
 _DIALECT: Dialect = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -76,7 +79,7 @@ def _statement() -> str:
         if name == "payload":
             values.append(element.c.r.op("->", return_type=JSONB())(position))
             continue
-        sql_type = TIMESTAMP(timezone=True) if name in ("received_at", "processed_at") else String()
+        sql_type = TIMESTAMP(timezone=True) if name in _TIMES else String()
         values.append(cast(element.c.r.op("->>", return_type=String())(position), sql_type))
     statement = (
         postgresql.insert(_t)
@@ -88,15 +91,11 @@ def _statement() -> str:
 
 
 def _document(rows: Sequence[dict[str, Any]]) -> str:
-    utc = UTCDateTime()  # times normalized to UTC as the column type does on the engine's path
+    """The rows as the statement takes them (``_COLUMNS``' order), as the engine's JSONB
+    columns encode (db/jsoncodec.py); times normalized to UTC as their column type does."""
+    to_utc = UTCDateTime().process_bind_param
     return jsoncodec.dumps_text(
-        [
-            [
-                utc.process_bind_param(row[name], _DIALECT) if name.endswith("_at") else row[name]
-                for name in _COLUMNS
-            ]
-            for row in rows
-        ]
+        [[to_utc(row[n], _DIALECT) if n in _TIMES else row[n] for n in _COLUMNS] for row in rows]
     )
 
 

@@ -13,8 +13,10 @@ The connection is in autocommit mode: the one statement is its own transaction, 
 answer from the server means the group is committed (durable: ``synchronous_commit`` as the
 database sets it, as for every other write of the worker). It works inside the search path
 of ``engine``'s connections (the worker's schema), read once per connection. A broken
-connection is dropped and the next group opens a new one; psycopg's errors come out as the
-store's own (StoreUnavailable, RecordRefused, StoreError), like those of ``db/errors.py``.
+connection is dropped and a new one opened: at once, for the group at hand, when the broken
+one was kept from before (a restarted server), else for the next group. psycopg's errors
+come out as the store's own (StoreUnavailable, RecordRefused, StoreError), as
+``db/errors.py`` does for SQLAlchemy's.
 """
 
 from __future__ import annotations
@@ -121,17 +123,29 @@ class InboxWriter:
         rows, first = planned_rows(arrivals)
         inserted = [0] * len(arrivals)
         if rows:
+            document = _document(rows)
             with _translating():
-                conn = await self._connection()
-                try:
-                    cursor = await conn.execute(_statement(), {"rows": _document(rows)})
-                    for provider, event_id in await cursor.fetchall():
-                        inserted[first[(provider, event_id)]] += 1
-                except psycopg.Error:
-                    if conn.broken or conn.closed:
-                        self._conn = None
-                    raise
+                returned = await self._execute(document)
+            for provider, event_id in returned:
+                inserted[first[(provider, event_id)]] += 1
         return results_of(arrivals, inserted)
+
+    async def _execute(self, document: str) -> list[tuple[str, str]]:
+        """Run the statement; once more on a new connection if the one kept from before
+        turned out broken (the server restarted meanwhile), as a pool's pre-ping would.
+        Running it again is safe: rows the first try stored come back as duplicates."""
+        while True:
+            kept = self._conn is not None and not self._conn.closed
+            conn = await self._connection()
+            try:
+                cursor = await conn.execute(_statement(), {"rows": document})
+                return [(str(p), str(e)) for p, e in await cursor.fetchall()]
+            except psycopg.Error:
+                if not (conn.broken or conn.closed):
+                    raise
+                self._conn = None
+                if not kept:  # a connection opened just now: the server is really away
+                    raise
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 
 from db import inbox
+from db.connect import make_engine
 from db.inbox_writer import InboxWriter
 from db.tables import sync_inbox
 from db.transaction import transaction
@@ -77,10 +78,10 @@ def test_a_redelivery_stores_nothing(pg_engine: Engine) -> None:
         assert conn.execute(select(func.count()).select_from(sync_inbox)).scalar_one() == 3
 
 
-def test_a_broken_connection_fails_its_group_and_the_next_group_reconnects(
+def test_a_connection_the_server_dropped_is_replaced_for_the_group_at_hand(
     pg_engine: Engine,
 ) -> None:
-    async def run() -> tuple[BaseException | None, list[inbox.StoreResult]]:
+    async def run() -> tuple[int, int, list[inbox.StoreResult]]:
         writer = InboxWriter(pg_engine)
         try:
             await writer.store(_arrivals("before"))
@@ -88,19 +89,31 @@ def test_a_broken_connection_fails_its_group_and_the_next_group_reconnects(
             pid = writer._conn.info.backend_pid
             with pg_engine.begin() as conn:  # as a restart of the server would
                 conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            failed: BaseException | None = None
-            try:
-                await writer.store(_arrivals("lost"))
-            except StoreUnavailable as exc:
-                failed = exc
-            return failed, await writer.store(_arrivals("after"))
+            after = await writer.store(_arrivals("after"))
+            assert writer._conn is not None
+            return pid, writer._conn.info.backend_pid, after
         finally:
             await writer.close()
 
-    failed, after = asyncio.run(run())
-    assert isinstance(failed, StoreUnavailable)
-    assert _rows(pg_engine, "lost") == []
-    assert sum(r.inserted for r in after) == 3
+    old, new, after = asyncio.run(run())
+    assert new != old
+    assert [(r.inserted, r.duplicates) for r in after] == [(1, 0), (1, 1), (1, 0)]
+    assert len(_rows(pg_engine, "after")) == 3
+
+
+def test_a_server_that_is_away_fails_the_group(pg_engine: Engine) -> None:
+    away = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", schema="identity")
+
+    async def run() -> None:
+        writer = InboxWriter(away)
+        try:
+            await writer.store(_arrivals("lost"))
+        finally:
+            await writer.close()
+
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(run())
+    away.dispose()
 
 
 def test_sqlite_is_refused(sqlite_engine: Engine) -> None:

@@ -169,7 +169,13 @@ def _check_timestamp(value: str, *, now: datetime, header: str) -> None:
     digits = value.strip()
     if not (digits.isascii() and digits.isdigit()) or len(digits) > _MAX_TIMESTAMP_DIGITS:
         raise WebhookVerificationError(f"{header}: not a Unix timestamp in seconds")
-    sent = datetime.fromtimestamp(int(digits), UTC)
+    try:
+        sent = datetime.fromtimestamp(int(digits), UTC)
+    # Twelve digits reach past year 9999: ValueError, or OverflowError/OSError by platform.
+    except (ValueError, OverflowError, OSError) as exc:
+        raise WebhookVerificationError(
+            f"{header}: too far in the future (more than 5 minutes)"
+        ) from exc
     if sent < now - TOLERANCE:
         raise WebhookVerificationError(f"{header}: too old (more than 5 minutes)")
     if sent > now + TOLERANCE:

@@ -127,7 +127,8 @@ class Load:
     seconds: list[float]
     wall: float
     client_cpu: float  # this process's CPU seconds during the run
-    server_cpu: float = 0.0  # the server process's, filled in by the caller
+    server_cpu: float = 0.0  # the server process's and its children's, filled in by the caller
+    receiver_cpu: float = 0.0  # the server process's alone (the daemon's drainer is a child)
 
     @property
     def ok(self) -> int:
@@ -217,22 +218,24 @@ def drive(
     gc.collect()
     gc.disable()
     before = process_cpu(pid) if pid else 0.0
+    own = process_cpu(pid, children=False) if pid else 0.0
     try:
         load = asyncio.run(_drive(port, requests_, concurrency, rate, timeout))
     finally:
         gc.enable()
     if pid:
         load.server_cpu = process_cpu(pid) - before
+        load.receiver_cpu = process_cpu(pid, children=False) - own
     return load
 
 
-def process_cpu(pid: int) -> float:
+def process_cpu(pid: int, *, children: bool = True) -> float:
     """CPU seconds (user + system) a process and its live children have used so far, from
     /proc: on PostgreSQL the daemon's drainer is a child process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for child in children.read_text().split() if children.exists() else ():
+    listed = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in listed.read_text().split() if children and listed.exists() else ():
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             total += process_cpu(int(child))
     return total
@@ -787,7 +790,10 @@ def accept_rows(opts: Options, pairs: Sequence[Pair]) -> list[list[object]]:
             f"the pair with the median share; shares {spread([p.share for p in pairs], '{:.0%}')}"
             f"; daemon runs {spread([p.daemon.rate for p in pairs])}/s, peer "
             f"{spread([p.peer.rate for p in pairs])}/s; server CPU per delivery: daemon "
-            f"{d.server_cpu / d.ok * 1e3:.2f} ms (its drainer process included), peer "
+            f"{d.server_cpu / d.ok * 1e3:.2f} ms (its drainer process included; the receiving "
+            f"process alone {d.receiver_cpu / d.ok * 1e3:.2f} ms, "
+            f"{d.receiver_cpu / d.ok / (h.server_cpu / len(h.statuses)):.1f}x a `/healthz` "
+            f"request's), peer "
             f"{peer.server_cpu / peer.ok * 1e3:.2f} ms",
         ],
         [
@@ -878,8 +884,8 @@ def lost_row(lost: Losses, peer_lost: Losses) -> list[object]:
 
 NOTES = """\
 Both servers run as subprocesses on loopback, served as `sync-worker run` serves (uvicorn:
-h11, asyncio loop, one process, the daemon's drainer in a child process of its own;
-`httptools` and `uvloop` are not dependencies); the client
+h11, asyncio loop, one process, the daemon's drainer in a child process of its own at
+niceness +10; `httptools` and `uvloop` are not dependencies); the client
 is `bench/ingest.py` itself, an asyncio HTTP/1.1 client over keep-alive connections sending
 requests signed beforehand (real Svix signatures from `sync_worker.simulate.build`). The
 daemon is as shipped: `config.yaml`'s defaults (pool of 5 connections, drain batches of

@@ -192,7 +192,23 @@ def store_arrivals(conn: Connection, arrivals: Sequence[Arrival]) -> list[StoreR
     event id listed twice (in one request, or in two requests of the group, such as a
     sender's retry racing its first attempt) is inserted once and counted stored for the
     first arrival that lists it, a duplicate for the others. Callers ``check`` first.
+    (On PostgreSQL the daemon's receiver runs the same on its event loop:
+    ``db/inbox_writer.py``.)
     """
+    rows, first = planned_rows(arrivals)
+    inserted = [0] * len(arrivals)
+    if rows:
+        statement = _insert_new(conn.dialect.name).returning(_t.c.provider, _t.c.event_id)
+        for provider, event_id in conn.execute(statement, rows):
+            inserted[first[(provider, event_id)]] += 1
+    return results_of(arrivals, inserted)
+
+
+def planned_rows(
+    arrivals: Sequence[Arrival],
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], int]]:
+    """The rows to insert for ``arrivals``, each (provider, event id) once, and for each the
+    index of the first arrival listing it (the one it counts as stored for)."""
     rows: list[dict[str, Any]] = []
     first: dict[tuple[str, str], int] = {}  # (provider, event_id) -> the arrival storing it
     for index, arrival in enumerate(arrivals):
@@ -201,11 +217,11 @@ def store_arrivals(conn: Connection, arrivals: Sequence[Arrival]) -> list[StoreR
             if key not in first:
                 first[key] = index
                 rows.append(_new_row(arrival.provider, item, arrival.received_at))
-    inserted = [0] * len(arrivals)
-    if rows:
-        statement = _insert_new(conn.dialect.name).returning(_t.c.provider, _t.c.event_id)
-        for provider, event_id in conn.execute(statement, rows):
-            inserted[first[(provider, event_id)]] += 1
+    return rows, first
+
+
+def results_of(arrivals: Sequence[Arrival], inserted: Sequence[int]) -> list[StoreResult]:
+    """Per arrival: ``inserted`` rows stored, the rest of its deliveries duplicates."""
     return [
         StoreResult(inserted=n, duplicates=len(arrival.items) - n)
         for n, arrival in zip(inserted, arrivals, strict=True)

@@ -2,8 +2,9 @@
 
 Body: ``{"type": "<event name>", "data": <the message Auth.js passes to that event>}``
 (docs/architecture.md, Providers; docs/idp/authjs.md §3), the user's adapter id in ``data.user.id``.
-Verification is the ``standardwebhooks`` package's (``webhook-id``, ``webhook-timestamp``
-±5 min, ``webhook-signature``), tried with every configured ``whsec_`` secret. The event id
+Verification is with the ``standardwebhooks`` package's signature (its ``sign``, compared in
+constant time: ``webhook.verify_with_any``; ``webhook-id``, ``webhook-timestamp`` ±5 min,
+``webhook-signature``), tried with every configured ``whsec_`` secret. The event id
 is ``webhook-id``. Bodies carry no time: a change's version is when the inbox received it.
 
     createUser, updateUser  upsert of the AdapterUser in ``data.user`` (a whole user: core
@@ -38,8 +39,7 @@ id (``sessionId``), the JWT's ``sub``/``jti``/``iat``/``exp`` claims only, and n
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,7 @@ from providers.authjs import DEFAULT_SESSION_MAX_AGE, PROVIDER, external_id, ses
 from providers.webhook import (
     InboxItem,
     SignedHeaders,
+    Signer,
     WebhookReceiver,
     Work,
     event_id_from,
@@ -109,13 +110,13 @@ class AuthjsWebhookReceiver(AuthjsDecoder):
         """``secrets``: the ``whsec_...`` values of ``AUTHJS_WEBHOOK_SECRET`` (any verifies);
         ``session_max_age``: the app's Auth.js ``session.maxAge`` (dates a revoked session)."""
         super().__init__(session_max_age=session_max_age)
-        self._verifiers = tuple(_verifier(secret) for secret in secrets)
-        if not self._verifiers:
+        self._signers = tuple(_signer(secret) for secret in secrets)
+        if not self._signers:
             raise ConfigError("providers.authjs.webhook_secret: missing")
 
     def verify(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> list[InboxItem]:
         signed = HEADERS.checked(lower_headers(headers), now=now)
-        verify_with_any(self._verifiers, body, signed, provider=PROVIDER)
+        verify_with_any(self._signers, body, signed, HEADERS, provider=PROVIDER)
         event_type, data = typed_envelope(load_json(body), provider=PROVIDER)
         ignored = event_type not in EVENT_TYPES
         item = InboxItem(
@@ -258,11 +259,11 @@ def _object(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def _verifier(secret: str) -> Callable[[bytes, dict[str, str]], object]:
+def _signer(secret: str) -> Signer:
     try:
         webhook = StandardWebhook(secret)
     except Exception as exc:  # binascii.Error, EmptyWebhookSecretError: never show the value
         raise ConfigError(
             "providers.authjs.webhook_secret: not a Standard Webhooks secret (whsec_<base64>)"
         ) from exc
-    return functools.partial(webhook.verify, json_parse=False)
+    return webhook.sign

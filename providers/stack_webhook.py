@@ -1,10 +1,11 @@
 """Stack Auth webhooks: Svix-signed ``{"type", "data"}`` bodies (docs/idp/stack.md §3).
 
-Verification is the ``svix`` package's over the raw body: ``svix-id``, ``svix-timestamp``
-(±5 min) and ``svix-signature`` (several ``v1,`` entries during Svix's own rotation), tried
-with every configured secret (ours). White-labelled Svix sends ``webhook-*`` instead; both
-are read. The body is parsed with ``json`` only after verification: ``svix`` 1.x returned
-it parsed and 2.x returns None. The event id is ``svix-id``, the same on every redelivery.
+Verification is over the raw body with the ``svix`` package's signature (its ``sign``,
+compared in constant time with each entry: ``webhook.verify_with_any``): ``svix-id``,
+``svix-timestamp`` (±5 min) and ``svix-signature`` (several ``v1,`` entries during Svix's
+own rotation), tried with every configured secret (ours). White-labelled Svix sends
+``webhook-*`` instead; both are read. The body is parsed with ``json`` only after
+verification. The event id is ``svix-id``, the same on every redelivery.
 
 Stack bodies carry no time and Stack users no ``updated_at``, so every change's version is
 the time the inbox received the event: they apply in the order received.
@@ -33,6 +34,7 @@ from providers.stack import PROVIDER, to_change
 from providers.webhook import (
     InboxItem,
     SignedHeaders,
+    Signer,
     WebhookReceiver,
     Work,
     event_id_from,
@@ -109,15 +111,15 @@ class StackWebhookReceiver(StackDecoder):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         """``secrets``: the ``whsec_...`` values of ``STACK_WEBHOOK_SECRET`` (any verifies)."""
-        self._verifiers = tuple(_verifier(secret) for secret in secrets)
-        if not self._verifiers:
+        self._signers = tuple(_signer(secret) for secret in secrets)
+        if not self._signers:
             raise ConfigError("providers.stack.webhook_secret: missing")
 
     def verify(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> list[InboxItem]:
         lowered = lower_headers(headers)
         names = SVIX_HEADERS if any(k.startswith("svix-") for k in lowered) else WEBHOOK_HEADERS
         signed = names.checked(lowered, now=now)
-        verify_with_any(self._verifiers, body, signed, provider=PROVIDER)
+        verify_with_any(self._signers, body, signed, names, provider=PROVIDER)
         payload = load_json(body)
         event_type, _ = typed_envelope(payload, provider=PROVIDER)
         item = InboxItem(
@@ -133,13 +135,13 @@ if TYPE_CHECKING:
     _conforms: type[WebhookReceiver] = StackWebhookReceiver
 
 
-def _verifier(secret: str) -> Callable[[bytes, dict[str, str]], object]:
+def _signer(secret: str) -> Signer:
     # Imported here: ``svix`` loads its whole API client (2.2 s measured), which only a
     # process that receives Stack webhooks should pay for.
     from svix.webhooks import Webhook as SvixWebhook
 
     try:
-        return SvixWebhook(secret).verify
+        return SvixWebhook(secret).sign
     except Exception as exc:  # binascii.Error, EmptyWebhookSecretError: never show the value
         raise ConfigError(
             "providers.stack.webhook_secret: not a Svix signing secret (whsec_<base64>)"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import Engine, event
 
 from db import inbox
@@ -19,23 +17,22 @@ def _delivery(event_id: str) -> list[inbox.Delivery]:
     return [inbox.Delivery(event_id=event_id, payload={"n": event_id})]
 
 
-def _commits(db: Engine) -> list[int]:
-    counted: list[int] = []
-    event.listen(db, "commit", lambda _conn: counted.append(1))
-    return counted
-
-
 def test_concurrent_requests_share_commits_and_a_refused_one_fails_alone(engine: Engine) -> None:
-    group = GroupStore(engine, lambda: datetime.now(UTC))
-    commits = _commits(engine)
-    gate = threading.Event()
-    slow = inbox.store_arrivals
-
-    def held_store(*args: object, **kwargs: object) -> list[inbox.StoreResult]:
-        gate.wait(5)  # the first group waits, so the others queue up behind it
-        return slow(*args, **kwargs)  # type: ignore[arg-type]
+    woken: list[int] = []
+    group = GroupStore(engine, lambda: datetime.now(UTC), on_commit=lambda: woken.append(1))
+    groups: list[int] = []  # requests per statement
+    write = group._write
 
     async def run() -> list[inbox.StoreResult | BaseException]:
+        gate = asyncio.Event()
+
+        async def held_write(arrivals: list[inbox.Arrival], writer: object) -> object:
+            groups.append(len(arrivals))
+            if len(groups) == 1:
+                await gate.wait()  # the first group waits, so the others queue up behind it
+            return await write(arrivals, writer)  # type: ignore[arg-type]
+
+        group._write = held_write  # type: ignore[method-assign,assignment]
         first = asyncio.ensure_future(group.store("stack", _delivery("first")))
         await asyncio.sleep(0.2)
         rest = [group.store("stack", _delivery(f"e{n}")) for n in range(20)]
@@ -45,14 +42,14 @@ def test_concurrent_requests_share_commits_and_a_refused_one_fails_alone(engine:
         gate.set()
         return await waiting
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(inbox, "store_arrivals", held_store)
-        outcomes = asyncio.run(run())
+    outcomes = asyncio.run(run())
     stored = [o for o in outcomes if isinstance(o, inbox.StoreResult)]
     refused = [o for o in outcomes if isinstance(o, ValueError)]
     assert (len(stored), len(refused)) == (21, 1)
     assert all(o.inserted == 1 for o in stored)
-    assert len(commits) <= 3  # 22 requests: the first alone, then the rest together
+    assert groups == [1, 20]  # 22 requests: the first alone, then the rest together
+    assert len(woken) == 2  # the drainer woken once per group, not once per request
+    assert len(inbox_rows(engine)) == 21
 
 
 def test_a_database_that_cannot_store_fails_every_request_of_the_group() -> None:

@@ -114,7 +114,9 @@ def test_timestamps_within_five_minutes_accepted(offset: timedelta) -> None:
     assert verify(signed(body, when=utcnow() + offset), body)
 
 
-@pytest.mark.parametrize("value", ["", "soon", "1.7e9", "-5", "\uff11\uff12\uff13", "9" * 13])
+@pytest.mark.parametrize(
+    "value", ["", "soon", "1.7e9", "-5", "\uff11\uff12\uff13", "9" * 13, "9" * 12]
+)
 def test_unreadable_timestamp_rejected(value: str) -> None:
     body = encode(CREATED)
     headers = {**signed(body), "svix-timestamp": value}

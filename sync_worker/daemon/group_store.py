@@ -1,21 +1,30 @@
 """Group commit for webhook deliveries: the requests waiting at the same moment share one
-transaction, one connection and one commit.
+statement and one commit.
 
 Each delivery must be durable before its 2xx, and on PostgreSQL that is a WAL flush per
-commit (about 4 ms on this machine) plus a pooled connection per request; under concurrent
-load these dominated a delivery's cost (bench/RESULTS.md, ingest). A single writer thread
-takes every request waiting in the queue, stores each one's events in one transaction, and
-commits once; each request's answer is released only after that commit. A lone request
-waits for nothing: the writer takes it at once. A request whose values the inbox refuses
-(``ValueError``, checked before any SQL) fails alone; a database error fails the whole
-group, and every request in it answers 503 (the senders retry).
+commit (about 4 ms on this machine) plus a round trip per request; under concurrent load
+these dominated a delivery's cost (bench/RESULTS.md, ingest). One flusher task on the event
+loop takes every request waiting, stores their events with one statement, and settles each
+request's answer only after that commit. A lone request waits for nothing: the flusher
+takes it at once. A request whose values the inbox refuses (``ValueError``, checked before
+any SQL) fails alone; a database error fails the whole group, and every request in it
+answers 503 (the senders retry). After a group that stored new rows, ``on_commit`` runs
+once (the drainer's wake-up: one per group, not one per request).
+
+Where the statement runs: on PostgreSQL on the event loop itself, through psycopg's
+asynchronous connection (``db/inbox_writer.py``): a writer thread cost the receiver GIL
+handoffs and a cross-thread wake-up of the loop for every group, and SQLAlchemy's per-row
+work. On SQLite (a synchronous driver, one writer at a time, the embedded default) the
+group's transaction runs in a worker thread that the flusher awaits.
+
+The flusher, its connection and its queue belong to one event loop (the server's); a store
+used from another loop (a test client's, one per request) starts afresh there. The flusher
+lives as long as its loop: when the loop ends it is cancelled and closes its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,33 +33,52 @@ import structlog
 from sqlalchemy import Engine
 
 from db import inbox
+from db.inbox_writer import InboxWriter
 from db.transaction import transaction
 from sync_worker.errors import StoreError
 
 log = structlog.get_logger(__name__)
 
-#: Requests stored in one transaction at most (an Auth0 body may hold 1,000 events each).
+#: Requests stored in one statement at most (an Auth0 body may hold 1,000 events each).
 MAX_GROUP = 64
-#: The writer thread ends after this long without work, and starts again on demand.
-IDLE_SECONDS = 5.0
 _TICK = timedelta(microseconds=1)  # the resolution of received_at on both dialects
+
+_Outcome = inbox.StoreResult | BaseException
 
 
 @dataclass(frozen=True, slots=True)
 class _Waiting:
     provider: str
     deliveries: Sequence[inbox.Delivery]
-    loop: asyncio.AbstractEventLoop
     answer: asyncio.Future[inbox.StoreResult]
 
 
 class GroupStore:
-    def __init__(self, db: Engine, clock: Callable[[], datetime]) -> None:
-        self.db, self.clock = db, clock
-        self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._writer: threading.Thread | None = None
+    def __init__(
+        self,
+        db: Engine,
+        clock: Callable[[], datetime],
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.db, self.clock, self.on_commit = db, clock, on_commit
         self._last = datetime.min.replace(tzinfo=UTC)  # the last receipt time handed out
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[_Waiting] = []
+        self._ready = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def store(self, provider: str, deliveries: Sequence[inbox.Delivery]) -> inbox.StoreResult:
+        """Store ``deliveries`` durably; returns once their statement has committed."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # what another loop held went with it
+            self._loop, self._waiting, self._ready = loop, [], asyncio.Event()
+            self._flusher = None
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush(), name="inbox-group-store")
+        answer: asyncio.Future[inbox.StoreResult] = loop.create_future()
+        self._waiting.append(_Waiting(provider, deliveries, answer))
+        self._ready.set()
+        return await answer
 
     def _receipt_time(self) -> datetime:
         """Each request its own receipt time, strictly later than the one before: versionless
@@ -60,44 +88,21 @@ class GroupStore:
         self._last = now
         return now
 
-    async def store(self, provider: str, deliveries: Sequence[inbox.Delivery]) -> inbox.StoreResult:
-        """Store ``deliveries`` durably; returns once their transaction has committed."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[inbox.StoreResult] = loop.create_future()
-        self._queue.put(_Waiting(provider, deliveries, loop, answer))
-        self._ensure_writer()
-        return await answer
+    async def _flush(self) -> None:
+        writer = InboxWriter(self.db) if self.db.dialect.name == "postgresql" else None
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while self._waiting:
+                    group = self._waiting[:MAX_GROUP]
+                    del self._waiting[:MAX_GROUP]
+                    await self._commit(group, writer)
+        finally:
+            if writer is not None:
+                await writer.close()
 
-    def _ensure_writer(self) -> None:
-        with self._lock:
-            if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(
-                    target=self._write, name="inbox-writer", daemon=True
-                )
-                self._writer.start()
-
-    def _write(self) -> None:
-        while True:
-            try:
-                first = self._queue.get(timeout=IDLE_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():  # else a request came in just now: go on
-                        self._writer = None
-                        return
-                continue
-            self._commit([first, *self._more()])
-
-    def _more(self) -> list[_Waiting]:
-        group: list[_Waiting] = []
-        while len(group) < MAX_GROUP - 1:
-            try:
-                group.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return group
-
-    def _commit(self, group: list[_Waiting]) -> None:
+    async def _commit(self, group: list[_Waiting], writer: InboxWriter | None) -> None:
         outcomes: dict[int, _Outcome] = {}
         arrivals: list[tuple[int, inbox.Arrival]] = []
         for index, waiting in enumerate(group):
@@ -110,9 +115,10 @@ class GroupStore:
                                                   self._receipt_time())))  # fmt: skip
         try:
             if arrivals:
-                with transaction(self.db) as conn:
-                    stored = inbox.store_arrivals(conn, [a for _, a in arrivals])
+                stored = await self._write([a for _, a in arrivals], writer)
                 outcomes.update((i, r) for (i, _), r in zip(arrivals, stored, strict=True))
+                if any(r.inserted for r in stored):
+                    self.on_commit()
         except StoreError as exc:
             log.warning("inbox_store_failed", requests=len(group), error=str(exc))
             outcomes.update((i, exc) for i, _ in arrivals)
@@ -120,23 +126,22 @@ class GroupStore:
             log.exception("inbox_store_crashed", requests=len(group))
             failed = StoreError(f"storing failed: {type(exc).__name__}")
             outcomes.update((i, failed) for i, _ in arrivals)
-        # One wake-up of each event loop for the whole group, not one per request.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Answer, _Outcome]]] = {}
         for index, waiting in enumerate(group):
-            by_loop.setdefault(waiting.loop, []).append((waiting.answer, outcomes[index]))
-        for loop, settled in by_loop.items():
-            loop.call_soon_threadsafe(_settle_all, settled)
+            if waiting.answer.done():  # the client went away and the request was cancelled
+                continue
+            outcome = outcomes[index]
+            if isinstance(outcome, BaseException):
+                waiting.answer.set_exception(outcome)
+            else:
+                waiting.answer.set_result(outcome)
 
+    async def _write(
+        self, arrivals: list[inbox.Arrival], writer: InboxWriter | None
+    ) -> list[inbox.StoreResult]:
+        if writer is not None:
+            return await writer.store(arrivals)
+        return await asyncio.to_thread(self._write_in_thread, arrivals)
 
-_Answer = asyncio.Future[inbox.StoreResult]
-_Outcome = inbox.StoreResult | BaseException
-
-
-def _settle_all(settled: list[tuple[_Answer, _Outcome]]) -> None:
-    for answer, outcome in settled:
-        if answer.done():  # the client went away and the request was cancelled
-            continue
-        if isinstance(outcome, BaseException):
-            answer.set_exception(outcome)
-        else:
-            answer.set_result(outcome)
+    def _write_in_thread(self, arrivals: list[inbox.Arrival]) -> list[inbox.StoreResult]:
+        with transaction(self.db) as conn:
+            return inbox.store_arrivals(conn, arrivals)

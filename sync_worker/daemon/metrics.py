@@ -75,9 +75,19 @@ class Metrics:
         )
         if db is not None:
             self.registry.register(_InboxCollector(db, clock))
+        self._accepted: dict[str, tuple[Counter, Gauge]] = {}
 
     def delivered(self, provider: str) -> None:
-        self.last_delivery.labels(provider=provider).set(time.time())
+        """A delivery of ``provider`` was stored (answered 200)."""
+        accepted = self._accepted.get(provider)
+        if accepted is None:  # a labelled child, looked up once per provider, not per request
+            accepted = self._accepted[provider] = (
+                self.webhook_requests.labels(provider=provider, status="200"),
+                self.last_delivery.labels(provider=provider),
+            )
+        requests, last = accepted
+        requests.inc()
+        last.set(time.time())
 
     def applied(self, counts: Mapping[tuple[str, str], int], seconds: float) -> None:
         """One batch applied: its changes by (provider, action), and its latency."""

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import String
 
 from db import jsoncodec
+from db.connect import prepares
 from db.errors import translating
 from db.inbox import Arrival, StoreResult, planned_rows, results_of
 from db.tables import sync_inbox
@@ -171,7 +172,10 @@ class InboxWriter:
 def _search_path_and_arguments(engine: Engine) -> tuple[str, dict[str, Any]]:
     with engine.connect() as conn:
         path = str(conn.execute(select(func.current_setting("search_path"))).scalar_one())
+        allowed = prepares(conn)
     _args, kwargs = engine.dialect.create_connect_args(engine.url)
+    if not allowed:  # database.prepared_statements: false (a pooler that cannot keep them)
+        kwargs["prepare_threshold"] = None
     return path, dict(kwargs)
 
 

@@ -119,3 +119,34 @@ def test_a_server_that_is_away_fails_the_group(pg_engine: Engine) -> None:
 def test_sqlite_is_refused(sqlite_engine: Engine) -> None:
     with pytest.raises(ValueError, match="PostgreSQL only"):
         InboxWriter(sqlite_engine)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_prepared_statements_follow_the_engine(pg_engine: Engine, prepared: bool) -> None:
+    """``database.prepared_statements: false`` (a pooler in transaction mode that loses
+    them): the writer's connection prepares nothing either, however many groups it stores;
+    by default psycopg prepares the statement from its fifth run."""
+    db = make_engine(
+        pg_engine.url.render_as_string(hide_password=False),
+        schema="identity",
+        prepared_statements=prepared,
+    )
+
+    async def run() -> int:
+        writer = InboxWriter(db)
+        try:
+            for n in range(7):
+                await writer.store(_arrivals(f"p{n}"))
+            assert writer._conn is not None
+            cursor = await writer._conn.execute("SELECT count(*) FROM pg_prepared_statements")
+            row = await cursor.fetchone()
+            assert row is not None
+            return int(row[0])
+        finally:
+            await writer.close()
+
+    try:
+        held = asyncio.run(run())
+    finally:
+        db.dispose()
+    assert (held > 0) is prepared

@@ -1,0 +1,568 @@
+"""The set-based full pass's statements (PostgreSQL worker): staging, classification, writes.
+
+A full pass of a source that can hand its rows over as COPY streams (Auth.js on
+PostgreSQL: ``providers.authjs_setpass``) copies them into temporary tables of the pass's
+one worker connection (``stage``), decides per id-range batch which changed users are
+*simple creates* (``classify``) and writes those with ``INSERT ... SELECT``
+(``write_simple``): the same rows, audit rows and content hashes the engine's bulk create
+path writes for them (``sync_worker.engine.bulk``, one definition of the rules, restated
+here in SQL and held to it by tests/test_setpass.py). Every other changed user is read back
+(``rows_of``) for the per-row engine, in the same transaction.
+
+The content hash (``UserChange.content_hash``: sha256 of canonical JSON) is built in SQL
+only for users whose every string is printable-or-control ASCII without DEL, where
+``to_json`` escapes exactly as Python's ``json.dumps`` does, and whose timestamps are plain
+years; anyone else is not ``ok`` and goes to the per-row path, so a stored hash never
+differs in definition.
+
+Temporary tables (``sw_*``) live on the pass's connection; ``drop`` removes them (the
+connection goes back to the pool).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
+
+from db.errors import translated
+
+__all__ = [
+    "BatchSummary",
+    "changed_positions",
+    "changed_rows",
+    "classify",
+    "drop",
+    "mark_seen_range",
+    "rows_of",
+    "stage",
+    "write_simple",
+]
+
+_TEMP = (
+    "sw_n", "sw_b", "sw_u", "sw_acc", "sw_ses",
+    "sw_src_users", "sw_src_accounts", "sw_src_sessions", "sw_src_digests",
+)  # fmt: skip
+_TZ = "timestamp with time zone"
+#: A new time-ordered id (UUIDv7, as ``engine.ids``): Unix milliseconds over random bits.
+UUID7 = (
+    "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing "
+    "substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3) "
+    "FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid"
+)
+#: Strings ``to_json`` escapes as ``json.dumps(ensure_ascii=True)`` does: ASCII without DEL.
+_PLAIN = r"!~ '[^\x01-\x7e]'"
+_LOW, _HIGH = "'1000-01-01'", "'9999-01-01'"
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _utc(column: str, kind: str) -> str:
+    """The column as a UTC timestamp without zone (naive columns hold UTC already)."""
+    return f"({column} AT TIME ZONE 'UTC')" if kind == _TZ else column
+
+
+def _zoned(column: str, kind: str) -> str:
+    """The column as timestamptz (naive values taken as UTC, as ``as_utc`` takes them)."""
+    return column if kind == _TZ else f"({column} AT TIME ZONE 'UTC')"
+
+
+def _iso(naive: str) -> str:
+    """Python's ``isoformat()`` of an aware UTC datetime, from a naive UTC timestamp."""
+    return (
+        f"(to_char({naive}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN "
+        f"extract(microseconds FROM {naive})::bigint % 1000000 <> 0 "
+        f"THEN to_char({naive}, '.US') ELSE '' END || '+00:00')"
+    )
+
+
+def _in_range(naive: str) -> str:
+    return f"({naive} IS NULL OR {naive} BETWEEN {_LOW} AND {_HIGH})"
+
+
+def _text(sql: str) -> Any:
+    """``text()`` of a statement whose string literals hold JSON: a key's colon before a
+    word (``"blocked":false``) would read as a bind parameter, so it is escaped."""
+    return text(sql.replace('":', '"\\:'))
+
+
+def _j(value: str) -> str:
+    return f"coalesce(to_json({value})::text, 'null')"
+
+
+@translated
+def stage(
+    conn: Connection,
+    relations: Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]],
+    *,
+    provider: str,
+    observed: datetime,
+    max_age_seconds: float,
+) -> int:
+    """Create the temporary tables, COPY the source's bytes into them and derive the
+    per-user table ``sw_u`` (hash, raw, flags). Returns the number of users.
+
+    Whether a user changed (its source digest differs from the stored one) is decided here,
+    once, as the digest pass decides it when it starts: a write racing the pass is as if
+    it came after it (docs/architecture.md, engine rules)."""
+    drop(conn)
+    kinds: dict[str, dict[str, str]] = {}
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    for name, columns, chunks in relations:
+        kinds[name] = dict(columns)
+        table = f"sw_src_{name}"
+        cols = ", ".join(f"{_q(c)} {kind}" for c, kind in columns)
+        conn.execute(text(f"CREATE TEMP TABLE {table} ({cols})"))
+        names = ", ".join(_q(c) for c, _ in columns)
+        with raw.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+            for chunk in chunks:
+                copy.write(chunk)
+    users, sessions = kinds["users"], kinds["sessions"]
+    conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
+    conn.execute(text("CREATE INDEX ON sw_src_users (id)"))
+    conn.execute(text("CREATE INDEX ON sw_src_accounts (uid)"))
+    conn.execute(text("CREATE INDEX ON sw_src_sessions (uid)"))
+    conn.execute(text("ANALYZE sw_src_users, sw_src_accounts, sw_src_sessions, sw_src_digests"))
+
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE sw_acc AS SELECT DISTINCT u.ord, a.provider::text AS prov,"
+            " a.acct::text AS acct FROM sw_src_accounts a JOIN sw_src_users u ON u.id = a.uid"
+        )
+    )
+    expires = _zoned("s.expires", sessions["expires"])
+    created = (
+        _zoned("s.created_at", sessions["created_at"])
+        if "created_at" in sessions
+        else "NULL::timestamptz"
+    )
+    created_ok = (
+        _in_range(_utc("s.created_at", sessions["created_at"])) if "created_at" in sessions else "true"
+    )
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"
+            " encode(sha256(convert_to(s.token, 'UTF8')), 'hex') AS sid,"
+            f" {expires} AS expires_at,"
+            f" least({expires} - make_interval(secs => :max_age), :observed) AS written,"
+            f" {created} AS created,"
+            " (s.token IS NOT NULL AND s.token <> '' AND s.expires IS NOT NULL"
+            f"  AND {_utc('s.expires', sessions['expires'])} BETWEEN {_LOW} AND {_HIGH}"
+            f"  AND {created_ok}) AS ok"
+            " FROM sw_src_sessions s JOIN sw_src_users u ON u.id = s.uid"
+        ),
+        {"max_age": max_age_seconds, "observed": observed},
+    )
+    conn.execute(text("CREATE INDEX ON sw_acc (ord)"))
+    conn.execute(text("CREATE INDEX ON sw_acc (prov, acct)"))
+    conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
+    conn.execute(text("CREATE INDEX ON sw_ses (sid)"))
+
+    verified_kind = users["email_verified"]
+    if verified_kind == "boolean":
+        verified = "coalesce(u.email_verified, false)"
+        verified_doc = "coalesce(u.email_verified::text, 'null')"
+        verified_raw = "to_jsonb(u.email_verified)"
+        verified_ok = "true"
+    else:
+        naive = _utc("u.email_verified", verified_kind)
+        verified = "(u.email_verified IS NOT NULL)"
+        verified_doc = _j(_iso(naive))
+        verified_raw = f"to_jsonb({_iso(naive)})"
+        verified_ok = _in_range(naive)
+    if "created_at" in users:
+        naive = _utc("u.created_at", users["created_at"])
+        created_tz = _zoned("u.created_at", users["created_at"])
+        created_iso = f"CASE WHEN u.created_at IS NOT NULL THEN {_iso(naive)} END"
+        created_ok = _in_range(naive)
+    else:
+        created_tz, created_iso, created_ok = "NULL::timestamptz", "NULL::text", "true"
+    order = 'ORDER BY prov COLLATE "C", acct COLLATE "C"'
+    conn.execute(
+        _text(
+            f"""
+CREATE TEMP TABLE sw_u AS
+WITH acc AS (
+  SELECT ord,
+    bool_and(prov IS NOT NULL AND prov <> '' AND acct IS NOT NULL AND acct <> ''
+             AND prov {_PLAIN} AND acct {_PLAIN}
+             AND length(prov) <= 57 AND length(acct) <= 255) AS ok,
+    '[' || string_agg('[' || to_json('authjs:' || prov)::text || ',' || to_json(acct)::text
+                      || ',""]', ',' {order}) || ']' AS linked_doc,
+    '[' || string_agg('{{"provider":' || to_json(prov)::text || ',"providerAccountId":'
+                      || to_json(acct)::text || '}}', ',' {order}) || ']' AS accounts_doc,
+    jsonb_agg(jsonb_build_object('provider', prov, 'providerAccountId', acct) {order})
+      AS accounts_raw,
+    array_agg('authjs:' || prov || ':' || acct
+              ORDER BY ('authjs:' || prov || ':' || acct) COLLATE "C") AS linked_names
+  FROM sw_acc GROUP BY ord
+), ses AS (
+  -- Two sessions expiring at once: their order (hence which one's audit row moves the
+  -- last login) follows the token's collation, which the per-row path decides.
+  SELECT ord, bool_and(ok) AND count(*) = count(DISTINCT raw_expires) AS ok,
+    max(coalesce(created, written)) AS last_login
+  FROM sw_ses GROUP BY ord
+), base AS (
+  SELECT u.ord, u.id::text AS ext, d.digest::text AS digest, coalesce(d.n, 0)::bigint AS n,
+    nullif(u.email, '') AS email, nullif(u.name, '') AS name, nullif(u.image, '') AS image,
+    {verified} AS verified, {verified_doc} AS verified_doc, {verified_raw} AS verified_raw,
+    {created_tz} AS created_tz, {created_iso} AS created_iso,
+    ({verified_ok} AND {created_ok}) AS times_ok,
+    coalesce(acc.ok, true) AS acc_ok, coalesce(ses.ok, true) AS ses_ok, ses.last_login,
+    coalesce(acc.linked_doc, '[]') AS linked_doc,
+    coalesce(acc.accounts_doc, '[]') AS accounts_doc,
+    coalesce(acc.accounts_raw, '[]'::jsonb) AS accounts_raw, acc.linked_names
+  , (d.digest IS NULL OR stored.digest IS DISTINCT FROM d.digest::text) AS changed
+  FROM sw_src_users u
+  LEFT JOIN sw_src_digests d ON d.uid = u.id
+  LEFT JOIN sync_source_digests stored
+    ON stored.provider = :provider AND stored.external_id = u.id::text
+  LEFT JOIN acc ON acc.ord = u.ord
+  LEFT JOIN ses ON ses.ord = u.ord
+)
+SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verified,
+  b.created_tz, b.linked_names, b.last_login,
+  (b.email IS NULL OR b.email {_PLAIN}) AS email_ascii,
+  (b.ext <> '' AND length(b.ext) <= 255 AND b.ext {_PLAIN} AND b.digest IS NOT NULL
+   AND (b.email IS NULL OR (b.email {_PLAIN} AND length(b.email) <= 320
+                            AND b.email LIKE '%_@_%'))
+   AND (b.name IS NULL OR (b.name {_PLAIN} AND length(b.name) <= 2048))
+   AND (b.image IS NULL OR (b.image {_PLAIN} AND length(b.image) <= 65536))
+   AND b.times_ok AND b.acc_ok AND b.ses_ok) AS ok,
+  encode(sha256(convert_to(
+    '{{"attributes":{{"avatar_url":' || {_j("b.image")} || ',"blocked":false,"created_at":'
+    || {_j("b.created_iso")} || ',"email":' || {_j("b.email")} || ',"email_verified":'
+    || b.verified::text || ',"family_name":null,"given_name":null,"last_login_at":null,'
+    || '"name":' || {_j("b.name")} || ',"phone":null,"profile":{{}},"role":null,'
+    || '"tenant_id":null}},"linked":' || b.linked_doc || ',"raw":{{"accounts":' || b.accounts_doc
+    || coalesce(',"createdAt":' || to_json(b.created_iso)::text, '')
+    || ',"email":' || {_j("b.email")} || ',"emailVerified":' || b.verified_doc
+    || ',"id":' || to_json(b.ext)::text || ',"image":' || {_j("b.image")}
+    || ',"name":' || {_j("b.name")} || '}}}}', 'UTF8')), 'hex') AS content_hash,
+  jsonb_build_object('id', b.ext, 'name', b.name, 'email', b.email,
+    'emailVerified', b.verified_raw, 'image', b.image, 'accounts', b.accounts_raw)
+    || CASE WHEN b.created_iso IS NOT NULL
+            THEN jsonb_build_object('createdAt', b.created_iso) ELSE '{{}}'::jsonb END AS raw
+FROM base b
+"""  # noqa: S608 (identifiers and expressions of our own, values bound)
+        ),
+        {"provider": provider},
+    )
+    conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE sw_b (ord bigint PRIMARY KEY, ext text, digest text, n bigint,"
+            " ok boolean, has_identity boolean, email_key text, email_ascii boolean,"
+            " simple boolean NOT NULL DEFAULT false)"
+        )
+    )
+    conn.execute(text("CREATE TEMP TABLE sw_n (ord bigint PRIMARY KEY, user_id uuid, profile_id uuid)"))
+    conn.execute(text("ANALYZE sw_u, sw_acc, sw_ses"))
+    return int(conn.execute(text("SELECT count(*) FROM sw_u")).scalar_one())
+
+
+@translated
+def drop(conn: Connection) -> None:
+    conn.execute(text(f"DROP TABLE IF EXISTS {', '.join(_TEMP)}"))
+
+
+@translated
+def changed_positions(conn: Connection) -> list[int]:
+    """Positions of the users whose source digest differs from the stored one (all of
+    them on a first pass), in order: they decide where the pass's pages end."""
+    query = text("SELECT ord FROM sw_u WHERE changed ORDER BY ord")
+    return [int(o) for o in conn.execute(query).scalars()]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchSummary:
+    """One batch, classified: its users, the unchanged ones, and the changed ones that are
+    not simple creates (positions, for the per-row path)."""
+
+    users: int
+    last_ext: str | None
+    skipped_users: int
+    skipped_sessions: int
+    simple: int
+    other: list[tuple[int, str, str]]  # (position, external id, source digest)
+
+
+@translated
+def classify(
+    conn: Connection, lo: int, hi: int, *, provider: str, link: bool
+) -> BatchSummary:
+    """Fill ``sw_b`` with the batch's changed users and mark the simple creates, by the
+    rules of ``engine.bulk.split``: no stored identity under the user's key, none of its
+    linked accounts stored nor named by another changed user of the batch, no live
+    verified owner of its verified email (linking on) nor another create of the batch
+    claiming it, none of its sessions stored or repeated; and its rows hashable here."""
+    conn.execute(text("TRUNCATE sw_b"))
+    params = {"p": provider, "lo": lo, "hi": hi, "link": link}
+    conn.execute(
+        text(
+            "INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key, email_ascii)"
+            " SELECT u.ord, u.ext, u.digest, u.n, u.ok,"
+            " EXISTS (SELECT 1 FROM user_identities i"
+            "         WHERE i.provider = :p AND i.external_id = u.ext),"
+            ' CASE WHEN :link AND u.verified AND u.email IS NOT NULL'
+            ' THEN lower(u.email COLLATE "C") END, u.email_ascii'
+            " FROM sw_u u WHERE u.ord BETWEEN :lo AND :hi AND u.changed"
+        ),
+        params,
+    )
+    conn.execute(
+        text(
+            """
+UPDATE sw_b b SET simple = true
+WHERE b.ok AND NOT b.has_identity
+  AND NOT EXISTS (SELECT 1 FROM sw_acc a JOIN user_identities i
+                  ON i.provider = 'authjs:' || a.prov AND i.external_id = a.acct
+                  WHERE a.ord = b.ord)
+  AND NOT EXISTS (SELECT 1 FROM sw_acc a
+                  JOIN sw_acc a2 ON a2.prov = a.prov AND a2.acct = a.acct AND a2.ord <> a.ord
+                  JOIN sw_b b2 ON b2.ord = a2.ord
+                  WHERE a.ord = b.ord)
+  AND (b.email_key IS NULL OR (
+        NOT EXISTS (SELECT 1 FROM users x WHERE lower(x.email) = b.email_key
+                    AND x.email_verified AND x.deleted_at IS NULL)
+        AND NOT EXISTS (SELECT 1 FROM sw_b b2 WHERE b2.email_key = b.email_key
+                        AND b2.ord <> b.ord AND NOT b2.has_identity)
+        -- Python lower-cases non-ASCII letters too (the Kelvin sign to "k"): with such an
+        -- address among the batch's creates, none of its linking creates is simple.
+        AND NOT EXISTS (SELECT 1 FROM sw_b b3 WHERE b3.email_key IS NOT NULL
+                        AND NOT b3.email_ascii AND NOT b3.has_identity)))
+  AND NOT EXISTS (SELECT 1 FROM sw_ses s JOIN user_sessions us
+                  ON us.provider = :p AND us.external_session_id = s.sid
+                  WHERE s.ord = b.ord)
+  AND NOT EXISTS (SELECT 1 FROM sw_ses s JOIN sw_ses s2 ON s2.sid = s.sid
+                  AND (s2.ord <> s.ord OR s2.ctid <> s.ctid)
+                  JOIN sw_b b2 ON b2.ord = s2.ord
+                  WHERE s.ord = b.ord)
+"""
+        ),
+        params,
+    )
+    head = conn.execute(
+        text(
+            "SELECT count(*), coalesce(sum(n), 0),"
+            " (SELECT ext FROM sw_u WHERE ord = :hi) FROM sw_u WHERE ord BETWEEN :lo AND :hi"
+        ),
+        params,
+    ).one()
+    changed = conn.execute(
+        text("SELECT count(*), coalesce(sum(n), 0), count(*) FILTER (WHERE simple) FROM sw_b")
+    ).one()
+    other = changed_rows(conn, simple=False)
+    return BatchSummary(
+        users=int(head[0]),
+        last_ext=None if head[2] is None else str(head[2]),
+        skipped_users=int(head[0]) - int(changed[0]),
+        skipped_sessions=int(head[1]) - int(changed[1]),
+        simple=int(changed[2]),
+        other=other,
+    )
+
+
+@translated
+def changed_rows(conn: Connection, *, simple: bool | None = None) -> list[tuple[int, str, str]]:
+    """The batch's changed users as (position, external id, digest), in order: those not
+    simple (``simple=False``), or all of them (None)."""
+    where = "" if simple is None else " WHERE simple" if simple else " WHERE NOT simple"
+    query = text(f"SELECT ord, ext, digest FROM sw_b{where} ORDER BY ord")  # noqa: S608
+    return [(int(o), str(e), str(d)) for o, e, d in conn.execute(query)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Written:
+    created: int
+    logins: int
+
+
+@translated
+def write_simple(
+    conn: Connection,
+    *,
+    provider: str,
+    now: datetime,
+    version: datetime,
+    run_id: uuid.UUID | None,
+    source: str,
+    role: str,
+    profile: Mapping[str, Any],
+) -> Written:
+    """Write the batch's simple creates (``sw_b.simple``): users, profiles, identities,
+    sessions, audit rows and source digests, as ``engine.bulk.BulkPlan`` builds them."""
+    conn.execute(text("TRUNCATE sw_n"))
+    created = conn.execute(
+        text(
+            f"INSERT INTO sw_n (ord, user_id, profile_id) SELECT ord, {UUID7}, {UUID7}"
+            " FROM sw_b WHERE simple ORDER BY ord"
+        )
+    ).rowcount
+    if not created:
+        return Written(created=0, logins=0)
+    params: dict[str, Any] = {
+        "p": provider,
+        "now": now,
+        "version": version,
+        "run": run_id,
+        "source": source,
+        "role": role,
+        "tz": profile.get("timezone", "UTC"),
+        "currency": profile.get("currency", "USD"),
+        "locale": profile.get("locale", "en"),
+        "settings": json.dumps(profile.get("settings") or {}),
+    }
+    conn.execute(
+        text(
+            "INSERT INTO users (id, email, email_verified, name, given_name, family_name,"
+            " phone, avatar_url, role, tenant_id, blocked, last_login_at, created_at,"
+            " updated_at, deleted_at)"
+            " SELECT n.user_id, u.email, u.verified, u.name, NULL, NULL, NULL, u.image, :role,"
+            " NULL, false, u.last_login, coalesce(u.created_tz, :now), :now, NULL"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord ORDER BY n.user_id"
+        ),
+        params,
+    )
+    conn.execute(
+        text(
+            "INSERT INTO profiles (id, user_id, display_name, avatar_url, timezone, currency,"
+            " locale, settings, created_at, updated_at)"
+            " SELECT n.profile_id, n.user_id, u.name, u.image, :tz, :currency, :locale,"
+            " CAST(:settings AS jsonb), :now, :now"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord ORDER BY n.profile_id"
+        ),
+        params,
+    )
+    conn.execute(
+        text(
+            "INSERT INTO user_identities (provider, external_id, user_id, email,"
+            " upstream_updated_at, content_hash, raw, first_seen_at, last_synced_at, deleted_at)"
+            " SELECT CAST(:p AS text), u.ext, n.user_id, u.email,"
+            " CAST(:version AS timestamptz), u.content_hash, u.raw, CAST(:now AS timestamptz),"
+            " CAST(:now AS timestamptz), NULL::timestamptz FROM sw_n n JOIN sw_u u ON u.ord = n.ord"
+            " UNION ALL"
+            " SELECT 'authjs:' || a.prov, a.acct, n.user_id, NULL, NULL, NULL, NULL, :now,"
+            " :now, NULL FROM sw_n n JOIN sw_acc a ON a.ord = n.ord"
+        ),
+        params,
+    )
+    logins = conn.execute(
+        text(
+            "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"
+            " user_agent, created_at, last_seen_at, expires_at, revoked_at)"
+            f" SELECT {UUID7}, n.user_id, :p, s.sid, NULL, NULL, coalesce(s.created, s.written),"
+            " s.written, s.expires_at, NULL FROM sw_n n JOIN sw_ses s ON s.ord = n.ord"
+            " ORDER BY n.user_id, s.raw_expires, s.sid"
+        ),
+        params,
+    ).rowcount
+    before, after = _iso("(s.prev AT TIME ZONE 'UTC')"), _iso("(s.after AT TIME ZONE 'UTC')")
+    conn.execute(
+        _text(
+            f"""
+INSERT INTO sync_audit (occurred_at, run_id, source, provider, external_id, user_id, action,
+                        changes, event_id, error)
+SELECT CAST(:now AS timestamptz), CAST(:run AS uuid), CAST(:source AS text),
+  CAST(:p AS text), u.ext, n.user_id, 'created',
+  jsonb_build_object('role', jsonb_build_array(NULL, CAST(:role AS text)))
+  || CASE WHEN u.email IS NOT NULL
+          THEN jsonb_build_object('email', jsonb_build_array(NULL, u.email)) ELSE '{{}}' END
+  || CASE WHEN u.verified THEN '{{"email_verified": [null, true]}}'::jsonb ELSE '{{}}' END
+  || CASE WHEN u.name IS NOT NULL
+          THEN jsonb_build_object('name', jsonb_build_array(NULL, u.name)) ELSE '{{}}' END
+  || CASE WHEN u.image IS NOT NULL
+          THEN jsonb_build_object('avatar_url', jsonb_build_array(NULL, u.image)) ELSE '{{}}' END
+  || CASE WHEN u.linked_names IS NOT NULL
+          THEN jsonb_build_object('identities',
+                                  jsonb_build_array('[]'::jsonb, to_jsonb(u.linked_names)))
+          ELSE '{{}}' END,
+  NULL::text, NULL::text
+FROM sw_n n JOIN sw_u u ON u.ord = n.ord
+UNION ALL
+SELECT :now, :run, :source, :p, u.ext, n.user_id, 'login',
+  jsonb_build_object('session', jsonb_build_array(NULL, s.sid))
+  || CASE WHEN s.prev IS DISTINCT FROM s.after
+          THEN jsonb_build_object('last_login_at', jsonb_build_array(
+                 CASE WHEN s.prev IS NOT NULL THEN {before} END, {after}))
+          ELSE '{{}}' END,
+  NULL, NULL
+FROM sw_n n JOIN sw_u u ON u.ord = n.ord
+JOIN (SELECT ord, sid, prev, greatest(prev, seen) AS after FROM (
+        SELECT ord, sid, coalesce(created, written) AS seen,
+          max(coalesce(created, written)) OVER (
+            PARTITION BY ord ORDER BY raw_expires, sid
+            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
+        FROM sw_ses WHERE ord IN (SELECT ord FROM sw_n)) w) s ON s.ord = n.ord
+"""  # noqa: S608 (expressions of our own, values bound)
+        ),
+        params,
+    )
+    conn.execute(
+        text(
+            "INSERT INTO sync_source_digests (provider, external_id, digest)"
+            " SELECT :p, b.ext, b.digest FROM sw_b b WHERE b.simple"
+            " ON CONFLICT (provider, external_id) DO UPDATE SET digest = EXCLUDED.digest"
+        ),
+        params,
+    )
+    return Written(created=int(created), logins=int(logins))
+
+
+@translated
+def mark_seen_range(conn: Connection, run_id: uuid.UUID, lo: int, hi: int) -> None:
+    """The batch's users as one ``sync_seen`` row (``db.seen.mark_seen``'s shape)."""
+    conn.execute(
+        text(
+            "INSERT INTO sync_seen (run_id, external_ids)"
+            " SELECT :run, coalesce(jsonb_agg(ext ORDER BY ord), '[]'::jsonb)"
+            " FROM sw_u WHERE ord BETWEEN :lo AND :hi"
+        ),
+        {"run": run_id, "lo": lo, "hi": hi},
+    )
+
+
+@translated
+def rows_of(
+    conn: Connection, positions: Sequence[int], *, user_created: bool, session_created: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The source rows of these users as the adapter reads them (its field names, each
+    column's own type): users, their accounts, their live sessions."""
+    ords = bindparam("ords", list(positions), type_=ARRAY(BIGINT))
+    created = ', u.created_at AS "createdAt"' if user_created else ""
+    users = conn.execute(
+        text(
+            'SELECT u.id, u.name, u.email, u.email_verified AS "emailVerified", u.image'
+            f"{created} FROM sw_src_users u WHERE u.ord = ANY(:ords) ORDER BY u.ord"
+        ).bindparams(ords)
+    )
+    accounts = conn.execute(
+        text(
+            'SELECT a.uid AS "userId", a.provider, a.acct AS "providerAccountId"'
+            " FROM sw_src_accounts a JOIN sw_src_users u ON u.id = a.uid"
+            " WHERE u.ord = ANY(:ords) ORDER BY u.ord, a.provider, a.acct"
+        ).bindparams(ords)
+    )
+    account_rows = [dict(r) for r in accounts.mappings()]
+    screated = ', s.created_at AS "createdAt"' if session_created else ""
+    sessions = conn.execute(
+        text(
+            'SELECT s.uid AS "userId", s.token AS "sessionToken", s.expires'
+            f"{screated} FROM sw_src_sessions s JOIN sw_src_users u ON u.id = s.uid"
+            " WHERE u.ord = ANY(:ords) ORDER BY u.ord, s.expires, s.token"
+        ).bindparams(ords)
+    )
+    return (
+        [dict(r) for r in users.mappings()],
+        account_rows,
+        [dict(r) for r in sessions.mappings()],
+    )

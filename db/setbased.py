@@ -36,7 +36,6 @@ from db.errors import translated
 __all__ = [
     "BatchSummary",
     "changed_positions",
-    "changed_rows",
     "classify",
     "drop",
     "mark_seen_range",
@@ -46,7 +45,7 @@ __all__ = [
 ]
 
 _TEMP = (
-    "sw_n", "sw_b", "sw_u", "sw_acc", "sw_ses",
+    "sw_n", "sw_b", "sw_u", "sw_esc", "sw_acc", "sw_ses",
     "sw_src_users", "sw_src_accounts", "sw_src_sessions", "sw_src_digests",
 )  # fmt: skip
 _TZ = "timestamp with time zone"
@@ -166,6 +165,7 @@ def stage(
     conn.execute(text("CREATE INDEX ON sw_acc (prov, acct)"))
     conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
     conn.execute(text("CREATE INDEX ON sw_ses (sid)"))
+    _escape_unplain(conn)
 
     verified_kind = users["email_verified"]
     if verified_kind == "boolean":
@@ -186,25 +186,25 @@ def stage(
         created_ok = _in_range(naive)
     else:
         created_tz, created_iso, created_ok = "NULL::timestamptz", "NULL::text", "true"
-    order = 'ORDER BY prov COLLATE "C", acct COLLATE "C"'
     conn.execute(
         _text(
             f"""
 CREATE TEMP TABLE sw_u AS
-WITH acc AS (
+WITH sorted_acc AS (
+  -- Sorted once: an ORDER BY inside each aggregate sorted every user's group apart.
+  SELECT * FROM sw_acc ORDER BY ord, prov COLLATE "C", acct COLLATE "C"
+), acc AS (
   SELECT ord,
     bool_and(prov IS NOT NULL AND prov <> '' AND acct IS NOT NULL AND acct <> ''
              AND prov {_PLAIN} AND acct {_PLAIN}
              AND length(prov) <= 57 AND length(acct) <= 255) AS ok,
     '[' || string_agg('[' || to_json('authjs:' || prov)::text || ',' || to_json(acct)::text
-                      || ',""]', ',' {order}) || ']' AS linked_doc,
+                      || ',""]', ',') || ']' AS linked_doc,
     '[' || string_agg('{{"provider":' || to_json(prov)::text || ',"providerAccountId":'
-                      || to_json(acct)::text || '}}', ',' {order}) || ']' AS accounts_doc,
-    jsonb_agg(jsonb_build_object('provider', prov, 'providerAccountId', acct) {order})
-      AS accounts_raw,
-    array_agg('authjs:' || prov || ':' || acct
-              ORDER BY ('authjs:' || prov || ':' || acct) COLLATE "C") AS linked_names
-  FROM sw_acc GROUP BY ord
+                      || to_json(acct)::text || '}}', ',') || ']' AS accounts_doc,
+    jsonb_agg(jsonb_build_object('provider', prov, 'providerAccountId', acct)) AS accounts_raw,
+    array_agg('authjs:' || prov || ':' || acct) AS linked_names
+  FROM sorted_acc GROUP BY ord
 ), ses AS (
   -- Two sessions expiring at once: their order (hence which one's audit row moves the
   -- last login) follows the token's collation, which the per-row path decides.
@@ -220,10 +220,16 @@ WITH acc AS (
     coalesce(acc.ok, true) AS acc_ok, coalesce(ses.ok, true) AS ses_ok, ses.last_login,
     coalesce(acc.linked_doc, '[]') AS linked_doc,
     coalesce(acc.accounts_doc, '[]') AS accounts_doc,
-    coalesce(acc.accounts_raw, '[]'::jsonb) AS accounts_raw, acc.linked_names
+    coalesce(acc.accounts_raw, '[]'::jsonb) AS accounts_raw,
+    -- The audit lists them sorted as whole names ("p:e"), not as (provider, id) pairs.
+    CASE WHEN cardinality(acc.linked_names) > 1
+         THEN ARRAY(SELECT x FROM unnest(acc.linked_names) AS x ORDER BY x COLLATE "C")
+         ELSE acc.linked_names END AS linked_names,
+    e.name_j, e.email_j, e.image_j, e.email_lower
   , (d.digest IS NULL OR stored.digest IS DISTINCT FROM d.digest::text) AS changed
   FROM sw_src_users u
   LEFT JOIN sw_src_digests d ON d.uid = u.id
+  LEFT JOIN sw_esc e ON e.ord = u.ord
   LEFT JOIN sync_source_digests stored
     ON stored.provider = :provider AND stored.external_id = u.id::text
   LEFT JOIN acc ON acc.ord = u.ord
@@ -231,23 +237,24 @@ WITH acc AS (
 )
 SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verified,
   b.created_tz, b.linked_names, b.last_login,
-  (b.email IS NULL OR b.email {_PLAIN}) AS email_ascii,
+  CASE WHEN b.verified AND b.email IS NOT NULL
+       THEN coalesce(b.email_lower, lower(b.email COLLATE "C")) END AS email_key,
   (b.ext <> '' AND length(b.ext) <= 255 AND b.ext {_PLAIN} AND b.digest IS NOT NULL
-   AND (b.email IS NULL OR (b.email {_PLAIN} AND length(b.email) <= 320
+   AND (b.email IS NULL OR (length(b.email) <= 320
                             AND b.email LIKE '%_@_%'))
-   AND (b.name IS NULL OR (b.name {_PLAIN} AND length(b.name) <= 2048))
-   AND (b.image IS NULL OR (b.image {_PLAIN} AND length(b.image) <= 65536))
+   AND (b.name IS NULL OR length(b.name) <= 2048)
+   AND (b.image IS NULL OR length(b.image) <= 65536)
    AND b.times_ok AND b.acc_ok AND b.ses_ok) AS ok,
   encode(sha256(convert_to(
-    '{{"attributes":{{"avatar_url":' || {_j("b.image")} || ',"blocked":false,"created_at":'
-    || {_j("b.created_iso")} || ',"email":' || {_j("b.email")} || ',"email_verified":'
+    '{{"attributes":{{"avatar_url":' || coalesce(b.image_j, to_json(b.image)::text, 'null') || ',"blocked":false,"created_at":'
+    || {_j("b.created_iso")} || ',"email":' || coalesce(b.email_j, to_json(b.email)::text, 'null') || ',"email_verified":'
     || b.verified::text || ',"family_name":null,"given_name":null,"last_login_at":null,'
-    || '"name":' || {_j("b.name")} || ',"phone":null,"profile":{{}},"role":null,'
+    || '"name":' || coalesce(b.name_j, to_json(b.name)::text, 'null') || ',"phone":null,"profile":{{}},"role":null,'
     || '"tenant_id":null}},"linked":' || b.linked_doc || ',"raw":{{"accounts":' || b.accounts_doc
     || coalesce(',"createdAt":' || to_json(b.created_iso)::text, '')
-    || ',"email":' || {_j("b.email")} || ',"emailVerified":' || b.verified_doc
-    || ',"id":' || to_json(b.ext)::text || ',"image":' || {_j("b.image")}
-    || ',"name":' || {_j("b.name")} || '}}}}', 'UTF8')), 'hex') AS content_hash,
+    || ',"email":' || coalesce(b.email_j, to_json(b.email)::text, 'null') || ',"emailVerified":' || b.verified_doc
+    || ',"id":' || to_json(b.ext)::text || ',"image":' || coalesce(b.image_j, to_json(b.image)::text, 'null')
+    || ',"name":' || coalesce(b.name_j, to_json(b.name)::text, 'null') || '}}}}', 'UTF8')), 'hex') AS content_hash,
   jsonb_build_object('id', b.ext, 'name', b.name, 'email', b.email,
     'emailVerified', b.verified_raw, 'image', b.image, 'accounts', b.accounts_raw)
     || CASE WHEN b.created_iso IS NOT NULL
@@ -261,13 +268,45 @@ FROM base b
     conn.execute(
         text(
             "CREATE TEMP TABLE sw_b (ord bigint PRIMARY KEY, ext text, digest text, n bigint,"
-            " ok boolean, has_identity boolean, email_key text, email_ascii boolean,"
+            " ok boolean, has_identity boolean, email_key text,"
             " simple boolean NOT NULL DEFAULT false)"
         )
     )
     conn.execute(text("CREATE TEMP TABLE sw_n (ord bigint PRIMARY KEY, user_id uuid, profile_id uuid)"))
-    conn.execute(text("ANALYZE sw_u, sw_acc, sw_ses"))
+    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc, sw_ses"))
     return int(conn.execute(text("SELECT count(*) FROM sw_u")).scalar_one())
+
+
+def _escape_unplain(conn: Connection) -> None:
+    """``sw_esc``: for the users' texts that ``to_json`` would not escape as Python does
+    (non-ASCII, DEL), Python's own encoding; for such an email, Python's lower case (the
+    key the engine links by). A few per cent of the users in practice: the rest is SQL."""
+    unplain = r"~ '[^\x01-\x7e]'"
+    rows = conn.execute(
+        text(
+            "SELECT ord, nullif(name, ''), nullif(email, ''), nullif(image, '')"
+            f" FROM sw_src_users WHERE name {unplain} OR email {unplain} OR image {unplain}"
+        )
+    ).all()
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE sw_esc (ord bigint PRIMARY KEY, name_j text, email_j text,"
+            " image_j text, email_lower text)"
+        )
+    )
+    if not rows:
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None
+
+    def encoded(value: str | None) -> str | None:
+        plain = value is None or all("\x01" <= c <= "\x7e" for c in value)
+        return None if plain else json.dumps(value)
+
+    with raw.cursor() as cur, cur.copy("COPY sw_esc FROM STDIN") as copy:
+        for position, name, email, image in rows:
+            lowered = None if encoded(email) is None else str(email).lower()
+            copy.write_row((position, encoded(name), encoded(email), encoded(image), lowered))
 
 
 @translated
@@ -293,7 +332,8 @@ class BatchSummary:
     skipped_users: int
     skipped_sessions: int
     simple: int
-    other: list[tuple[int, str, str]]  # (position, external id, source digest)
+    changed: list[tuple[int, str, str]]  # (position, external id, source digest)
+    other: list[tuple[int, str, str]]  # those of ``changed`` that are not simple
 
 
 @translated
@@ -309,12 +349,11 @@ def classify(
     params = {"p": provider, "lo": lo, "hi": hi, "link": link}
     conn.execute(
         text(
-            "INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key, email_ascii)"
+            "INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key)"
             " SELECT u.ord, u.ext, u.digest, u.n, u.ok,"
             " EXISTS (SELECT 1 FROM user_identities i"
             "         WHERE i.provider = :p AND i.external_id = u.ext),"
-            ' CASE WHEN :link AND u.verified AND u.email IS NOT NULL'
-            ' THEN lower(u.email COLLATE "C") END, u.email_ascii'
+            " CASE WHEN :link THEN u.email_key END"
             " FROM sw_u u WHERE u.ord BETWEEN :lo AND :hi AND u.changed"
         ),
         params,
@@ -335,11 +374,7 @@ WHERE b.ok AND NOT b.has_identity
         NOT EXISTS (SELECT 1 FROM users x WHERE lower(x.email) = b.email_key
                     AND x.email_verified AND x.deleted_at IS NULL)
         AND NOT EXISTS (SELECT 1 FROM sw_b b2 WHERE b2.email_key = b.email_key
-                        AND b2.ord <> b.ord AND NOT b2.has_identity)
-        -- Python lower-cases non-ASCII letters too (the Kelvin sign to "k"): with such an
-        -- address among the batch's creates, none of its linking creates is simple.
-        AND NOT EXISTS (SELECT 1 FROM sw_b b3 WHERE b3.email_key IS NOT NULL
-                        AND NOT b3.email_ascii AND NOT b3.has_identity)))
+                        AND b2.ord <> b.ord AND NOT b2.has_identity)))
   AND NOT EXISTS (SELECT 1 FROM sw_ses s JOIN user_sessions us
                   ON us.provider = :p AND us.external_session_id = s.sid
                   WHERE s.ord = b.ord)
@@ -361,24 +396,22 @@ WHERE b.ok AND NOT b.has_identity
     changed = conn.execute(
         text("SELECT count(*), coalesce(sum(n), 0), count(*) FILTER (WHERE simple) FROM sw_b")
     ).one()
-    other = changed_rows(conn, simple=False)
+    changed_all = conn.execute(text("SELECT ord, ext, digest, simple FROM sw_b ORDER BY ord"))
+    changed_list, other = [], []
+    for position, ext, digest, simple in changed_all:
+        row = (int(position), str(ext), str(digest))
+        changed_list.append(row)
+        if not simple:
+            other.append(row)
     return BatchSummary(
         users=int(head[0]),
         last_ext=None if head[2] is None else str(head[2]),
         skipped_users=int(head[0]) - int(changed[0]),
         skipped_sessions=int(head[1]) - int(changed[1]),
         simple=int(changed[2]),
+        changed=changed_list,
         other=other,
     )
-
-
-@translated
-def changed_rows(conn: Connection, *, simple: bool | None = None) -> list[tuple[int, str, str]]:
-    """The batch's changed users as (position, external id, digest), in order: those not
-    simple (``simple=False``), or all of them (None)."""
-    where = "" if simple is None else " WHERE simple" if simple else " WHERE NOT simple"
-    query = text(f"SELECT ord, ext, digest FROM sw_b{where} ORDER BY ord")  # noqa: S608
-    return [(int(o), str(e), str(d)) for o, e, d in conn.execute(query)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

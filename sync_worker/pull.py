@@ -35,7 +35,7 @@ from db.transaction import transaction
 from providers.base import Cursor, DigestSource, Page, Provider, RecordError
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
-from sync_worker.engine.setbased import apply_batch, page_bounds
+from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
 from sync_worker.errors import GuardRefused
 from sync_worker.progress import NoProgress, Progress
 from sync_worker.runtime import collect_young, collector_paused
@@ -285,6 +285,36 @@ class PullRunner:
         other changed users through the engine, seen ids, digests and the cursor. Returns
         how many users it created."""
         name = self.provider.name
+
+        def per_row(changed: Sequence[tuple[int, str, str]]) -> PerRow:
+            users, accounts, sessions = setstore.rows_of(
+                conn,
+                [position for position, _, _ in changed],
+                user_created="created_at" in columns["users"],
+                session_created="created_at" in columns["sessions"],
+            )
+            changes, errors = source.map_users(users, accounts, sessions)
+            page = Page(
+                changes=changes,
+                cursor=None,
+                errors=errors,
+                digests={e: d for _, e, d in changed},
+            )
+            rejected = [
+                Rejected(provider=name, external_id=e.external_id, reason=e.reason)
+                for e in errors
+            ]
+            result = self.engine.apply(
+                conn, changes, source=self.source, run_id=report.run_id, rejected=rejected
+            )
+            store_digests(conn, name, _settled(page, result))
+            unmapped = {e.external_id for e in errors}
+            isolated = any(
+                o.action is Action.FAILED and o.external_id not in unmapped
+                for o in result.outcomes
+            )
+            return PerRow(result=result, isolated=isolated)
+
         with conn.begin():
             done = apply_batch(
                 conn,
@@ -296,30 +326,9 @@ class PullRunner:
                 version=source.observed,
                 source=str(self.source),
                 run_id=report.run_id,
+                per_row=per_row,
             )
-            result = BatchResult(())
-            if done.other:
-                users, accounts, sessions = setstore.rows_of(
-                    conn,
-                    [o for o, _, _ in done.other],
-                    user_created="created_at" in columns["users"],
-                    session_created="created_at" in columns["sessions"],
-                )
-                changes, errors = source.map_users(users, accounts, sessions)
-                page = Page(
-                    changes=changes,
-                    cursor=None,
-                    errors=errors,
-                    digests={e: d for _, e, d in done.other},
-                )
-                rejected = [
-                    Rejected(provider=name, external_id=e.external_id, reason=e.reason)
-                    for e in errors
-                ]
-                result = self.engine.apply(
-                    conn, changes, source=self.source, run_id=report.run_id, rejected=rejected
-                )
-                store_digests(conn, name, _settled(page, result))
+            result = done.per_row.result if done.per_row is not None else BatchResult(())
             setstore.mark_seen_range(conn, report.run_id, lo, hi)
             if last:
                 cursor = source.final_cursor()

@@ -20,7 +20,7 @@ per-row way, which isolates the refused record.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,15 +29,30 @@ from sqlalchemy import Connection
 
 from db import setbased as store
 from db.snapshot import lock_writers
+from sync_worker.engine.apply import BatchResult
 from sync_worker.engine.plan import PlanSettings
 from sync_worker.errors import RecordRefused
 
 log = structlog.get_logger(__name__)
 
 
+#: A user the set path hands to the per-row path: (position, external id, source digest).
+Changed = tuple[int, str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PerRow:
+    """What the caller's per-row application of some changed users did."""
+
+    result: BatchResult
+    #: The engine isolated a record the database (or validation) refused, by bisecting
+    #: the batch it was given: an outcome that depends on that batch's composition.
+    isolated: bool
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetBatch:
-    """What the set path did with one batch, and what it leaves to the per-row path."""
+    """What the set path did with one batch (and the per-row path with the rest)."""
 
     users: int
     last_external_id: str | None
@@ -45,7 +60,7 @@ class SetBatch:
     skipped_sessions: int
     created: int
     logins: int
-    other: Sequence[tuple[int, str, str]]  # (position, external id, source digest)
+    per_row: PerRow | None
 
 
 def page_bounds(
@@ -67,6 +82,10 @@ def page_bounds(
         lo = end + 1
 
 
+class _Redo(Exception):
+    """The batch must be applied again, wholly per row."""
+
+
 def apply_batch(
     conn: Connection,
     lo: int,
@@ -78,16 +97,24 @@ def apply_batch(
     version: datetime,
     source: str,
     run_id: uuid.UUID | None,
+    per_row: Callable[[Sequence[Changed]], PerRow],
 ) -> SetBatch:
-    """Classify the users at positions ``lo..hi`` and write the simple creates, in the
-    caller's transaction (the engine's writer lock taken first, as every engine batch)."""
-    lock_writers(conn)
-    summary = store.classify(
-        conn, lo, hi, provider=provider, link=settings.link_by_verified_email
-    )
+    """The users at positions ``lo..hi``, in the caller's transaction: classified, the
+    simple creates written in SQL, the other changed users given to ``per_row`` (which
+    maps and applies them through the engine, and stores their digests).
+
+    Should the database refuse the set writes, or the engine isolate a record among the
+    others (its bisection depends on the batch it is given), the batch is rolled back to
+    a savepoint and all its changed users go to ``per_row``: the batch then ends exactly
+    as the per-row pass would end it.
+    """
+    lock_writers(conn)  # as every engine batch: before anything is read
+    summary = store.classify(conn, lo, hi, provider=provider, link=settings.link_by_verified_email)
     written = store.Written(created=0, logins=0)
-    other = summary.other
-    if summary.simple:
+    done: PerRow | None = None
+    if not summary.simple:
+        done = per_row(summary.changed) if summary.changed else None
+    else:
         try:
             with conn.begin_nested():
                 written = store.write_simple(
@@ -100,17 +127,20 @@ def apply_batch(
                     role=settings.default_role,
                     profile=settings.profile_defaults,
                 )
-        except RecordRefused as exc:
-            log.warning("set_batch_refused", provider=provider, error=str(exc))
-            other = store.changed_rows(conn)
+                done = per_row(summary.other) if summary.other else None
+                if done is not None and done.isolated:
+                    raise _Redo
+        except (_Redo, RecordRefused) as exc:
+            log.info("set_batch_redone_per_row", provider=provider, reason=type(exc).__name__)
             written = store.Written(created=0, logins=0)
+            done = per_row(summary.changed)
     log.info(
         "set_batch_applied",
         provider=provider,
         created=written.created,
         logins=written.logins,
         unchanged=summary.skipped_users,
-        other=len(other),
+        per_row=len(summary.changed) - written.created,
     )
     return SetBatch(
         users=summary.users,
@@ -119,5 +149,5 @@ def apply_batch(
         skipped_sessions=summary.skipped_sessions,
         created=written.created,
         logins=written.logins,
-        other=other,
+        per_row=done,
     )

@@ -109,6 +109,9 @@ def apply_batch(
     as the per-row pass would end it.
     """
     lock_writers(conn)  # as every engine batch: before anything is read
+    # The lock switched the transaction to generic plans (for the engine's set lookups);
+    # the set statements run once per batch over temporary tables: plan them per run.
+    store.plan_per_run(conn)
     summary = store.classify(conn, lo, hi, provider=provider, link=settings.link_by_verified_email)
     written = store.Written(created=0, logins=0)
     done: PerRow | None = None

@@ -371,33 +371,40 @@ def classify(
         ),
         params,
     )
-    conn.execute(text("ANALYZE sw_b"))  # a fresh batch: its size, for the plans below
     conn.execute(
         text(
             """
 WITH batch_acc AS (
   SELECT a.ord, a.prov, a.acct FROM sw_acc a JOIN sw_b b ON b.ord = a.ord
+  WHERE a.ord BETWEEN :lo AND :hi
 ), batch_ses AS (
   SELECT s.ord, s.sid FROM sw_ses s JOIN sw_b b ON b.ord = s.ord
+  WHERE s.ord BETWEEN :lo AND :hi
 ), not_simple AS (
+  -- Lookups into the worker's tables are LATERAL ... LIMIT 1: an index probe per row of
+  -- the batch, never a join that reads the whole (growing) table.
   -- a linked account stored already (under any user, deleted or not)
-  SELECT a.ord FROM batch_acc a JOIN user_identities i
-    ON i.provider = 'authjs:' || a.prov AND i.external_id = a.acct
+  SELECT a.ord FROM batch_acc a CROSS JOIN LATERAL (
+    SELECT 1 FROM user_identities i
+    WHERE i.provider = 'authjs:' || a.prov AND i.external_id = a.acct LIMIT 1) hit
   -- a linked account another changed user of the batch names too
   UNION SELECT a.ord FROM batch_acc a JOIN (
     SELECT prov, acct FROM batch_acc GROUP BY prov, acct HAVING count(*) > 1
   ) twice ON twice.prov = a.prov AND twice.acct = a.acct
   -- a verified email (linking on) a live user holds verified
-  UNION SELECT b.ord FROM sw_b b JOIN users x ON lower(x.email) = b.email_key
-    WHERE x.email_verified AND x.deleted_at IS NULL
+  UNION SELECT b.ord FROM sw_b b CROSS JOIN LATERAL (
+    SELECT 1 FROM users x WHERE lower(x.email) = b.email_key
+    AND x.email_verified AND x.deleted_at IS NULL LIMIT 1) hit
+    WHERE b.email_key IS NOT NULL
   -- ... or that another create of the batch claims
   UNION SELECT b.ord FROM sw_b b JOIN (
     SELECT email_key FROM sw_b WHERE email_key IS NOT NULL AND NOT has_identity
     GROUP BY email_key HAVING count(*) > 1
   ) claimed ON claimed.email_key = b.email_key
   -- a session stored already, or named twice in the batch
-  UNION SELECT s.ord FROM batch_ses s JOIN user_sessions us
-    ON us.provider = :p AND us.external_session_id = s.sid
+  UNION SELECT s.ord FROM batch_ses s CROSS JOIN LATERAL (
+    SELECT 1 FROM user_sessions us
+    WHERE us.provider = :p AND us.external_session_id = s.sid LIMIT 1) hit
   UNION SELECT s.ord FROM batch_ses s JOIN (
     SELECT sid FROM batch_ses GROUP BY sid HAVING count(*) > 1
   ) twice ON twice.sid = s.sid
@@ -445,6 +452,8 @@ class Written:
 @translated
 def write_simple(
     conn: Connection,
+    lo: int,
+    hi: int,
     *,
     provider: str,
     now: datetime,
@@ -466,6 +475,8 @@ def write_simple(
         return Written(created=0, logins=0)
     params: dict[str, Any] = {
         "p": provider,
+        "lo": lo,
+        "hi": hi,
         "now": now,
         "version": version,
         "run": run_id,
@@ -483,7 +494,8 @@ def write_simple(
             " updated_at, deleted_at)"
             " SELECT n.user_id, u.email, u.verified, u.name, NULL, NULL, NULL, u.image, :role,"
             " NULL, false, u.last_login, coalesce(u.created_tz, :now), :now, NULL"
-            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord ORDER BY n.user_id"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
+
         ),
         params,
     )
@@ -493,7 +505,8 @@ def write_simple(
             " locale, settings, created_at, updated_at)"
             " SELECT n.profile_id, n.user_id, u.name, u.image, :tz, :currency, :locale,"
             " CAST(:settings AS jsonb), :now, :now"
-            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord ORDER BY n.profile_id"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
+
         ),
         params,
     )
@@ -503,10 +516,11 @@ def write_simple(
             " upstream_updated_at, content_hash, raw, first_seen_at, last_synced_at, deleted_at)"
             " SELECT CAST(:p AS text), u.ext, n.user_id, u.email,"
             " CAST(:version AS timestamptz), u.content_hash, u.raw, CAST(:now AS timestamptz),"
-            " CAST(:now AS timestamptz), NULL::timestamptz FROM sw_n n JOIN sw_u u ON u.ord = n.ord"
+            " CAST(:now AS timestamptz), NULL::timestamptz"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
             " UNION ALL"
             " SELECT 'authjs:' || a.prov, a.acct, n.user_id, NULL, NULL, NULL, NULL, :now,"
-            " :now, NULL FROM sw_n n JOIN sw_acc a ON a.ord = n.ord"
+            " :now, NULL FROM sw_n n JOIN sw_acc a ON a.ord = n.ord AND a.ord BETWEEN :lo AND :hi"
         ),
         params,
     )
@@ -515,8 +529,9 @@ def write_simple(
             "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"
             " user_agent, created_at, last_seen_at, expires_at, revoked_at)"
             f" SELECT {UUID7}, n.user_id, :p, s.sid, NULL, NULL, coalesce(s.created, s.written),"
-            " s.written, s.expires_at, NULL FROM sw_n n JOIN sw_ses s ON s.ord = n.ord"
-            " ORDER BY n.user_id, s.raw_expires, s.sid"
+            " s.written, s.expires_at, NULL"
+            " FROM sw_n n JOIN sw_ses s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
+
         ),
         params,
     ).rowcount
@@ -541,7 +556,7 @@ SELECT CAST(:now AS timestamptz), CAST(:run AS uuid), CAST(:source AS text),
            THEN ',"identities":[[],' || to_json(u.linked_names)::text || ']' ELSE '' END
    || '}}')::jsonb,
   NULL::text, NULL::text
-FROM sw_n n JOIN sw_u u ON u.ord = n.ord
+FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi
 UNION ALL
 SELECT :now, :run, :source, :p, u.ext, n.user_id, 'login',
   jsonb_build_object('session', jsonb_build_array(NULL, s.sid))
@@ -550,13 +565,14 @@ SELECT :now, :run, :source, :p, u.ext, n.user_id, 'login',
                  CASE WHEN s.prev IS NOT NULL THEN {before} END, {after}))
           ELSE '{{}}' END,
   NULL, NULL
-FROM sw_n n JOIN sw_u u ON u.ord = n.ord
+FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi
 JOIN (SELECT ord, sid, prev, greatest(prev, seen) AS after FROM (
         SELECT ord, sid, coalesce(created, written) AS seen,
           max(coalesce(created, written)) OVER (
             PARTITION BY ord ORDER BY raw_expires, sid
             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
-        FROM sw_ses WHERE ord IN (SELECT ord FROM sw_n)) w) s ON s.ord = n.ord
+        FROM sw_ses WHERE ord BETWEEN :lo AND :hi AND ord IN (SELECT ord FROM sw_n)) w
+     ) s ON s.ord = n.ord
 """  # noqa: S608 (expressions of our own, values bound)
         ),
         params,

@@ -255,13 +255,12 @@ class PullRunner:
                     total, changed, source.batch_size, source.seen_per_page
                 ):
                     with collector_paused():
-                        created = self._set_page(
+                        self._set_page(
                             conn, source, lo, hi, last=last, columns=columns, report=report
                         )
                     collect_young()
-                    if created:
-                        with conn.begin():
-                            refresh_statistics(conn)
+                with conn.begin():  # what follows the pass (webhooks, the next pass) plans
+                    refresh_statistics(conn)
             finally:
                 if conn.in_transaction():
                     conn.rollback()
@@ -280,13 +279,15 @@ class PullRunner:
         last: bool,
         columns: Mapping[str, set[str]],
         report: PullReport,
-    ) -> int:
+    ) -> None:
         """One batch of the set pass in one transaction: the simple creates in SQL, the
-        other changed users through the engine, seen ids, digests and the cursor. Returns
-        how many users it created."""
+        other changed users through the engine, seen ids, digests and the cursor."""
         name = self.provider.name
 
         def per_row(changed: Sequence[tuple[int, str, str]]) -> PerRow:
+            # The engine's lookups plan by the tables' statistics; the set writes need none,
+            # so they are refreshed only when the per-row path is about to look up.
+            refresh_statistics(conn)
             users, accounts, sessions = setstore.rows_of(
                 conn,
                 [position for position, _, _ in changed],
@@ -348,7 +349,6 @@ class PullRunner:
         report.pages += 1
         logins = sum(1 for o in result.outcomes if o.is_session)
         self.progress.advance(done.users, done.skipped_sessions + done.logins + logins)
-        return done.created + result.created
 
     def _listing(self, start: Cursor | None, whole: bool) -> Iterator[Page]:
         """The provider's pages: a digest pass where it offers one, else ``iter_changes``."""

@@ -122,6 +122,8 @@ def apply_batch(
             with conn.begin_nested():
                 written = store.write_simple(
                     conn,
+                    lo,
+                    hi,
                     provider=provider,
                     now=now,
                     version=version,

@@ -6,7 +6,7 @@ one worker connection (``stage``), decides per id-range batch which changed user
 *simple creates* (``classify``) and writes those with ``INSERT ... SELECT``
 (``write_simple``): the same rows, audit rows and content hashes the engine's bulk create
 path writes for them (``sync_worker.engine.bulk``, one definition of the rules, restated
-here in SQL and held to it by tests/test_setpass.py). Every other changed user is read back
+here in SQL and held to it by tests/contract/test_setpass.py). Every other changed user is read back
 (``rows_of``) for the per-row engine, in the same transaction.
 
 The content hash (``UserChange.content_hash``: sha256 of canonical JSON) is built in SQL
@@ -131,7 +131,6 @@ def stage(
     conn.execute(text("CREATE INDEX ON sw_src_users (id)"))
     conn.execute(text("CREATE INDEX ON sw_src_accounts (uid)"))
     conn.execute(text("CREATE INDEX ON sw_src_sessions (uid)"))
-    conn.execute(text("ANALYZE sw_src_users, sw_src_accounts, sw_src_sessions, sw_src_digests"))
 
     conn.execute(
         text(
@@ -276,7 +275,7 @@ FROM base b
     # Per batch: emptied by each commit (cheaper than a TRUNCATE per batch).
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_n (ord bigint PRIMARY KEY, user_id uuid, profile_id uuid)"
+            "CREATE TEMP TABLE sw_n (ord bigint, user_id uuid, profile_id uuid)"
             " ON COMMIT DELETE ROWS"
         )
     )

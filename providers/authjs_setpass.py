@@ -34,6 +34,8 @@ __all__ = ["AuthjsSetPass", "Relation", "acceptable"]
 
 log = structlog.get_logger(__name__)
 
+_BLOCK = 1 << 20
+
 #: Each copied column's logical name, and the source types the worker's SQL handles for it.
 _INT = frozenset({"smallint", "integer", "bigint"})
 _TEXT = frozenset({"text", "character varying"})
@@ -134,9 +136,17 @@ class AuthjsSetPass:
         assert self._conn is not None
         raw = self._conn.connection.driver_connection
         assert raw is not None
-        with raw.cursor() as cur, cur.copy(f"COPY ({relation.sql}) TO STDOUT", relation.params) as cp:
-            for chunk in cp:
-                yield bytes(chunk)
+        # The driver hands over a row at a time: pass on blocks of about a megabyte.
+        block = bytearray()
+        statement = f"COPY ({relation.sql}) TO STDOUT"
+        with raw.cursor() as cur, cur.copy(statement, relation.params) as copy:
+            for chunk in copy:
+                block += chunk
+                if len(block) >= _BLOCK:
+                    yield bytes(block)
+                    block.clear()
+        if block:
+            yield bytes(block)
 
     def map_users(
         self,

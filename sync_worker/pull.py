@@ -38,6 +38,7 @@ from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
 from sync_worker.errors import GuardRefused
 from sync_worker.progress import NoProgress, Progress
+from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collect_young, collector_paused
 
 log = structlog.get_logger(__name__)
@@ -240,7 +241,12 @@ class PullRunner:
                     with conn.begin():
                         total = setstore.stage(
                             conn,
-                            [(r.name, r.columns, source.copy_out(r)) for r in relations],
+                            # Read in a thread: the source's server produces the next bytes
+                            # while the worker's consumes these (two cores, not one).
+                            [
+                                (r.name, r.columns, read_ahead(source.copy_out(r), depth=64))
+                                for r in relations
+                            ],
                             provider=name,
                             observed=source.observed,
                             max_age_seconds=source.max_age_seconds,

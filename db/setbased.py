@@ -138,6 +138,33 @@ def stage(
             " a.acct::text AS acct FROM sw_src_accounts a JOIN sw_src_users u ON u.id = a.uid"
         )
     )
+    _derive_sessions(conn, sessions, observed=observed, max_age_seconds=max_age_seconds)
+    _escape_unplain(conn)
+    _derive_users(conn, users, provider=provider)
+    conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE sw_b (ord bigint PRIMARY KEY, ext text, digest text, n bigint,"
+            " ok boolean, has_identity boolean, email_key text,"
+            " simple boolean NOT NULL DEFAULT false) ON COMMIT DELETE ROWS"
+        )
+    )
+    # Per batch: emptied by each commit (cheaper than a TRUNCATE per batch).
+    conn.execute(
+        text(
+            "CREATE TEMP TABLE sw_n (ord bigint, user_id uuid, profile_id uuid)"
+            " ON COMMIT DELETE ROWS"
+        )
+    )
+    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc, sw_ses"))
+    return int(conn.execute(text("SELECT count(*) FROM sw_u")).scalar_one())
+
+
+def _derive_sessions(
+    conn: Connection, sessions: Mapping[str, str], *, observed: datetime, max_age_seconds: float
+) -> None:
+    """``sw_ses``: each live session with its id (the token's SHA-256), its times as the
+    mapping derives them, and whether SQL may write it."""
     expires = _zoned("s.expires", sessions["expires"])
     created = (
         _zoned("s.created_at", sessions["created_at"])
@@ -145,11 +172,13 @@ def stage(
         else "NULL::timestamptz"
     )
     created_ok = (
-        _in_range(_utc("s.created_at", sessions["created_at"])) if "created_at" in sessions else "true"
+        _in_range(_utc("s.created_at", sessions["created_at"]))
+        if "created_at" in sessions
+        else "true"
     )
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"
+            "CREATE TEMP TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"  # noqa: S608
             " encode(sha256(convert_to(s.token, 'UTF8')), 'hex') AS sid,"
             f" {expires} AS expires_at,"
             f" least({expires} - make_interval(secs => :max_age), :observed) AS written,"
@@ -165,8 +194,10 @@ def stage(
     conn.execute(text("CREATE INDEX ON sw_acc (prov, acct)"))
     conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
     conn.execute(text("CREATE INDEX ON sw_ses (sid)"))
-    _escape_unplain(conn)
 
+
+def _derive_users(conn: Connection, users: Mapping[str, str], *, provider: str) -> None:
+    """``sw_u``: each user with what its create writes (content hash, raw record, flags)."""
     verified_kind = users["email_verified"]
     if verified_kind == "boolean":
         verified = "coalesce(u.email_verified, false)"
@@ -186,6 +217,10 @@ def stage(
         created_ok = _in_range(naive)
     else:
         created_tz, created_iso, created_ok = "NULL::timestamptz", "NULL::text", "true"
+    # Python's own escapes where ``to_json`` would differ (``sw_esc``), else ``to_json``.
+    name_doc = "coalesce(b.name_j, to_json(b.name)::text, 'null')"
+    email_doc = "coalesce(b.email_j, to_json(b.email)::text, 'null')"
+    image_doc = "coalesce(b.image_j, to_json(b.image)::text, 'null')"
     conn.execute(
         _text(
             f"""
@@ -246,15 +281,15 @@ SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verif
    AND (b.image IS NULL OR length(b.image) <= 65536)
    AND b.times_ok AND b.acc_ok AND b.ses_ok) AS ok,
   encode(sha256(convert_to(
-    '{{"attributes":{{"avatar_url":' || coalesce(b.image_j, to_json(b.image)::text, 'null') || ',"blocked":false,"created_at":'
-    || {_j("b.created_iso")} || ',"email":' || coalesce(b.email_j, to_json(b.email)::text, 'null') || ',"email_verified":'
+    '{{"attributes":{{"avatar_url":' || {image_doc} || ',"blocked":false,"created_at":'
+    || {_j("b.created_iso")} || ',"email":' || {email_doc} || ',"email_verified":'
     || b.verified::text || ',"family_name":null,"given_name":null,"last_login_at":null,'
-    || '"name":' || coalesce(b.name_j, to_json(b.name)::text, 'null') || ',"phone":null,"profile":{{}},"role":null,'
+    || '"name":' || {name_doc} || ',"phone":null,"profile":{{}},"role":null,'
     || '"tenant_id":null}},"linked":' || b.linked_doc || ',"raw":{{"accounts":' || b.accounts_doc
     || coalesce(',"createdAt":' || to_json(b.created_iso)::text, '')
-    || ',"email":' || coalesce(b.email_j, to_json(b.email)::text, 'null') || ',"emailVerified":' || b.verified_doc
-    || ',"id":' || to_json(b.ext)::text || ',"image":' || coalesce(b.image_j, to_json(b.image)::text, 'null')
-    || ',"name":' || coalesce(b.name_j, to_json(b.name)::text, 'null') || '}}}}', 'UTF8')), 'hex') AS content_hash,
+    || ',"email":' || {email_doc} || ',"emailVerified":' || b.verified_doc
+    || ',"id":' || to_json(b.ext)::text || ',"image":' || {image_doc}
+    || ',"name":' || {name_doc} || '}}}}', 'UTF8')), 'hex') AS content_hash,
   jsonb_build_object('id', b.ext, 'name', b.name, 'email', b.email,
     'emailVerified', b.verified_raw, 'image', b.image, 'accounts', b.accounts_raw)
     || CASE WHEN b.created_iso IS NOT NULL
@@ -264,23 +299,6 @@ FROM base b
         ),
         {"provider": provider},
     )
-    conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
-    conn.execute(
-        text(
-            "CREATE TEMP TABLE sw_b (ord bigint PRIMARY KEY, ext text, digest text, n bigint,"
-            " ok boolean, has_identity boolean, email_key text,"
-            " simple boolean NOT NULL DEFAULT false) ON COMMIT DELETE ROWS"
-        )
-    )
-    # Per batch: emptied by each commit (cheaper than a TRUNCATE per batch).
-    conn.execute(
-        text(
-            "CREATE TEMP TABLE sw_n (ord bigint, user_id uuid, profile_id uuid)"
-            " ON COMMIT DELETE ROWS"
-        )
-    )
-    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc, sw_ses"))
-    return int(conn.execute(text("SELECT count(*) FROM sw_u")).scalar_one())
 
 
 def _escape_unplain(conn: Connection) -> None:
@@ -290,7 +308,7 @@ def _escape_unplain(conn: Connection) -> None:
     unplain = r"~ '[^\x01-\x7e]'"
     rows = conn.execute(
         text(
-            "SELECT ord, nullif(name, ''), nullif(email, ''), nullif(image, '')"
+            "SELECT ord, nullif(name, ''), nullif(email, ''), nullif(image, '')"  # noqa: S608
             f" FROM sw_src_users WHERE name {unplain} OR email {unplain} OR image {unplain}"
         )
     ).all()
@@ -350,9 +368,7 @@ class BatchSummary:
 
 
 @translated
-def classify(
-    conn: Connection, lo: int, hi: int, *, provider: str, link: bool
-) -> BatchSummary:
+def classify(conn: Connection, lo: int, hi: int, *, provider: str, link: bool) -> BatchSummary:
     """Fill ``sw_b`` with the batch's changed users and mark the simple creates, by the
     rules of ``engine.bulk.split``: no stored identity under the user's key, none of its
     linked accounts stored nor named by another changed user of the batch, no live
@@ -466,7 +482,7 @@ def write_simple(
     sessions, audit rows and source digests, as ``engine.bulk.BulkPlan`` builds them."""
     created = conn.execute(
         text(
-            f"INSERT INTO sw_n (ord, user_id, profile_id) SELECT ord, {UUID7}, {UUID7}"
+            f"INSERT INTO sw_n (ord, user_id, profile_id) SELECT ord, {UUID7}, {UUID7}"  # noqa: S608
             " FROM sw_b WHERE simple ORDER BY ord"
         )
     ).rowcount
@@ -494,7 +510,6 @@ def write_simple(
             " SELECT n.user_id, u.email, u.verified, u.name, NULL, NULL, NULL, u.image, :role,"
             " NULL, false, u.last_login, coalesce(u.created_tz, :now), :now, NULL"
             " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
-
         ),
         params,
     )
@@ -505,7 +520,6 @@ def write_simple(
             " SELECT n.profile_id, n.user_id, u.name, u.image, :tz, :currency, :locale,"
             " CAST(:settings AS jsonb), :now, :now"
             " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
-
         ),
         params,
     )
@@ -525,12 +539,11 @@ def write_simple(
     )
     logins = conn.execute(
         text(
-            "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"
+            "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"  # noqa: S608
             " user_agent, created_at, last_seen_at, expires_at, revoked_at)"
             f" SELECT {UUID7}, n.user_id, :p, s.sid, NULL, NULL, coalesce(s.created, s.written),"
             " s.written, s.expires_at, NULL"
             " FROM sw_n n JOIN sw_ses s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
-
         ),
         params,
     ).rowcount
@@ -610,7 +623,7 @@ def rows_of(
     created = ', u.created_at AS "createdAt"' if user_created else ""
     users = conn.execute(
         text(
-            'SELECT u.id, u.name, u.email, u.email_verified AS "emailVerified", u.image'
+            'SELECT u.id, u.name, u.email, u.email_verified AS "emailVerified", u.image'  # noqa: S608
             f"{created} FROM sw_src_users u WHERE u.ord = ANY(:ords) ORDER BY u.ord"
         ).bindparams(ords)
     )
@@ -625,7 +638,7 @@ def rows_of(
     screated = ', s.created_at AS "createdAt"' if session_created else ""
     sessions = conn.execute(
         text(
-            'SELECT s.uid AS "userId", s.token AS "sessionToken", s.expires'
+            'SELECT s.uid AS "userId", s.token AS "sessionToken", s.expires'  # noqa: S608
             f"{screated} FROM sw_src_sessions s JOIN sw_src_users u ON u.id = s.uid"
             " WHERE u.ord = ANY(:ords) ORDER BY u.ord, s.expires, s.token"
         ).bindparams(ords)

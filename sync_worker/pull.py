@@ -36,7 +36,7 @@ from providers.base import Cursor, DigestSource, Page, Provider, RecordError
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
-from sync_worker.errors import GuardRefused
+from sync_worker.errors import GuardRefused, StoreError
 from sync_worker.progress import NoProgress, Progress
 from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collect_young, collector_paused
@@ -119,13 +119,16 @@ class PullRunner:
         source: Source = Source.BACKFILL,
         progress: Progress | None = None,
         digests: bool = True,
-        set_based: bool = True,
+        set_based: bool | None = None,
     ) -> None:
         """``digests``: let a source that digests its rows (``DigestSource``) skip the users
         unchanged since the pass that last applied them (off: every user is mapped).
         ``set_based``: let a full pass of a source that offers one (``SetPassSource``) into
-        a PostgreSQL worker take the set-based path (off, or ``digests`` off: the per-row
-        pass, which stays the reference)."""
+        a PostgreSQL worker take the set-based path: None (the default) on an initial load
+        only, i.e. while the worker holds no source digest of the provider (a later pass
+        mostly skips unchanged users on their digests, which costs far less than staging
+        the source); True on every pass; False never (nor with ``digests`` off): the
+        per-row pass, which stays the reference."""
         self.db = db
         self.engine = engine
         self.provider = provider
@@ -218,11 +221,13 @@ class PullRunner:
 
     def _set_source(self, start: Cursor | None, whole: bool) -> SetPassSource | None:
         """The provider's set-based pass, where it offers one and every switch allows it."""
-        if not (self.set_based and self.digests) or self.db.dialect.name != "postgresql":
+        if self.set_based is False or not self.digests or self.db.dialect.name != "postgresql":
             return None
         offer = getattr(self.provider, "set_pass", None)
         if offer is None:
             return None
+        if self.set_based is None and holds_digests(self.db, self.provider.name):
+            return None  # not an initial load: the digest pass skips the unchanged users
         found: SetPassSource | None = offer(start, full=whole)
         return found
 
@@ -270,8 +275,12 @@ class PullRunner:
             finally:
                 if conn.in_transaction():
                     conn.rollback()
-                with conn.begin():
-                    setstore.drop(conn)
+                try:
+                    with conn.begin():
+                        setstore.drop(conn)
+                except StoreError as exc:  # never hide why the pass stopped; a later pass
+                    # drops them first anyway (the connection may go back to the pool)
+                    log.warning("set_pass_cleanup_failed", error=str(exc))
         self._completed(True, source.partial, report=report, seen=seen, dry_run=False)
         return True
 
@@ -308,8 +317,7 @@ class PullRunner:
                 digests={e: d for _, e, d in changed},
             )
             rejected = [
-                Rejected(provider=name, external_id=e.external_id, reason=e.reason)
-                for e in errors
+                Rejected(provider=name, external_id=e.external_id, reason=e.reason) for e in errors
             ]
             result = self.engine.apply(
                 conn, changes, source=self.source, run_id=report.run_id, rejected=rejected
@@ -317,8 +325,7 @@ class PullRunner:
             store_digests(conn, name, _settled(page, result))
             unmapped = {e.external_id for e in errors}
             isolated = any(
-                o.action is Action.FAILED and o.external_id not in unmapped
-                for o in result.outcomes
+                o.action is Action.FAILED and o.external_id not in unmapped for o in result.outcomes
             )
             return PerRow(result=result, isolated=isolated)
 

@@ -35,7 +35,7 @@ from sync_worker.config import AuthjsSettings
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.pull import PullReport, PullRunner
 from tests.conftest import empty_tables, sqlalchemy_url
-from tests.fakes.authjs import PG_ADAPTER_SCHEMA_SQL
+from tests.fakes.authjs import PG_ADAPTER_SCHEMA_SQL, make_loader
 from tests.test_authjs_digest import normalized
 
 pytestmark = pytest.mark.postgres
@@ -56,6 +56,7 @@ class Twins:
     batch_size: int = 5
     plan: PlanSettings = field(default_factory=PlanSettings)
     reports: dict[bool, PullReport] = field(default_factory=dict)
+    settings: AuthjsSettings | None = None  # the adapter's (default: the pg adapter's)
 
     def reset(self) -> None:
         self.source.execute("DROP SCHEMA public CASCADE")
@@ -111,7 +112,7 @@ class Twins:
         now = self.now
         if True:
             provider = AuthjsProvider(
-                AuthjsSettings(database_url=self.source_url),
+                self.settings or AuthjsSettings(database_url=self.source_url),
                 batch_size=self.batch_size,
                 now=lambda: now,
             )
@@ -131,7 +132,9 @@ class Twins:
         now = self.now
         for worker in (self.sets, self.rows):
             with transaction(worker) as conn:
-                SyncEngine(self.plan, clock=lambda: now).apply(conn, [change], source=Source.WEBHOOK)
+                SyncEngine(self.plan, clock=lambda: now).apply(
+                    conn, [change], source=Source.WEBHOOK
+                )
 
     def assert_same(self, *, counts: bool = True) -> None:
         sets, rows = normalized(self.sets), normalized(self.rows)
@@ -144,7 +147,8 @@ class Twins:
         if not counts:
             return
         set_report, row_report = self.reports[True], self.reports[False]
-        assert set_report.path == "set" and row_report.path == "per_row"
+        assert set_report.path == "set"
+        assert row_report.path == "per_row"
         assert set_report.flat_counts() == row_report.flat_counts()
         assert set_report.pages == row_report.pages
         assert set_report.status == row_report.status
@@ -283,13 +287,15 @@ def test_initial_load_is_written_in_sql_and_a_second_pass_writes_nothing(fresh: 
     fresh.run()
     fresh.assert_same()
     report = fresh.reports[True]
-    assert report.counts["created"] == 23 and report.sessions["new"] == 23
+    assert report.counts["created"] == 23
+    assert report.sessions["new"] == 23
     assert report.set_created == 23  # every user went the SQL way
     audits, stamps = audit_count(fresh.sets), user_stamps(fresh.sets)
     fresh.run()
     fresh.assert_same()
     assert fresh.reports[True].counts == {"unchanged": 23}
-    assert audit_count(fresh.sets) == audits and user_stamps(fresh.sets) == stamps
+    assert audit_count(fresh.sets) == audits
+    assert user_stamps(fresh.sets) == stamps
 
 
 def test_hash_matches_python_for_every_ascii_character(fresh: Twins) -> None:
@@ -412,7 +418,8 @@ def test_a_failure_mid_pass_keeps_committed_batches_only(fresh: Twins) -> None:
             text("SELECT count(*) FROM user_identities WHERE provider = 'authjs'")
         ).scalar_one()
         cursor = conn.execute(text("SELECT cursor FROM sync_cursors")).scalar_one()
-    assert identities == 5 and cursor == {"after_id": "5", "id_type": "int"}
+    assert identities == 5
+    assert cursor == {"after_id": "5", "id_type": "int"}
     with transaction(fresh.sets) as conn:
         conn.execute(text("DROP TRIGGER refuse ON identity.user_identities"))
         conn.execute(text("DROP FUNCTION identity.refuse()"))
@@ -449,3 +456,30 @@ def test_resumed_pass_and_the_switch(fresh: Twins) -> None:
     fresh.run(full=False)  # from the stored (completed) cursor: a new whole pass
     fresh.assert_same()
     assert fresh.reports[True].counts["updated"] == 3
+
+
+@pytest.mark.parametrize("flavour", ["prisma", "drizzle"])
+def test_other_flavours_text_ids_and_naive_timestamps(
+    twins: Twins, make_pg_database: Callable[[], str], flavour: str
+) -> None:
+    """Text ids, timestamps without zone, and (Prisma) the optional createdAt columns."""
+    twins.reset()
+    url = make_pg_database()
+    with make_loader(flavour, url) as loader:
+        loader.populate(40, seed=5, now=START)
+    columns = (
+        {"user": {"created_at": "createdAt"}, "session": {"created_at": "createdAt"}}
+        if flavour == "prisma"
+        else {}
+    )
+    settings = AuthjsSettings.model_validate(
+        {"database_url": url, "schema": flavour, "columns": columns}
+    )
+    twins.settings = settings
+    try:
+        twins.batch_size = 15
+        twins.run()
+        twins.assert_same()
+        assert twins.reports[True].set_created > 30  # most of them in SQL
+    finally:
+        twins.settings, twins.batch_size = None, 5

@@ -128,9 +128,6 @@ def stage(
                 copy.write(chunk)
     users, sessions = kinds["users"], kinds["sessions"]
     conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
-    conn.execute(text("CREATE INDEX ON sw_src_users (id)"))
-    conn.execute(text("CREATE INDEX ON sw_src_accounts (uid)"))
-    conn.execute(text("CREATE INDEX ON sw_src_sessions (uid)"))
 
     conn.execute(
         text(
@@ -483,7 +480,7 @@ def write_simple(
     created = conn.execute(
         text(
             f"INSERT INTO sw_n (ord, user_id, profile_id) SELECT ord, {UUID7}, {UUID7}"  # noqa: S608
-            " FROM sw_b WHERE simple ORDER BY ord"
+            " FROM sw_b WHERE simple"
         )
     ).rowcount
     if not created:
@@ -592,8 +589,10 @@ JOIN (SELECT ord, sid, prev, greatest(prev, seen) AS after FROM (
     conn.execute(
         text(
             "INSERT INTO sync_source_digests (provider, external_id, digest)"
+            # No ON CONFLICT: a digest goes with its identity (migration 0007's triggers),
+            # and these have none. Should one be there anyway, the refusal sends the batch
+            # per row, which stores digests its own way.
             " SELECT :p, b.ext, b.digest FROM sw_b b WHERE b.simple"
-            " ON CONFLICT (provider, external_id) DO UPDATE SET digest = EXCLUDED.digest"
         ),
         params,
     )
@@ -620,6 +619,9 @@ def rows_of(
     """The source rows of these users as the adapter reads them (its field names, each
     column's own type): users, their accounts, their live sessions."""
     ords = bindparam("ords", list(positions), type_=ARRAY(BIGINT))
+    # Made when the per-row path first needs them (an initial load may never).
+    conn.execute(text("CREATE INDEX IF NOT EXISTS sw_src_accounts_uid ON sw_src_accounts (uid)"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS sw_src_sessions_uid ON sw_src_sessions (uid)"))
     created = ', u.created_at AS "createdAt"' if user_created else ""
     users = conn.execute(
         text(

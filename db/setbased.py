@@ -35,10 +35,10 @@ from db.errors import translated
 
 __all__ = [
     "BatchSummary",
-    "changed_positions",
     "classify",
     "drop",
     "mark_seen_range",
+    "nth_changed",
     "plan_per_run",
     "rows_of",
     "stage",
@@ -59,6 +59,7 @@ UUID7 = (
 #: Strings ``to_json`` escapes as ``json.dumps(ensure_ascii=True)`` does: ASCII without DEL.
 _PLAIN = r"!~ '[^\x01-\x7e]'"
 _LOW, _HIGH = "'1000-01-01'", "'9999-01-01'"
+_ESCAPE_SPAN = 50_000
 
 
 def _q(name: str) -> str:
@@ -139,6 +140,7 @@ def stage(
     _escape_unplain(conn)
     _derive_users(conn, users, provider=provider)
     conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
+    conn.execute(text("CREATE INDEX ON sw_u (ord) WHERE changed"))  # where pages end
     conn.execute(
         text(
             "CREATE TEMP TABLE sw_b (ord bigint PRIMARY KEY, ext text, digest text, n bigint,"
@@ -301,22 +303,21 @@ FROM base b
 def _escape_unplain(conn: Connection) -> None:
     """``sw_esc``: for the users' texts that ``to_json`` would not escape as Python does
     (non-ASCII, DEL), Python's own encoding; for such an email, Python's lower case (the
-    key the engine links by). A few per cent of the users in practice: the rest is SQL."""
-    unplain = r"~ '[^\x01-\x7e]'"
-    rows = conn.execute(
-        text(
-            "SELECT ord, nullif(name, ''), nullif(email, ''), nullif(image, '')"  # noqa: S608
-            f" FROM sw_src_users WHERE name {unplain} OR email {unplain} OR image {unplain}"
-        )
-    ).all()
+    key the engine links by). A few per cent of the users in practice: the rest is SQL.
+    Read and written ``_ESCAPE_SPAN`` positions at a time, so memory stays flat."""
     conn.execute(
         text(
             "CREATE TEMP TABLE sw_esc (ord bigint PRIMARY KEY, name_j text, email_j text,"
             " image_j text, email_lower text)"
         )
     )
-    if not rows:
-        return
+    unplain = r"~ '[^\x01-\x7e]'"
+    query = text(
+        "SELECT ord, nullif(name, ''), nullif(email, ''), nullif(image, '')"  # noqa: S608
+        " FROM sw_src_users WHERE ord BETWEEN :lo AND :hi"
+        f" AND (name {unplain} OR email {unplain} OR image {unplain})"
+    )
+    last = conn.execute(text("SELECT coalesce(max(ord), 0) FROM sw_src_users")).scalar_one()
     raw = conn.connection.driver_connection
     assert raw is not None
 
@@ -324,10 +325,14 @@ def _escape_unplain(conn: Connection) -> None:
         plain = value is None or all("\x01" <= c <= "\x7e" for c in value)
         return None if plain else json.dumps(value)
 
-    with raw.cursor() as cur, cur.copy("COPY sw_esc FROM STDIN") as copy:
-        for position, name, email, image in rows:
-            lowered = None if encoded(email) is None else str(email).lower()
-            copy.write_row((position, encoded(name), encoded(email), encoded(image), lowered))
+    for lo in range(1, int(last) + 1, _ESCAPE_SPAN):
+        rows = conn.execute(query, {"lo": lo, "hi": lo + _ESCAPE_SPAN - 1}).all()
+        if not rows:
+            continue
+        with raw.cursor() as cur, cur.copy("COPY sw_esc FROM STDIN") as copy:
+            for position, name, email, image in rows:
+                lowered = None if encoded(email) is None else str(email).lower()
+                copy.write_row((position, encoded(name), encoded(email), encoded(image), lowered))
 
 
 @translated
@@ -336,18 +341,20 @@ def drop(conn: Connection) -> None:
 
 
 @translated
-def changed_positions(conn: Connection) -> list[int]:
-    """Positions of the users whose source digest differs from the stored one (all of
-    them on a first pass), in order: they decide where the pass's pages end."""
-    query = text("SELECT ord FROM sw_u WHERE changed ORDER BY ord")
-    return [int(o) for o in conn.execute(query).scalars()]
-
-
-@translated
 def plan_per_run(conn: Connection) -> None:
     """Custom plans for the rest of the transaction (the engine's lock asks for generic
     ones; it asks again when the per-row path takes it)."""
     conn.execute(text("SELECT set_config('plan_cache_mode', 'auto', true)"))
+
+
+@translated
+def nth_changed(conn: Connection, start: int, n: int) -> int | None:
+    """The position of the ``n``-th changed user at or after ``start`` (None: fewer)."""
+    query = text(
+        "SELECT ord FROM sw_u WHERE changed AND ord >= :start ORDER BY ord LIMIT 1 OFFSET :skip"
+    )
+    found = conn.execute(query, {"start": start, "skip": n - 1}).scalar()
+    return None if found is None else int(found)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -256,15 +256,19 @@ class PullRunner:
                             observed=source.observed,
                             max_age_seconds=source.max_age_seconds,
                         )
-                        changed = setstore.changed_positions(conn)
+                        changed = setstore.nth_changed(conn, 1, 1) is not None
                 finally:
                     source.close()  # everything is staged: the source snapshot can end
                 columns = {r.name: {c for c, _ in r.columns} for r in relations}
                 self.progress.total(total)
-                log.info("set_pass_staged", provider=name, users=total, changed=len(changed))
-                for lo, hi, last in page_bounds(
-                    total, changed, source.batch_size, source.seen_per_page
-                ):
+                log.info("set_pass_staged", provider=name, users=total, any_changed=changed)
+
+                def nth_changed(start: int, n: int) -> int | None:
+                    with conn.begin():  # between the batches' transactions
+                        return setstore.nth_changed(conn, start, n)
+
+                bounds = page_bounds(total, source.batch_size, source.seen_per_page, nth_changed)
+                for lo, hi, last in bounds:
                     with collector_paused():
                         self._set_page(
                             conn, source, lo, hi, last=last, columns=columns, report=report

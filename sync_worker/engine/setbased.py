@@ -64,20 +64,21 @@ class SetBatch:
 
 
 def page_bounds(
-    total: int, changed: Sequence[int], size: int, seen_max: int
+    total: int, size: int, seen_max: int, nth_changed: Callable[[int, int], int | None]
 ) -> Iterator[tuple[int, int, bool]]:
     """``(first, last, is_last)`` positions of each page, cut as the digest pass cuts
-    its pages: at ``size`` changed users or ``seen_max`` users, whichever comes first."""
+    its pages: at ``size`` changed users or ``seen_max`` users, whichever comes first.
+    ``nth_changed(start, n)``: the position of the n-th changed user from ``start`` on
+    (asked of the database page by page, so no list of positions is held)."""
     if total <= 0:
         yield 1, 0, True
         return
-    lo, i = 1, 0
+    lo = 1
     while lo <= total:
         end = min(total, lo + seen_max - 1)
-        if i + size - 1 < len(changed) and changed[i + size - 1] <= end:
-            end = changed[i + size - 1]
-        while i < len(changed) and changed[i] <= end:
-            i += 1
+        nth = nth_changed(lo, size)
+        if nth is not None and nth <= end:
+            end = nth
         yield lo, end, end == total
         lo = end + 1
 

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 
 from db.errors import translated
+from sync_worker.errors import RecordRefused, StoreError, StoreUnavailable
 
 __all__ = [
     "BatchSummary",
@@ -124,7 +127,8 @@ def stage(
         cols = ", ".join(f"{_q(c)} {kind}" for c, kind in columns)
         conn.execute(text(f"CREATE TEMP TABLE {table} ({cols})"))
         names = ", ".join(_q(c) for c, _ in columns)
-        with raw.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        statement = f"COPY {table} ({names}) FROM STDIN"
+        with _raw_errors(), raw.cursor() as cur, cur.copy(statement) as copy:
             for chunk in chunks:
                 copy.write(chunk)
     users, sessions = kinds["users"], kinds["sessions"]
@@ -302,6 +306,24 @@ FROM base b
     )
 
 
+@contextmanager
+def _raw_errors() -> Iterator[None]:
+    """The driver's own errors (COPY goes to psycopg directly), as ``db.errors`` has them."""
+    try:
+        yield
+    except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+        raise RecordRefused(f"database refused the record: {_line(exc)}") from exc
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise StoreUnavailable(f"database unavailable: {_line(exc)}") from exc
+    except psycopg.Error as exc:
+        raise StoreError(f"database error: {_line(exc)}") from exc
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _escape_unplain(conn: Connection) -> None:
     """``sw_esc``: for the users' texts that ``to_json`` would not escape as Python does
     (non-ASCII, DEL), Python's own encoding; for such an email, Python's lower case (the
@@ -331,7 +353,7 @@ def _escape_unplain(conn: Connection) -> None:
         rows = conn.execute(query, {"lo": lo, "hi": lo + _ESCAPE_SPAN - 1}).all()
         if not rows:
             continue
-        with raw.cursor() as cur, cur.copy("COPY sw_esc FROM STDIN") as copy:
+        with _raw_errors(), raw.cursor() as cur, cur.copy("COPY sw_esc FROM STDIN") as copy:
             for position, name, email, image in rows:
                 lowered = None if encoded(email) is None else str(email).lower()
                 copy.write_row((position, encoded(name), encoded(email), encoded(image), lowered))

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 import structlog
 from sqlalchemy import Connection, Select, func, literal, select
 
 from providers.base import Cursor, RecordError
 from sync_worker.changes import UserChange
+from sync_worker.errors import UpstreamDataError, UpstreamUnavailable
 
 __all__ = ["AuthjsSetPass", "Relation", "acceptable"]
 
@@ -105,7 +107,19 @@ class AuthjsSetPass:
         self._conn: Connection | None = None
 
     def open(self) -> list[Relation] | None:
-        """Begin the snapshot; the relations, or None (and closed) if a type is not handled."""
+        """Begin the snapshot; the relations, or None (and closed) if a type is not handled
+        or the source refuses a query (the per-row pass then says why, in its own words)."""
+        try:
+            return self._open()
+        except psycopg.Error as exc:
+            log.info("set_pass_refused_by_source", error=type(exc).__name__)
+            self.close()
+            return None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> list[Relation] | None:
         conn = self._conn = self._reading.__enter__()
         conn.execute(select(literal(1)))  # begin the snapshot before any COPY uses it
         raw = conn.connection.driver_connection
@@ -139,12 +153,17 @@ class AuthjsSetPass:
         # The driver hands over a row at a time: pass on blocks of about a megabyte.
         block = bytearray()
         statement = f"COPY ({relation.sql}) TO STDOUT"
-        with raw.cursor() as cur, cur.copy(statement, relation.params) as copy:
-            for chunk in copy:
-                block += chunk
-                if len(block) >= _BLOCK:
-                    yield bytes(block)
-                    block.clear()
+        try:
+            with raw.cursor() as cur, cur.copy(statement, relation.params) as copy:
+                for chunk in copy:
+                    block += chunk
+                    if len(block) >= _BLOCK:
+                        yield bytes(block)
+                        block.clear()
+        except psycopg.OperationalError as exc:
+            raise UpstreamUnavailable(f"authjs: database unavailable: {_line(exc)}") from exc
+        except psycopg.Error as exc:
+            raise UpstreamDataError(f"authjs: database error: {_line(exc)}") from exc
         if block:
             yield bytes(block)
 
@@ -179,6 +198,11 @@ class AuthjsSetPass:
         if self._conn is not None:
             self._conn = None
             self._reading.__exit__(None, None, None)
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _types(raw: Any, sql: str, params: Mapping[str, Any]) -> list[str]:

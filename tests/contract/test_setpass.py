@@ -33,6 +33,7 @@ from providers.authjs import AuthjsProvider
 from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
 from sync_worker.engine import PlanSettings, SyncEngine
+from sync_worker.errors import ConfigError
 from sync_worker.pull import PullReport, PullRunner
 from tests.conftest import empty_tables, sqlalchemy_url
 from tests.fakes.authjs import PG_ADAPTER_SCHEMA_SQL, make_loader
@@ -483,3 +484,14 @@ def test_other_flavours_text_ids_and_naive_timestamps(
         assert twins.reports[True].set_created > 30  # most of them in SQL
     finally:
         twins.settings, twins.batch_size = None, 5
+
+
+def test_a_source_that_refuses_the_queries_fails_as_the_per_row_pass_does(fresh: Twins) -> None:
+    """The wrong flavour (no such tables): the set pass steps aside and the per-row pass
+    reports the operator's error, a ConfigError naming it."""
+    fresh.user("U", "u@x.io")
+    settings = AuthjsSettings.model_validate({"database_url": fresh.source_url, "schema": "prisma"})
+    provider = AuthjsProvider(settings, now=lambda: fresh.now)
+    runner = PullRunner(fresh.sets, SyncEngine(fresh.plan), provider, set_based=True)
+    with closing(provider), pytest.raises(ConfigError, match="does not exist"):
+        runner.run(full=True)

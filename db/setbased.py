@@ -134,7 +134,12 @@ def stage(
     users, sessions = kinds["users"], kinds["sessions"]
     conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
     # Without statistics the derivations below planned badly (2.5x the time of sw_u).
-    conn.execute(text("ANALYZE sw_src_users, sw_src_accounts, sw_src_sessions, sw_src_digests"))
+    conn.execute(
+        text(
+            "ANALYZE sw_src_users (id, ord), sw_src_accounts (uid), sw_src_sessions (uid),"
+            " sw_src_digests (uid)"
+        )
+    )
 
     conn.execute(
         text(
@@ -161,7 +166,7 @@ def stage(
             " ON COMMIT DELETE ROWS"
         )
     )
-    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc, sw_ses"))
+    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc (ord), sw_ses (ord)"))
     return int(conn.execute(text("SELECT count(*) FROM sw_u")).scalar_one())
 
 
@@ -196,9 +201,7 @@ def _derive_sessions(
         {"max_age": max_age_seconds, "observed": observed},
     )
     conn.execute(text("CREATE INDEX ON sw_acc (ord)"))
-    conn.execute(text("CREATE INDEX ON sw_acc (prov, acct)"))
     conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
-    conn.execute(text("CREATE INDEX ON sw_ses (sid)"))
 
 
 def _derive_users(conn: Connection, users: Mapping[str, str], *, provider: str) -> None:

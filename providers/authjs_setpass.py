@@ -138,8 +138,9 @@ class AuthjsSetPass:
             }
             sql = str(compiled)
             types = _types(raw, sql, params)
-            columns = tuple(zip(labels, types, strict=True))
-            if not acceptable(name, columns):
+            columns = tuple(zip(labels, types, strict=False))
+            if len(types) != len(labels) or not acceptable(name, columns):
+                # A query of another shape (the digest query changed, say): per row.
                 self.close()
                 return None
             relations.append(Relation(name, columns, sql, params))

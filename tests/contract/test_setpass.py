@@ -495,3 +495,13 @@ def test_a_source_that_refuses_the_queries_fails_as_the_per_row_pass_does(fresh:
     runner = PullRunner(fresh.sets, SyncEngine(fresh.plan), provider, set_based=True)
     with closing(provider), pytest.raises(ConfigError, match="does not exist"):
         runner.run(full=True)
+
+
+def test_a_column_type_the_sql_does_not_handle_leaves_the_pass_per_row(fresh: Twins) -> None:
+    """A blank-padded ``character(n)`` name: its text differs from what the mapping reads as
+    a varchar would; the set path is not offered and the pass runs per row."""
+    fresh.user("Padded", "p@x.io")
+    fresh.source.execute("ALTER TABLE users ALTER COLUMN name TYPE character(30)")
+    fresh.run()
+    assert fresh.reports[True].path == "per_row"
+    assert fresh.reports[True].counts["created"] == 1

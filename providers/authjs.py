@@ -65,6 +65,7 @@ from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
 from providers.authjs_schema import AuthjsTables, build_tables
+from providers.authjs_setpass import AuthjsSetPass, row_number_over
 from providers.base import Cursor, Page, RecordError, StoredDigests
 from providers.fields import optional_text
 from sync_worker.changes import (
@@ -401,6 +402,41 @@ class AuthjsProvider:
             return None
         after = None if full or cursor is None else self._resume_point(cursor)
         return self._digested(after, known, partial=after is not None)
+
+    def set_pass(self, cursor: Cursor | None, *, full: bool = False) -> AuthjsSetPass | None:
+        """The source side of a set-based full pass (``providers.authjs_setpass``), not yet
+        opened: PostgreSQL only (None elsewhere). Its relations are the queries
+        ``iter_digested`` reads (the users with their position, accounts, live sessions,
+        digests), all in the one snapshot it opens."""
+        if self._engine.dialect.name != "postgresql":
+            return None
+        after = None if full or cursor is None else self._resume_point(cursor)
+        observed = self._now()
+        key = self._user.c.id
+        users = self._users_after(after).add_columns(row_number_over(key).label("ord"))
+        user_labels = ["id", "name", "email", "email_verified", "image"]
+        if self._tables.has("user", "created_at"):
+            user_labels.append("created_at")
+        session_labels = ["uid", "token", "expires"]
+        if self._tables.has("session", "created_at"):
+            session_labels.append("created_at")
+        queries = [
+            ("users", [*user_labels, "ord"], users.order_by(key)),
+            ("accounts", ["uid", "provider", "acct"], self._account_rows(key, after)),
+            ("sessions", session_labels, self._session_rows(key, after, observed)),
+            ("digests", ["uid", "digest", "n"], self._digest_query(after, observed)),
+        ]
+        return AuthjsSetPass(
+            reading=self._reading(),
+            queries=queries,
+            observed=observed,
+            partial=after is not None,
+            max_age_seconds=self._max_age.total_seconds(),
+            mapper=self._map,
+            cursor_after=lambda e: _cursor_after(self._key(e)),
+            batch_size=self._batch_size,
+            seen_per_page=SEEN_PER_PAGE,
+        )
 
     def fetch_user(self, external_id: str) -> UserChange | None:
         """The user by primary key, with linked accounts; None if there is no such row."""
@@ -842,7 +878,9 @@ class AuthjsProvider:
         ]
         if self._tables.has("session", "created_at"):
             columns.append(session.c.created_at.label("createdAt"))
-        query = select(*columns).order_by(key, session.c.expires)
+        # The token breaks ties: a user's logins are applied in this order, and which of
+        # two equally old sessions moves the last login shows in their audit rows.
+        query = select(*columns).order_by(key, session.c.expires, session.c.session_token)
         if not self._expired_too:
             query = query.where(session.c.expires >= now)
         return self._keyed(query, session, key, after)

@@ -22,19 +22,23 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
+from db import setbased as setstore
 from db.cursors import load_cursor, save_cursor
 from db.digests import digests_in_order, digests_of, holds_digests, store_digests
+from db.errors import translating
 from db.runs import RunStatus, finish_run, start_run
 from db.seen import count_unseen, forget_seen, live_ids, mark_seen, unseen_ids
 from db.snapshot import refresh_statistics
 from db.transaction import transaction
-from providers.base import Cursor, DigestSource, Page, Provider
+from providers.base import Cursor, DigestSource, Page, Provider, RecordError
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
-from sync_worker.errors import GuardRefused
+from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
+from sync_worker.errors import GuardRefused, StoreError
 from sync_worker.progress import NoProgress, Progress
+from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collect_young, collector_paused
 
 log = structlog.get_logger(__name__)
@@ -76,6 +80,8 @@ class PullReport:
     reconcile: ReconcileReport | None = None
     reconcile_skipped: str | None = None  # why a pass that reached its end did not reconcile
     samples: list[Outcome] = field(default_factory=list)
+    path: str = "per_row"  # "set": the pass took the set-based path
+    set_created: int = 0  # users the set-based path created in SQL
 
     def add(self, result: BatchResult) -> None:
         for outcome in result.outcomes:
@@ -113,9 +119,16 @@ class PullRunner:
         source: Source = Source.BACKFILL,
         progress: Progress | None = None,
         digests: bool = True,
+        set_based: bool | None = None,
     ) -> None:
         """``digests``: let a source that digests its rows (``DigestSource``) skip the users
-        unchanged since the pass that last applied them (off: every user is mapped)."""
+        unchanged since the pass that last applied them (off: every user is mapped).
+        ``set_based``: let a full pass of a source that offers one (``SetPassSource``) into
+        a PostgreSQL worker take the set-based path: None (the default) on an initial load
+        only, i.e. while the worker holds no source digest of the provider (a later pass
+        mostly skips unchanged users on their digests, which costs far less than staging
+        the source); True on every pass; False never (nor with ``digests`` off): the
+        per-row pass, which stays the reference."""
         self.db = db
         self.engine = engine
         self.provider = provider
@@ -123,6 +136,7 @@ class PullRunner:
         self.source = source
         self.progress: Progress = progress or NoProgress()
         self.digests = digests
+        self.set_based = set_based
 
     def run(
         self, *, full: bool = False, dry_run: bool = False, cursor: Cursor | None = None
@@ -170,6 +184,9 @@ class PullRunner:
         seen: _Seen,
     ) -> None:
         whole = full or start is None
+        set_pass = None if dry_run else self._set_source(start, whole)
+        if set_pass is not None and self._set_pass(set_pass, report=report, seen=seen):
+            return
         pending = self._listing(start, whole)
         while True:
             # A page's objects live from its decoding until it is applied, and reference
@@ -189,13 +206,166 @@ class PullRunner:
                 complete, partial = page.complete, page.partial_pass
                 del page, result
             collect_young()
-            # Stack and Auth.js list every user on every pull; the adapter says when a pass
-            # saw everyone (complete, and not resumed halfway), whatever the run's kind.
-            if complete and partial:
-                report.reconcile_skipped = RESUMED_REASON
-                log.info("reconcile_skipped", provider=self.provider.name, reason=RESUMED_REASON)
-            elif complete:
-                report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
+            self._completed(complete, partial, report=report, seen=seen, dry_run=dry_run)
+
+    def _completed(
+        self, complete: bool, partial: bool, *, report: PullReport, seen: _Seen, dry_run: bool
+    ) -> None:
+        # Stack and Auth.js list every user on every pull; the adapter says when a pass
+        # saw everyone (complete, and not resumed halfway), whatever the run's kind.
+        if complete and partial:
+            report.reconcile_skipped = RESUMED_REASON
+            log.info("reconcile_skipped", provider=self.provider.name, reason=RESUMED_REASON)
+        elif complete:
+            report.reconcile = self._reconcile(report, seen, dry_run=dry_run)
+
+    def _set_source(self, start: Cursor | None, whole: bool) -> SetPassSource | None:
+        """The provider's set-based pass, where it offers one and every switch allows it."""
+        if self.set_based is False or not self.digests or self.db.dialect.name != "postgresql":
+            return None
+        offer = getattr(self.provider, "set_pass", None)
+        if offer is None:
+            return None
+        if self.set_based is None and holds_digests(self.db, self.provider.name):
+            return None  # not an initial load: the digest pass skips the unchanged users
+        found: SetPassSource | None = offer(start, full=whole)
+        return found
+
+    def _set_pass(self, source: SetPassSource, *, report: PullReport, seen: _Seen) -> bool:
+        """The pass on the set-based path (``sync_worker.engine.setbased``); False if the
+        source cannot offer it after all (a column type it does not handle)."""
+        relations = source.open()
+        if relations is None:
+            log.info("set_pass_unavailable", provider=self.provider.name)
+            return False
+        name = self.provider.name
+        report.path = "set"
+        with translating(), self.db.connect() as conn:
+            try:
+                try:
+                    with conn.begin():
+                        total = setstore.stage(
+                            conn,
+                            # Read in a thread: the source's server produces the next bytes
+                            # while the worker's consumes these (two cores, not one).
+                            [
+                                (r.name, r.columns, read_ahead(source.copy_out(r), depth=64))
+                                for r in relations
+                            ],
+                            provider=name,
+                            observed=source.observed,
+                            max_age_seconds=source.max_age_seconds,
+                        )
+                        changed = setstore.nth_changed(conn, 1, 1) is not None
+                finally:
+                    source.close()  # everything is staged: the source snapshot can end
+                columns = {r.name: {c for c, _ in r.columns} for r in relations}
+                self.progress.total(total)
+                log.info("set_pass_staged", provider=name, users=total, any_changed=changed)
+
+                def nth_changed(start: int, n: int) -> int | None:
+                    with conn.begin():  # between the batches' transactions
+                        return setstore.nth_changed(conn, start, n)
+
+                bounds = page_bounds(total, source.batch_size, source.seen_per_page, nth_changed)
+                for lo, hi, last in bounds:
+                    with collector_paused():
+                        self._set_page(
+                            conn, source, lo, hi, last=last, columns=columns, report=report
+                        )
+                    collect_young()
+                with conn.begin():  # what follows the pass (webhooks, the next pass) plans
+                    refresh_statistics(conn)
+            finally:
+                if conn.in_transaction():
+                    conn.rollback()
+                try:
+                    with conn.begin():
+                        setstore.drop(conn)
+                except StoreError as exc:  # never hide why the pass stopped; a later pass
+                    # drops them first anyway (the connection may go back to the pool)
+                    log.warning("set_pass_cleanup_failed", error=str(exc))
+        self._completed(True, source.partial, report=report, seen=seen, dry_run=False)
+        return True
+
+    def _set_page(
+        self,
+        conn: Connection,
+        source: SetPassSource,
+        lo: int,
+        hi: int,
+        *,
+        last: bool,
+        columns: Mapping[str, set[str]],
+        report: PullReport,
+    ) -> None:
+        """One batch of the set pass in one transaction: the simple creates in SQL, the
+        other changed users through the engine, seen ids, digests and the cursor."""
+        name = self.provider.name
+
+        def per_row(changed: Sequence[tuple[int, str, str]]) -> PerRow:
+            # The engine's lookups plan by the tables' statistics; the set writes need none,
+            # so they are refreshed only when the per-row path is about to look up.
+            refresh_statistics(conn)
+            users, accounts, sessions = setstore.rows_of(
+                conn,
+                [position for position, _, _ in changed],
+                user_created="created_at" in columns["users"],
+                session_created="created_at" in columns["sessions"],
+            )
+            changes, errors = source.map_users(users, accounts, sessions)
+            page = Page(
+                changes=changes,
+                cursor=None,
+                errors=errors,
+                digests={e: d for _, e, d in changed},
+            )
+            rejected = [
+                Rejected(provider=name, external_id=e.external_id, reason=e.reason) for e in errors
+            ]
+            result = self.engine.apply(
+                conn, changes, source=self.source, run_id=report.run_id, rejected=rejected
+            )
+            store_digests(conn, name, _settled(page, result))
+            unmapped = {e.external_id for e in errors}
+            isolated = any(
+                o.action is Action.FAILED and o.external_id not in unmapped for o in result.outcomes
+            )
+            return PerRow(result=result, isolated=isolated)
+
+        with conn.begin():
+            done = apply_batch(
+                conn,
+                lo,
+                hi,
+                provider=name,
+                settings=self.engine.settings,
+                now=self.engine.clock(),
+                version=source.observed,
+                source=str(self.source),
+                run_id=report.run_id,
+                per_row=per_row,
+            )
+            result = done.per_row.result if done.per_row is not None else BatchResult(())
+            setstore.mark_seen_range(conn, report.run_id, lo, hi)
+            if last:
+                cursor = source.final_cursor()
+            elif done.last_external_id is not None:
+                cursor = source.cursor_after(done.last_external_id)
+            else:
+                cursor = None
+            if cursor is not None:
+                save_cursor(conn, name, cursor, utcnow())
+        report.add(result)
+        if done.created:
+            report.counts[str(Action.CREATED)] += done.created
+            report.set_created += done.created
+        if done.logins:
+            report.sessions["new"] += done.logins
+        report.add_skipped(done.skipped_users, done.skipped_sessions)
+        report.pages += 1
+        logins = sum(1 for o in result.outcomes if o.is_session)
+        self.progress.advance(done.users, done.skipped_sessions + done.logins + logins)
 
     def _listing(self, start: Cursor | None, whole: bool) -> Iterator[Page]:
         """The provider's pages: a digest pass where it offers one, else ``iter_changes``."""
@@ -268,6 +438,33 @@ class PullRunner:
             deleted += result.counts.get("deleted", 0)
         log.info("reconciled", provider=self.provider.name, live=live, deleted=deleted)
         return ReconcileReport(live=live, missing=missing, deleted=deleted, refused=False)
+
+
+class SetPassSource(Protocol):
+    """The source side of a set-based full pass (``providers.authjs_setpass``)."""
+
+    observed: datetime
+    partial: bool
+    max_age_seconds: float
+    batch_size: int
+    seen_per_page: int
+
+    def open(self) -> Sequence[Any] | None: ...
+
+    def copy_out(self, relation: Any) -> Iterator[bytes]: ...
+
+    def map_users(
+        self,
+        users: Sequence[dict[str, Any]],
+        accounts: Sequence[dict[str, Any]],
+        sessions: Sequence[dict[str, Any]],
+    ) -> tuple[tuple[UserChange, ...], tuple[RecordError, ...]]: ...
+
+    def cursor_after(self, external_id: str) -> Cursor: ...
+
+    def final_cursor(self) -> Cursor: ...
+
+    def close(self) -> None: ...
 
 
 class ReconcileRefused(GuardRefused):

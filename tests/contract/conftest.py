@@ -6,7 +6,9 @@ change), and the bulk create path (``engine.bulk``) for batches of ``bulk.THRESH
 changes or more. Here ``engine`` and ``pg_engine`` are parametrized over both, the
 threshold forced to 0 (every batch takes the bulk path first) or out of reach (none does),
 and the existing engine tests are collected again under them (``test_rules.py``), plus
-the differential test of the two (``test_differential.py``).
+the differential test of the two (``test_differential.py``). The third path, the set-based
+full pass (``engine.setbased``), applies whole passes, not batches: ``test_setpass.py`` runs
+random Auth.js sources through it and through the per-row pass on twin databases.
 """
 
 from __future__ import annotations

@@ -179,10 +179,11 @@ def run_process(args: Sequence[str], env: dict[str, str], workdir: Path) -> Proc
 
 
 def _cycles(stderr: str) -> list[float]:
-    """Seconds between consecutive ``batch_applied`` log lines: one page each."""
+    """Seconds between consecutive ``batch_applied`` (or the set path's ``set_batch_applied``)
+    log lines: one page each."""
     stamps: list[datetime] = []
     for line in stderr.splitlines():
-        if '"batch_applied"' not in line:
+        if '"batch_applied"' not in line and '"set_batch_applied"' not in line:
             continue
         try:
             stamps.append(datetime.fromisoformat(json.loads(line)["timestamp"]))

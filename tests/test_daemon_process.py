@@ -30,7 +30,6 @@ from sqlalchemy import select as sql_select
 
 from db.connect import make_engine
 from db.tables import profiles, sync_audit, sync_inbox, user_identities, users
-from sync_worker.daemon.drain_host import DRAINER_NICENESS
 from tests import pgserver
 from tests.conftest import IN_CI
 from tests.daemon_process import (
@@ -187,18 +186,6 @@ class TestDrainerProcess:
         assert 'sync_worker_changes_applied_total{action="created",provider="stack"} 1.0' in metrics
         assert daemon.stop() == 0
         assert not running(drainer_pids(daemon)[-1])
-
-    def test_the_drainer_runs_at_a_lower_priority_than_the_receiver(
-        self, make_pg_database: Callable[[], str], daemons: Daemons
-    ) -> None:
-        daemon = daemons(make_pg_database())
-        daemon.start()
-        [child] = drainer_pids(daemon)
-        lower = min(19, os.getpriority(os.PRIO_PROCESS, daemon.pid) + DRAINER_NICENESS)
-        wait_until(
-            lambda: os.getpriority(os.PRIO_PROCESS, child) == lower, timeout=30, what="os.nice"
-        )
-        assert os.getpriority(os.PRIO_PROCESS, daemon.pid) < lower
 
     def test_the_drainer_ends_when_the_daemon_is_killed(
         self, make_pg_database: Callable[[], str], daemons: Daemons

@@ -15,8 +15,6 @@ The child process, and how the two talk:
   daemon died), and exits. No orphan drains on for ever.
 - report pipe, child -> daemon: per applied batch, its outcome counts and latency, for the
   daemon's Prometheus metrics; the child's loop heartbeat is in shared memory for /readyz.
-- The child runs at a lower priority (``DRAINER_NICENESS``): under a burst, acknowledging
-  deliveries wins the CPU and the drain catches up in the gaps.
 - The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C and systemd's stop reach the
   whole process group): the daemon decides when it stops, after the HTTP server has
   stopped, so what was acknowledged while stopping is drained too.
@@ -57,14 +55,6 @@ Counts = Mapping[tuple[str, str], int]
 Report = Callable[[Counts, float], None]
 #: Seconds before a child that died is started again.
 RESTART_PAUSE = 2.0
-#: The child's niceness, added to the daemon's (``os.nice``). Under a burst of deliveries
-#: the receiver's process, its PostgreSQL backend and the drainer want more CPU than there
-#: is; answering is what senders wait for (and time out on), applying can catch up in the
-#: gaps. At 10 the drainer's share of a contended core is about a tenth (the kernel's
-#: weights: 110 against 1,024), so it still progresses on a busy host; an idle core it
-#: takes whole. Measured (bench/ingest.py): accepted/s up, receipt-to-applied lag at
-#: 500/s well inside its target.
-DRAINER_NICENESS = 10
 
 
 class DrainerHost(Protocol):
@@ -253,7 +243,6 @@ def child_main(
     """The drainer process: drain until the daemon closes the wake pipe (see the module)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.nice(DRAINER_NICENESS)
     from sync_worker.logging import configure
 
     configure(settings.logging.level, settings.logging.format)

@@ -884,8 +884,8 @@ def lost_row(lost: Losses, peer_lost: Losses) -> list[object]:
 
 NOTES = """\
 Both servers run as subprocesses on loopback, served as `sync-worker run` serves (uvicorn:
-h11, asyncio loop, one process, the daemon's drainer in a child process of its own at
-niceness +10; `httptools` and `uvloop` are not dependencies); the client
+h11, asyncio loop, one process, the daemon's drainer in a child process of its own;
+`httptools` and `uvloop` are not dependencies); the client
 is `bench/ingest.py` itself, an asyncio HTTP/1.1 client over keep-alive connections sending
 requests signed beforehand (real Svix signatures from `sync_worker.simulate.build`). The
 daemon is as shipped: `config.yaml`'s defaults (pool of 5 connections, drain batches of

@@ -8,8 +8,9 @@ inside ``job_lock`` and records the outcome with ``finish_tick``.
 A tick and the run before it are different rows, so the claim alone would let a run that
 outlasts its interval be started again by another instance. ``job_lock`` closes that gap: on
 PostgreSQL it is a session advisory lock per (schema, job, provider), held on a connection of
-its own in autocommit (no transaction stays open for the run's length); on SQLite, which one
-process uses, it is a lock in this process.
+its own in autocommit (no transaction stays open for the run's length); on a SQLite file it is
+an exclusive ``flock`` on a file of its own beside the database (``db.filelock``), which, like
+the advisory lock, spans processes (the daemon and a CLI backfill) and dies with its holder.
 
 A run killed with its process leaves its tick ``running``; the next run of that job, once
 it holds the lock, marks such ticks failed (``abandon_ticks``).
@@ -35,6 +36,7 @@ from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from db.errors import translated, translating
+from db.filelock import file_lock, lock_directory
 from db.tables import NO_PROVIDER, sync_job_ticks
 
 _t = sync_job_ticks
@@ -183,9 +185,9 @@ def purge_ticks(conn: Connection, *, before: datetime) -> int:
 
 
 def locks_across_processes(db: Engine) -> bool:
-    """Whether ``job_lock`` excludes other processes (PostgreSQL), not just this one's
-    threads (SQLite, which one process uses)."""
-    return db.dialect.name == "postgresql"
+    """Whether ``job_lock`` excludes other processes (PostgreSQL; a SQLite file), not just
+    this one's threads (an in-memory SQLite database, which only its process can see)."""
+    return db.dialect.name == "postgresql" or lock_directory(db.url) is not None
 
 
 @contextmanager
@@ -196,8 +198,13 @@ def job_lock(db: Engine, job: str, provider: str | None) -> Iterator[bool]:
     if db.dialect.name == "postgresql":
         with _advisory_lock(db, job, provider) as held:
             yield held
-    else:
+        return
+    directory = lock_directory(db.url)
+    if directory is None:
         with _local_lock(db, job, provider) as held:
+            yield held
+    else:
+        with file_lock(directory, f"{job}.{_key(provider)}") as held:
             yield held
 
 

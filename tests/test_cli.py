@@ -127,26 +127,35 @@ def test_backfill_stack_dry_run_then_real(
     assert report["runs"][0]["counts"]["created"] == 12
 
 
-@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def test_a_backfill_beside_a_running_pass_refuses_and_one_after_a_dead_one_records_it(
-    make_pg_database: Callable[[], str],
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Two passes of a provider at once would fight over its cursor: a backfill while the
     pass lock is held (here by another connection, as the daemon's pull holds it) exits 1
     saying so and writes nothing; once the lock is free, a run left 'running' by a process
-    that died is recorded failed (abandoned) and the backfill goes on."""
+    that died is recorded failed (abandoned) and the backfill goes on. On a SQLite file too:
+    its lock spans processes (``db.filelock``)."""
     from db import ledger
     from db.runs import ABANDONED, start_run
     from db.tables import sync_runs
 
-    url = make_pg_database()
+    if backend == "sqlite":
+        url = db_url = f"sqlite:///{tmp_path / 'worker.db'}"
+    else:
+        url = request.getfixturevalue("make_pg_database")()
+        db_url = sqlalchemy_url(url)
     for name in ("AUTH0_DOMAIN", "STACK_PROJECT_ID", "AUTHJS_DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DATABASE_URL", url)
     assert main(["migrate"]) == 0
-    db = make_engine(sqlalchemy_url(url), schema="identity")
+    db = make_engine(db_url, schema="identity")
     try:
         dead = start_run(db, "full", "stack")  # its process was killed mid-pass
         other = start_run(db, "full", "auth0")  # another provider's: not ours to judge

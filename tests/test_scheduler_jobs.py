@@ -214,10 +214,8 @@ def test_ticks_left_running_by_a_dead_process_are_failed_by_the_next_run(engine:
     assert [t["status"] for t in ticks(engine, "other")] == ["running"]
     assert [t["status"] for t in ticks(engine, "pull")] == ["running"]
     statuses = {r["id"]: (r["status"], r["error"]) for r in runs(engine, "probe")}
-    if ledger.locks_across_processes(engine):  # SQLite's lock is this process's alone
-        assert statuses[dead_run] == ("failed", ABANDONED_RUN)
-    else:
-        assert statuses[dead_run] == ("running", None)
+    assert ledger.locks_across_processes(engine)  # PostgreSQL, or a SQLite file
+    assert statuses[dead_run] == ("failed", ABANDONED_RUN)
     assert statuses[outcome.run_id] == ("succeeded", None)
     assert [r["status"] for r in runs(engine, "other") if r["id"] == other_run] == ["running"]
 

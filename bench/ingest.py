@@ -14,11 +14,16 @@ client over keep-alive connections that sends requests encoded and signed before
 library's overhead is timed; on a 2-core machine the client shares the CPU with the
 server and PostgreSQL, and a lean client leaves the server the most. Parts, in one run:
 
-1. ``/healthz`` of the daemon, the framework's ceiling, then the same number of signed Stack
-   deliveries (a few hundred users: each created, then updated again and again) to the
-   daemon and to the peer, all with the same client and concurrency; repeated, the order of
-   daemon and peer alternating, and each ratio shown for its median pair (as in
-   bench/pull.py). After each daemon run the inbox is let drain before the peer's run.
+1. Signed Stack deliveries (a few hundred users: each created, then updated again and
+   again) to the daemon and to the peer, all with the same client and concurrency. The
+   daemon's are sent in short segments between runs of its ``/healthz``, the framework's
+   ceiling: ``/healthz``, segment, ``/healthz``, segment, ..., ``/healthz``, the inbox let
+   drain after each segment. Each segment's share is its deliveries/s over the mean of the
+   two ``/healthz`` runs either side of it: the machine's load drifts from minute to minute
+   (the ceiling moved 2,700-4,900/s between runs seconds apart), so a share is only taken
+   against the ceiling of the same moment; the median share is shown, with every share.
+   Repeated, the peer's run of the same deliveries before or after the daemon's segments
+   in turn; the other ratios are shown for their median repetition (as in bench/pull.py).
 2. Lag: deliveries paced at 500/s to the daemon; receipt to applied is the inbox row's
    ``processed_at - received_at`` (both the daemon's clock). The peer gets the same pace:
    it applies inside the request, so its response time is its receipt to applied. When the
@@ -43,6 +48,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -90,9 +96,10 @@ LAG_RATE = 500.0  # deliveries/s
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    repeat: int = 5  # paired runs of part 1 (pairs on these VMs differ by a fifth)
-    healthz: int = 10_000  # requests per /healthz run
-    deliveries: int = 5_000  # per daemon or peer run
+    repeat: int = 5  # repetitions of part 1, each the daemon's segments and a peer run
+    segments: int = 3  # a repetition's deliveries to the daemon, in this many runs
+    healthz: int = 4_000  # requests per /healthz run (one before and after each segment)
+    deliveries: int = 5_000  # per repetition, to the daemon (in segments) and to the peer
     users: int = 300  # distinct users of the HTTP parts
     lag_seconds: float = 20.0
     backlog: int = 20_000
@@ -103,7 +110,8 @@ class Options:
     def quick(cls, concurrency: int) -> Options:
         return cls(
             repeat=2,
-            healthz=4_000,
+            segments=2,
+            healthz=2_000,
             deliveries=2_000,
             lag_seconds=5.0,
             backlog=4_000,
@@ -129,6 +137,19 @@ class Load:
     client_cpu: float  # this process's CPU seconds during the run
     server_cpu: float = 0.0  # the server process's and its children's, filled in by the caller
     receiver_cpu: float = 0.0  # the server process's alone (the daemon's drainer is a child)
+    done: list[float] = field(default_factory=list)  # each answer's time from the start
+
+    @property
+    def steady_rate(self) -> float:
+        """2xx answers/s after the first fifth of them: the daemon's drainer starts a run
+        idle, and it is the rows it has in arrears once busy that a run leaves to apply
+        after its end; from then on the arrears are steady, so a window that starts there
+        charges the run with all the work of its deliveries, however short the run."""
+        times = sorted(t for t, s in zip(self.done, self.statuses, strict=True) if 200 <= s < 300)
+        first = len(times) // 5
+        if first == 0 or times[-1] <= times[first - 1]:
+            return self.rate
+        return (len(times) - first) / (times[-1] - times[first - 1])
 
     @property
     def ok(self) -> int:
@@ -181,7 +202,7 @@ async def _drive(
     time counts from then, so a request held back by a busy server is not flattered
     (no coordinated omission)."""
     n = len(requests_)
-    statuses, seconds = [0] * n, [0.0] * n
+    statuses, seconds, done = [0] * n, [0.0] * n, [0.0] * n
     conns = [await asyncio.open_connection(HOST, port) for _ in range(concurrency)]
     indexes = iter(range(n))  # shared: each connection takes the next request
     start = time.perf_counter()
@@ -196,12 +217,14 @@ async def _drive(
             except (OSError, asyncio.IncompleteReadError):
                 writer.close()
                 reader, writer = await asyncio.open_connection(HOST, port)
-            seconds[i] = time.perf_counter() - due
+            now = time.perf_counter()
+            seconds[i], done[i] = now - due, now - start
         writer.close()
 
     cpu = time.process_time()
     await asyncio.wait_for(asyncio.gather(*(worker(r, w) for r, w in conns)), timeout)
-    return Load(statuses, seconds, time.perf_counter() - start, time.process_time() - cpu)
+    wall = time.perf_counter() - start
+    return Load(statuses, seconds, wall, time.process_time() - cpu, done=done)
 
 
 def drive(
@@ -455,19 +478,66 @@ def applied_since(db: Engine, mark: int) -> Applied:
 # -- part 1: accepted/s against /healthz and the peer --------------------------------------
 
 
-@dataclass(slots=True)
-class Pair:
-    """One repetition of part 1."""
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Deliveries to the daemon between two ``/healthz`` runs of the same server: the share
+    is taken against the ceiling measured just before and just after (the machine's load
+    drifts from minute to minute, so a ceiling from elsewhere in the run would not do)."""
 
-    healthz: Load
+    before: Load  # /healthz, just before (the daemon idle: its inbox drained)
     daemon: Load
-    peer: Load
-    applied: Applied  # the daemon's run, receipt of its first delivery to the last applied
-    drain_wait: float  # seconds after the run until the inbox was empty
+    after: Load  # /healthz, just after the inbox drained
+    applied: Applied  # receipt of the segment's first delivery to the last applied
+    drain_wait: float  # seconds after the segment until the inbox was empty
+
+    @property
+    def ceiling(self) -> float:
+        return (self.before.steady_rate + self.after.steady_rate) / 2
 
     @property
     def share(self) -> float:
-        return self.daemon.rate / self.healthz.rate
+        return self.daemon.steady_rate / self.ceiling
+
+    @property
+    def whole_share(self) -> float:
+        """The share over the whole runs, warm-up included (for comparison)."""
+        return self.daemon.rate / ((self.before.rate + self.after.rate) / 2)
+
+
+def merged(loads: Sequence[Load]) -> Load:
+    """Several runs as one: their requests, and their walls and CPU times added."""
+    return Load(
+        [s for load in loads for s in load.statuses],
+        [s for load in loads for s in load.seconds],
+        sum(load.wall for load in loads),
+        sum(load.client_cpu for load in loads),
+        sum(load.server_cpu for load in loads),
+        sum(load.receiver_cpu for load in loads),
+    )
+
+
+@dataclass(slots=True)
+class Pair:
+    """One repetition of part 1: the daemon's segments and the peer's run of the same
+    deliveries."""
+
+    segments: list[Segment]
+    peer: Load
+
+    @property
+    def daemon(self) -> Load:
+        return merged([s.daemon for s in self.segments])
+
+    @property
+    def healthz(self) -> list[Load]:
+        """The repetition's /healthz runs, in order (each between two segments once)."""
+        return [self.segments[0].before, *(s.after for s in self.segments)]
+
+    @property
+    def applied_rate(self) -> float:
+        """Applied deliveries/s while accepting: the segments' rows over their spans."""
+        span = sum(s.applied.span for s in self.segments)
+        return sum(s.applied.rows for s in self.segments) / span if span else float("inf")
 
     @property
     def versus_peer(self) -> float:
@@ -490,23 +560,42 @@ class Bench:
         for r in range(self.opts.repeat):
             sent = build(f"accept{r}", self.opts.deliveries, self.opts.users, self.secret)
             requests_ = [s.request for s in sent]
-            healthz = self._load(self.daemon, [HEALTHZ] * self.opts.healthz)
             if r % 2:  # alternate which of the two goes first
                 peer = self._peer(sent, requests_)
-                daemon, applied, waited = self._daemon(sent, requests_)
+                segments = self._segments(sent)
             else:
-                daemon, applied, waited = self._daemon(sent, requests_)
+                segments = self._segments(sent)
                 peer = self._peer(sent, requests_)
-            pair = Pair(healthz, daemon, peer, applied, waited)
+            pair = Pair(segments, peer)
+            daemon = pair.daemon
             log(
-                f"run {r + 1}/{self.opts.repeat}: healthz {healthz.rate:,.0f}/s; daemon "
-                f"{daemon.rate:,.0f}/s p50 {daemon.p50 * 1e3:.1f} p99 {daemon.p99 * 1e3:.1f} ms "
-                f"({pair.share:.0%} of healthz), applied {applied.rate:,.0f}/s; peer "
+                f"run {r + 1}/{self.opts.repeat}: healthz "
+                f"{spread([h.steady_rate for h in pair.healthz])}/s; daemon segments "
+                f"{spread([s.daemon.steady_rate for s in segments])}/s, shares "
+                f"{spread([s.share for s in segments], '{:.0%}')}, p50 {daemon.p50 * 1e3:.1f} "
+                f"p99 {daemon.p99 * 1e3:.1f} ms, applied {pair.applied_rate:,.0f}/s; peer "
                 f"{peer.rate:,.0f}/s p50 {peer.p50 * 1e3:.1f} p99 {peer.p99 * 1e3:.1f} ms; "
                 f"client CPU {daemon.client_cpu / daemon.wall:.0%} of a core"
             )
             out.append(pair)
         return out
+
+    def _segments(self, sent: Sequence[Sent]) -> list[Segment]:
+        """/healthz, segment, /healthz, segment, ..., /healthz: the deliveries in order."""
+        k = self.opts.segments
+        bounds = [len(sent) * i // k for i in range(k + 1)]
+        before = self._healthz()
+        out: list[Segment] = []
+        for start, end in itertools.pairwise(bounds):
+            part = sent[start:end]
+            daemon, applied, waited = self._daemon(part, [s.request for s in part])
+            after = self._healthz()
+            out.append(Segment(before, daemon, after, applied, waited))
+            before = after
+        return out
+
+    def _healthz(self) -> Load:
+        return self._load(self.daemon, [HEALTHZ] * self.opts.healthz)
 
     def _load(self, server: Server, requests_: Sequence[bytes], rate: float | None = None) -> Load:
         return drive(server.port, requests_, self.opts.concurrency, rate=rate, pid=server.pid)
@@ -764,46 +853,20 @@ def rows_of(
 
 def accept_rows(opts: Options, pairs: Sequence[Pair]) -> list[list[object]]:
     c = opts.concurrency
-    share = pairs[median_index([p.share for p in pairs])]  # the pair shown for each ratio
     versus = pairs[median_index([p.versus_peer for p in pairs])]
     p99s = [p.daemon.p99 for p in pairs]
     at_p99 = pairs[median_index(p99s)]
-    h, d, peer = share.healthz, share.daemon, share.peer
     return [
-        [
-            f"`/healthz` requests/s (the framework's ceiling), {c} connections",
-            f"{h.rate:,.0f}/s",
-            "",
-            "",
-            "",
-            f"runs {spread([p.healthz.rate for p in pairs])}/s; server CPU "
-            f"{h.server_cpu / len(h.statuses) * 1e3:.2f} ms a request ({h.server_cpu / h.wall:.0%}"
-            f" of a core), the client's {h.client_cpu / h.wall:.0%} of a core",
-        ],
-        [
-            f"Accepted deliveries/s: {opts.deliveries:,} signed Stack deliveries, "
-            f"{opts.users} users, {c} connections",
-            f"{d.rate:,.0f}/s = {share.share:.0%} of `/healthz`",
-            f"{peer.rate:,.0f}/s",
-            f">= {TARGET_SHARE:.0%} of `/healthz`",
-            met(share.share >= TARGET_SHARE),
-            f"the pair with the median share; shares {spread([p.share for p in pairs], '{:.0%}')}"
-            f"; daemon runs {spread([p.daemon.rate for p in pairs])}/s, peer "
-            f"{spread([p.peer.rate for p in pairs])}/s; server CPU per delivery: daemon "
-            f"{d.server_cpu / d.ok * 1e3:.2f} ms (its drainer process included; the receiving "
-            f"process alone {d.receiver_cpu / d.ok * 1e3:.2f} ms, "
-            f"{d.receiver_cpu / d.ok / (h.server_cpu / len(h.statuses)):.1f}x a `/healthz` "
-            f"request's), peer "
-            f"{peer.server_cpu / peer.ok * 1e3:.2f} ms",
-        ],
+        *share_rows(opts, pairs),
         [
             "Response time p50 / p99, the same runs",
             f"{ms(at_p99.daemon.p50)} / {ms(at_p99.daemon.p99)}",
             f"{ms(at_p99.peer.p50)} / {ms(at_p99.peer.p99)}",
             f"p99 <= {ms(TARGET_P99)}",
             met(at_p99.daemon.p99 <= TARGET_P99),
-            f"the run with the median p99; daemon p99s {spread([x * 1e3 for x in p99s], '{:.1f}')}"
-            f" ms; closed loop: {c} requests always in flight, so p50 ~ {c} / rate",
+            f"the repetition with the median p99 (its segments together); daemon p99s "
+            f"{spread([x * 1e3 for x in p99s], '{:.1f}')} ms; closed loop: {c} requests always "
+            f"in flight, so p50 ~ {c} / rate",
         ],
         [
             "Accept: daemon over peer",
@@ -811,14 +874,64 @@ def accept_rows(opts: Options, pairs: Sequence[Pair]) -> list[list[object]]:
             "",
             "> 1x",
             met(versus.versus_peer > 1),
-            f"the pair with the median ratio; ratios "
+            f"the repetition with the median ratio (the daemon: its segments together); ratios "
             f"{spread([p.versus_peer for p in pairs], '{:.2f}x')}",
+        ],
+    ]
+
+
+def share_rows(opts: Options, pairs: Sequence[Pair]) -> list[list[object]]:
+    """The ceiling and the accepted rate: each segment against its own two /healthz runs."""
+    c = opts.concurrency
+    segments = [s for p in pairs for s in p.segments]
+    shares = [s.share for s in segments]
+    shown = segments[median_index(shares)]
+    h = merged([x for p in pairs for x in p.healthz])
+    d = merged([s.daemon for s in segments])
+    h_cpu = h.server_cpu / len(h.statuses)
+    q1, _, q3 = statistics.quantiles(shares, n=4) if len(shares) > 1 else (shares * 3)
+    peer = pairs[median_index([p.peer.rate for p in pairs])].peer
+    return [
+        [
+            f"`/healthz` requests/s (the framework's ceiling), {c} connections",
+            f"{shown.ceiling:,.0f}/s",
+            "",
+            "",
+            "",
+            f"the mean of the two runs either side of the segment shown below; all "
+            f"{len(h.statuses) // opts.healthz} runs of {opts.healthz:,}: "
+            f"{min(x.steady_rate for p in pairs for x in p.healthz):,.0f}-"
+            f"{max(x.steady_rate for p in pairs for x in p.healthz):,.0f}/s; server CPU "
+            f"{h_cpu * 1e3:.2f} ms a request ({h.server_cpu / h.wall:.0%} of a core), the "
+            f"client's {h.client_cpu / h.wall:.0%} of a core",
+        ],
+        [
+            f"Accepted deliveries/s: {opts.deliveries:,} signed Stack deliveries x "
+            f"{opts.repeat}, {opts.users} users, {c} connections",
+            f"{shown.daemon.steady_rate:,.0f}/s = {shown.share:.0%} of `/healthz`",
+            f"{peer.rate:,.0f}/s",
+            f">= {TARGET_SHARE:.0%} of `/healthz`",
+            met(shown.share >= TARGET_SHARE),
+            f"the median of {len(segments)} segments of ~{len(shown.daemon.statuses):,}, each "
+            f"over the mean of the `/healthz` runs just before and after it, all rates over "
+            f"the answers after a run's first fifth (the drainer's warm-up); shares in run "
+            f"order {spread(shares, '{:.0%}')} (quartiles {q1:.0%}-{q3:.0%}; over whole runs "
+            f"the median is {statistics.median(s.whole_share for s in segments):.0%}); "
+            f"daemon segments "
+            f"{min(s.daemon.steady_rate for s in segments):,.0f}-"
+            f"{max(s.daemon.steady_rate for s in segments):,.0f}/s, peer runs "
+            f"{spread([p.peer.rate for p in pairs])}/s; server CPU per delivery, all segments: "
+            f"daemon {d.server_cpu / d.ok * 1e3:.2f} ms (its drainer process included; the "
+            f"receiving process alone {d.receiver_cpu / d.ok * 1e3:.2f} ms, "
+            f"{d.receiver_cpu / d.ok / h_cpu:.1f}x a `/healthz` request's), peer "
+            f"{peer.server_cpu / peer.ok * 1e3:.2f} ms",
         ],
     ]
 
 
 def apply_row(pairs: Sequence[Pair], backlog: Backlog) -> list[object]:
     peer = statistics.median(p.peer.rate for p in pairs)
+    waits = sorted(s.drain_wait for p in pairs for s in p.segments)
     return [
         "Applied deliveries/s (daemon: the backlog drained; peer: inside its requests)",
         f"{backlog.rate:,.0f}/s",
@@ -826,9 +939,10 @@ def apply_row(pairs: Sequence[Pair], backlog: Backlog) -> list[object]:
         "> peer",
         met(backlog.rate > peer),
         f"{backlog.rate / peer:.2f}x (peer: the median of its runs); while accepting, the "
-        f"daemon applied (first receipt to last applied) {spread([p.applied.rate for p in pairs])}"
-        f"/s, its inbox empty {spread([p.drain_wait for p in pairs], '{:.2f}')} s after the "
-        "last answer",
+        f"daemon applied (first receipt to last applied, per repetition) "
+        f"{spread([p.applied_rate for p in pairs])}/s, its inbox empty "
+        f"{statistics.median(waits):.2f} s (median; at most {waits[-1]:.2f} s) after a "
+        "segment's last answer",
     ]
 
 
@@ -893,8 +1007,10 @@ daemon is as shipped: `config.yaml`'s defaults (pool of 5 connections, drain bat
 every figure includes their contention; the CPU per request in the notes is the steadier
 figure. **Noisy:** this machine is shared with other engineers' test runs (load average
 below), so absolute figures are low and vary run to run; to be re-recorded on a quiet
-machine. Ratios compare figures of the same run; part 1 alternates daemon and peer and shows
-the pair with the median ratio (every run's figures in the notes)."""
+machine. Ratios compare figures of the same run: the accepted share is the median over short
+segments of deliveries, each against the `/healthz` runs just before and after it on the same
+server (every share in the notes); part 1 alternates daemon and peer and shows the
+repetition with the median ratio."""
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -951,7 +1067,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntotal {seconds:.0f} s, {load}")
     if not args.no_write:
         mode = " (--quick)" if args.quick else ""
-        stamp = f"_{opts.repeat} paired runs{mode}, {seconds:.0f} s in all, {load}_"
+        runs = f"{opts.repeat} repetitions of {opts.segments} segments"
+        stamp = f"_{runs}{mode}, {seconds:.0f} s in all, {load}_"
         write_section(
             "ingest", f"## Webhook ingest (`bench/ingest.py`)\n\n{NOTES}\n\n{markdown}\n\n{stamp}"
         )

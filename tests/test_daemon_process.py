@@ -187,6 +187,36 @@ class TestDrainerProcess:
         assert daemon.stop() == 0
         assert not running(drainer_pids(daemon)[-1])
 
+    def test_wake_ups_alone_apply_every_delivery_of_concurrent_bursts(
+        self, make_pg_database: Callable[[], str], daemons: Daemons
+    ) -> None:
+        """The receiver writes a wake-up only when none is pending since the child's last
+        claim: with a poll of a minute, a wake-up lost that way would leave rows pending."""
+        url = make_pg_database()
+        daemon = daemons(url, config={"drain": {**FAST_DRAIN, "poll_seconds": 60}})
+        daemon.start()
+        secrets = daemon.secrets
+
+        def post_burst(worker: int, burst: int) -> list[Sent]:
+            sender = Sender(daemon.base_url)
+            emails = [f"w{worker}.b{burst}.{n}@example.org" for n in range(10)]
+            items = [delivery("stack", "user.created", email=e, secrets=secrets) for e in emails]
+            try:
+                return [sender.send(item, deadline=time.monotonic() + 30) for item in items]
+            finally:
+                sender.close()
+
+        acked: list[Sent] = []
+        with ThreadPoolExecutor(8) as pool:
+            for burst in range(4):
+                for sent in pool.map(post_burst, range(8), [burst] * 8):
+                    acked.extend(sent)
+                time.sleep(random.uniform(0.0, 0.3))  # the drainer idle, or still busy
+        assert all(s.acked for s in acked)
+        wait_until(lambda: settled(url), timeout=10, what="every delivery applied")
+        assert len(live_emails(url)) == len(acked) == 320
+        assert_applied_once(url, acked)
+
     def test_the_drainer_ends_when_the_daemon_is_killed(
         self, make_pg_database: Callable[[], str], daemons: Daemons
     ) -> None:

@@ -8,8 +8,14 @@ separate cores. On SQLite (the embedded default: one writer at a time) it stays 
 
 The child process, and how the two talk:
 
-- wake pipe, daemon -> child: a byte per stored delivery (non-blocking: a full pipe already
-  says "wake"). Its end of file — the daemon closed it at shutdown, or died, even by
+- wake pipe, daemon -> child: a byte when a delivery was stored since the child's last
+  claim began (non-blocking: a full pipe already says "wake"). A shared flag, ``wanted``,
+  says a byte is on its way: the child clears it just before each claim, the daemon sets it
+  and writes only when it was clear. Any commit the claim cannot see ends after the clear,
+  so it finds the flag clear (or set by a later commit that wrote) and a byte follows; the
+  rest need none. Under load that is one write and one wake-up of the child per claim
+  instead of per commit group (the write was 4-8% of the receiving process's samples).
+  Its end of file — the daemon closed it at shutdown, or died, even by
   SIGKILL — tells the child to stop: it finishes the batch in hand, drains what is left
   until the deadline the daemon set in shared memory (or its own grace period when the
   daemon died), and exits. No orphan drains on for ever.
@@ -73,7 +79,9 @@ def counts_of(result: BatchResult) -> Counts:
     return Counter((o.provider, str(o.action)) for o in result.outcomes)
 
 
-def build_drainer(settings: Settings, db: Engine, report: Report) -> Drainer:
+def build_drainer(
+    settings: Settings, db: Engine, report: Report, *, claiming: Callable[[], None] = lambda: None
+) -> Drainer:
     return Drainer(
         db,
         SyncEngine.from_settings(settings),
@@ -81,6 +89,7 @@ def build_drainer(settings: Settings, db: Engine, report: Report) -> Drainer:
         registry.lookups(settings),
         DrainSettings.from_config(settings.drain),
         observe=lambda result, seconds: report(counts_of(result), seconds),
+        claiming=claiming,
     )
 
 
@@ -144,6 +153,7 @@ class DrainerProcess:
         # Shared doubles without a lock: one writer each, and a torn read cannot happen.
         self._heartbeat: ctypes.c_double = self._ctx.RawValue(ctypes.c_double, 0.0)
         self._deadline: ctypes.c_double = self._ctx.RawValue(ctypes.c_double, 0.0)
+        self._wanted: ctypes.c_bool = self._ctx.RawValue(ctypes.c_bool, False)
         self._lock = threading.Lock()
         self._wake_end: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -156,9 +166,12 @@ class DrainerProcess:
         self._monitor.start()
 
     def wake(self) -> None:
+        if self._wanted.value:  # a byte is on its way and the child has not claimed since
+            return
         with self._lock:  # the monitor swaps the pipe when it restarts the child
             if self._wake_end is None:
                 return
+            self._wanted.value = True
             # Full: a wake-up is pending anyway. Gone: the monitor is restarting the child.
             with contextlib.suppress(OSError):
                 os.write(self._wake_end.fileno(), b"w")
@@ -192,10 +205,15 @@ class DrainerProcess:
         wake_read, wake_write = self._ctx.Pipe(duplex=False)
         report_read, report_write = self._ctx.Pipe(duplex=False)
         self._heartbeat.value = 0.0
+        self._wanted.value = False
         process = self._ctx.Process(
             target=child_main,
             args=(self.settings, self._url, wake_read, report_write),
-            kwargs={"heartbeat": self._heartbeat, "deadline": self._deadline},
+            kwargs={
+                "heartbeat": self._heartbeat,
+                "deadline": self._deadline,
+                "wanted": self._wanted,
+            },
             name="sync-worker-drainer",
         )
         process.start()
@@ -239,6 +257,7 @@ def child_main(
     *,
     heartbeat: ctypes.c_double,
     deadline: ctypes.c_double,
+    wanted: ctypes.c_bool,
 ) -> None:
     """The drainer process: drain until the daemon closes the wake pipe (see the module)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -259,7 +278,10 @@ def child_main(
         with contextlib.suppress(OSError):  # the daemon died: its metrics died with it
             reports.send((counts, seconds))
 
-    drainer = build_drainer(settings, db, report)
+    def claiming() -> None:
+        wanted.value = False
+
+    drainer = build_drainer(settings, db, report, claiming=claiming)
     stop = threading.Event()
     listener = threading.Thread(
         target=_listen, args=(wake, drainer, stop, heartbeat), name="wake-listener", daemon=True

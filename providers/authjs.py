@@ -67,7 +67,7 @@ from db.lookup import among
 from providers.authjs_copy import copy_rows, export_snapshot, join_snapshot
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.authjs_setpass import AuthjsSetPass, row_number_over
-from providers.base import Cursor, Page, RecordError, StoredDigests
+from providers.base import Compared, Cursor, Page, RecordError, StoredDigests
 from providers.fields import optional_text
 from sync_worker.changes import (
     ChangeKind,
@@ -543,31 +543,32 @@ class AuthjsProvider:
                 return result
 
             changed: dict[Any, str] | None = None
-            skipped = (0, 0)  # users (beyond those the items skip) and live sessions
-            listed = True  # the pages list every user's id in seen_ids
-            total: int | None = None
+            skipped_sessions = 0
             if known.held():
                 digests = self._digest_copy(conn, after, observed)
                 try:
                     compared = known.compare(digests, limit=CHANGED_HELD)
                 finally:  # its readers stop before ``conn`` is closed, whatever happened
                     digests.close()
+                if compared is not None and compared.changed is not None:
+                    # Compared, and every id recorded as seen, by the worker.
+                    keyed = {self._stored_key(e): d for e, d in compared.changed.items()}
+                    pages = self._compared_pages(
+                        conn, opened, keyed, compared=compared, after=after,
+                        observed=observed, partial=partial,
+                    )  # fmt: skip
+                    first = next(pages)
+                    yield replace(first, total=compared.users)
+                    yield from pages
+                    return
                 if compared is None:  # the store does not compare: merge in id order here
-                    changed, sessions = self._merged(opened, after, observed, known)
-                    skipped = (0, sessions)
-                elif compared.changed is not None:  # compared, and every id recorded as seen
-                    changed = {self._stored_key(e): d for e, d in compared.changed.items()}
-                    skipped = (compared.users - len(changed), compared.skipped_sessions)
-                    listed, total = False, compared.users
-            if total is None:
-                total = self._count_after(conn, after)  # in the pass's snapshot
+                    changed, skipped_sessions = self._merged(opened, after, observed, known)
+            total = self._count_after(conn, after)  # in the pass's snapshot
             if changed is None:
                 items = self._in_step(opened, after, observed, known)
-            elif listed:
-                items = self._filtered(opened, changed, after, observed)
             else:
-                items = self._changed_only(opened, changed, after, observed)
-            pages = self._digest_pages(items, observed, skipped, partial=partial, listed=listed)
+                items = self._filtered(opened, changed, after, observed)
+            pages = self._digest_pages(items, observed, skipped_sessions, partial=partial)
             first = next(pages)
             yield replace(first, total=total)
             yield from pages
@@ -681,45 +682,100 @@ class AuthjsProvider:
                 raise UpstreamDataError("authjs: users did not come in their digests' order")
             yield user_id, digest, 0, entry
 
-    def _changed_only(
+    def _compared_pages(
         self,
+        conn: Connection,
         opened: Callable[[Select[Any]], CursorResult[Any]],
         changed: dict[Any, str],
+        *,
+        compared: Compared,
         after: int | str | None,
         observed: datetime,
-    ) -> Iterator[_Item]:
-        """The rows of the ``changed`` users alone, in id order (the store compared every
-        digest and recorded every id as seen)."""
-        entries = self._entries_of(opened, sorted(changed), after=after, observed=observed)
-        for entry in entries:
-            user_id = entry[0]["id"]
-            yield user_id, changed[user_id], 0, entry
+        partial: bool,
+    ) -> Iterator[Page]:
+        """The pages ``_digest_pages`` would make, for a pass the worker compared: cut at
+        ``batch_size`` changed users or ``SEEN_PER_PAGE`` users, each with its cursor; only
+        the changed users' rows are read, and no page lists ids (the worker recorded them).
+        Where a page ends at an unchanged user, its id (for the cursor) is asked of the
+        source, by a short index scan from the previous page's end."""
+        positions = self._positions(conn, list(changed), after)
+        entries = self._entries_of(
+            opened, [k for _, k in positions], after=after, observed=observed
+        )
+        total, size = compared.users, self._batch_size
+        lo, taken = 1, 0
+        before: object = after
+        sessions = compared.skipped_sessions  # counted on the first page, as the merge does
+        while True:
+            end = min(total, lo + SEEN_PER_PAGE - 1)
+            if taken + size <= len(positions):
+                end = min(end, positions[taken + size - 1][0])
+            held: list[_Entry] = []
+            while taken < len(positions) and positions[taken][0] <= end:
+                entry = next(entries, None)
+                if entry is None or entry[0]["id"] != positions[taken][1]:
+                    raise UpstreamDataError("authjs: users did not come in their digests' order")
+                held.append(entry)
+                taken += 1
+            last = end >= total
+            if last or (held and positions[taken - 1][0] == end):
+                at_end: object = held[-1][0]["id"] if held else before
+            else:
+                at_end = self._id_at(conn, before, end - lo)
+            digests = {str(e[0]["id"]): changed[e[0]["id"]] for e in held}
+            with collector_paused():
+                page = self._digest_page(
+                    held, [], digests, observed, after=at_end, last=last, partial=partial
+                )
+            yield replace(page, skipped=(max(0, end - lo + 1) - len(held), sessions))
+            if last:
+                return
+            lo, before, sessions = end + 1, at_end, 0
+
+    def _positions(
+        self, conn: Connection, keys: Sequence[Any], after: int | str | None
+    ) -> list[tuple[int, Any]]:
+        """``(position in the pass, id)`` of the users ``keys``, in id order: one numbered
+        scan of the users' ids (their primary key's index), only when some changed."""
+        if not keys:
+            return []
+        key = self._user.c.id
+        numbered = select(key.label("id"), func.row_number().over(order_by=key).label("pos"))
+        if after is not None:
+            numbered = numbered.where(key > after)
+        users = numbered.subquery("numbered")
+        wanted = bindparam("keys", list(keys), type_=ARRAY(key.type))
+        query = select(users.c.pos, users.c.id).where(users.c.id == any_(wanted))
+        found = [(int(pos), user_id) for pos, user_id in conn.execute(query.order_by(users.c.pos))]
+        if len(found) != len(keys):
+            raise UpstreamDataError("authjs: the worker named users this snapshot does not hold")
+        return found
+
+    def _id_at(self, conn: Connection, before: object, offset: int) -> object:
+        """The id ``offset`` users after ``before`` (None: from the first user)."""
+        key = self._user.c.id
+        query = select(key).select_from(self._user).order_by(key).offset(offset).limit(1)
+        if before is not None:
+            query = query.where(key > before)
+        found = conn.execute(query).scalar()
+        if found is None:
+            raise UpstreamDataError("authjs: fewer users than the pass counted")
+        return found
 
     def _digest_pages(
-        self,
-        items: Iterator[_Item],
-        observed: datetime,
-        skipped_before: tuple[int, int],
-        *,
-        partial: bool,
-        listed: bool,
+        self, items: Iterator[_Item], observed: datetime, skipped_sessions: int, *, partial: bool
     ) -> Iterator[Page]:
-        """Pages of at most ``batch_size`` changed users and ``SEEN_PER_PAGE`` users (in
-        ``seen_ids``, if ``listed``). ``skipped_before``: users and sessions skipped that
-        the items do not carry, counted on the first page."""
+        """Pages of at most ``batch_size`` changed users and ``SEEN_PER_PAGE`` users."""
         size = self._batch_size
         seen: list[str] = []
         held: list[_Entry] = []
         held_digests: dict[str, str] = {}
-        skipped = list(skipped_before)
-        last_id: object = None
+        skipped = [0, skipped_sessions]
         item = next(items, None)
         while True:
             if item is not None:
                 user_id, digest, sessions, entry = item
-                last_id = user_id
-                if listed:
-                    seen.append(str(user_id))
+                seen.append(str(user_id))
                 if entry is None or digest is None:
                     skipped[0] += 1
                     skipped[1] += sessions
@@ -729,9 +785,10 @@ class AuthjsProvider:
                 item = next(items, None)
             last = item is None
             if last or len(held) == size or len(seen) >= SEEN_PER_PAGE:
+                after = self._key(seen[-1]) if seen else None
                 with collector_paused():
                     page = self._digest_page(
-                        held, seen, held_digests, observed, after=last_id, last=last,
+                        held, seen, held_digests, observed, after=after, last=last,
                         partial=partial,
                     )  # fmt: skip
                 yield replace(page, skipped=(skipped[0], skipped[1]))

@@ -30,7 +30,7 @@ from providers.base import Compared, Cursor, Page, StoredDigests
 from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
 from sync_worker.engine import PlanSettings, SyncEngine
-from sync_worker.pull import PullReport, PullRunner
+from sync_worker.pull import PullReport, PullRunner, _Stored
 from tests.conftest import sqlalchemy_url
 from tests.fakes.authjs import FakeAccount, FakeSession, PgAdapterLoader, make_loader
 
@@ -355,6 +355,56 @@ def test_the_worker_compares_the_digests_and_records_the_seen_ids(twins: Twins) 
     assert reconciled is not None
     assert (reconciled.missing, reconciled.deleted) == (1, 1)
     twins.assert_same()
+
+
+class NoCompare:
+    """The stored digests of ``inner``, without the worker's comparison: the provider
+    merges them in id order itself, as it does for a SQLite worker."""
+
+    def __init__(self, inner: StoredDigests) -> None:
+        self.inner = inner
+
+    def held(self) -> bool:
+        return self.inner.held()
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]:
+        return self.inner.in_order(numeric=numeric)
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
+        return self.inner.of(external_ids)
+
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
+        return None
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_compared_pages_are_the_merged_pages(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    """Where the worker compares, the pages are cut as where the provider merges: at
+    ``batch_size`` changed users or ``SEEN_PER_PAGE`` users, with the same cursors,
+    changes, digests and counts (only ``seen_ids`` are left to the worker)."""
+    monkeypatch.setattr("providers.authjs.SEEN_PER_PAGE", 4)
+    if split:
+        monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
+    twins.run()
+    for user in ids(twins)[1:3] + ids(twins)[20:27]:
+        twins.loader.update_user(user, name=f"Paged {user}")
+    known = _Stored(twins.digest, "authjs", uuid.uuid4())
+
+    def pages(stored: StoredDigests) -> list[tuple[Any, ...]]:
+        with closing(twins.provider()) as provider:
+            found = provider.iter_digested(None, full=True, known=stored)
+            assert found is not None
+            return [
+                (p.cursor, [c.external_id for c in p.changes], p.digests, p.skipped, p.total)
+                for p in found
+            ]
+
+    compared = pages(known)
+    assert compared == pages(NoCompare(known))
+    assert len(compared) >= 8
+    assert any(not changes for _, changes, _, _, _ in compared)  # a page of unchanged users
 
 
 def test_sessions_that_expire_between_passes(twins: Twins) -> None:

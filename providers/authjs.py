@@ -64,7 +64,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
-from providers.authjs_copy import copy_rows, export_snapshot, join_snapshot
+from providers.authjs_copy import copy_chunks, export_snapshot, join_snapshot
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.authjs_setpass import AuthjsSetPass, row_number_over
 from providers.base import Compared, Cursor, Page, RecordError, StoredDigests
@@ -598,35 +598,38 @@ class AuthjsProvider:
         by id), read once iterated. With integer ids and enough users, in two halves by id
         range, read at once on two connections in the pass's snapshot: PostgreSQL runs each
         query on one backend, and this one costs the pass most (sorts, aggregates, md5)."""
-        middle = self._middle(conn, after)
+        count, middle = self._middle(conn, after)
+        plain = (self._tables.flavour.integer_ids, True, True)  # id, md5 hex, an integer
         if middle is None:
-            yield from copy_rows(conn, self._digest_query(after, observed, ordered=False))
+            query = self._digest_query(after, observed, ordered=False)
+            yield from copy_chunks(conn, query, rows=count, plain=plain)
             return
         snapshot = export_snapshot(conn)
+        half = count // 2 + 1
 
         def upper() -> Iterator[bytes]:
             with self._reading() as other:
                 join_snapshot(other, snapshot)
-                yield from copy_rows(other, self._digest_query(middle, observed, ordered=False))
+                query = self._digest_query(middle, observed, ordered=False)
+                yield from copy_chunks(other, query, rows=count - half, plain=plain)
 
-        lower = copy_rows(conn, self._digest_query(after, observed, upto=middle, ordered=False))
+        query = self._digest_query(after, observed, upto=middle, ordered=False)
+        lower = copy_chunks(conn, query, rows=half, plain=plain)
         yield from read_merged([lower, upper()])
 
-    def _middle(self, conn: Connection, after: int | str | None) -> int | None:
-        """The integer id that splits the users after ``after`` in halves; None for text ids
-        (the halves' account and session filters compare ids, safe only as integers) or too
-        few users to pay for a second connection."""
-        if not self._tables.flavour.integer_ids:
-            return None
+    def _middle(self, conn: Connection, after: int | str | None) -> tuple[int, int | None]:
+        """How many users come after ``after``, and the integer id that splits them in
+        halves: None for text ids (the halves' account and session filters compare ids,
+        safe only as integers) or too few users to pay for a second connection."""
         key = self._user.c.id
         ids = select(key).select_from(self._user)
         if after is not None:
             ids = ids.where(key > after)
         count = int(conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one())
-        if count < SPLIT_AT:
-            return None
+        if not self._tables.flavour.integer_ids or count < SPLIT_AT:
+            return count, None
         found = conn.execute(ids.order_by(key).offset(count // 2).limit(1)).scalar()
-        return None if found is None else int(found)
+        return count, None if found is None else int(found)
 
     def _stored_key(self, external_id: str) -> int | str:
         key = self._key(external_id)

@@ -387,6 +387,7 @@ def test_compared_pages_are_the_merged_pages(
     monkeypatch.setattr("providers.authjs.SEEN_PER_PAGE", 4)
     if split:
         monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
+        monkeypatch.setattr("providers.authjs_copy.CHUNK_ROWS", 3)  # several chunks a half
     twins.run()
     for user in ids(twins)[1:3] + ids(twins)[20:27]:
         twins.loader.update_user(user, name=f"Paged {user}")
@@ -556,6 +557,50 @@ def test_the_digest_pass_on_either_worker_database(
     assert len(stored_digests(engine, "authjs")) == 12
     again, mapped = run()
     assert (dict(again.counts), mapped) == ({"unchanged": 12}, 0)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_text_ids_that_copy_must_escape(
+    engine: Engine,
+    make_pg_database: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    split: bool,
+) -> None:
+    """Text ids holding the characters COPY's text format escapes (backslash, tab,
+    newline, carriage return) reach the worker's comparison as they are: a second pass
+    finds them unchanged, and a change to one of them is found."""
+    if split:
+        monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)  # text ids are never split
+        monkeypatch.setattr("providers.authjs_copy.CHUNK_ROWS", 2)  # chunks by id hash
+    source = make_pg_database()
+    odd = ["back\\slash", "tab\there", "new\nline", "carriage\rreturn", "\\N"]
+    with make_loader("drizzle", source) as loader:
+        loader.populate(3, now=START)
+        for n, user_id in enumerate(odd):
+            loader.execute(
+                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s)',
+                [user_id, f"Odd {n}", f"odd{n}@example.com"],
+            )
+            loader.execute(
+                'INSERT INTO "account" ("userId", type, provider, "providerAccountId")'
+                " VALUES (%s, 'oauth', 'github', %s)",
+                [user_id, f"gh-odd-{n}"],
+            )
+    settings = AuthjsSettings.model_validate(
+        {"database_url": sqlalchemy_url(source), "schema": "drizzle"}
+    )
+
+    def run() -> tuple[dict[str, int], int]:
+        with closing(Recording(AuthjsProvider(settings, batch_size=5))) as provider:
+            report = PullRunner(engine, SyncEngine(PlanSettings()), provider).run(full=True)
+            return dict(report.counts), provider.mapped
+
+    assert run() == ({"created": 8}, 8)
+    assert set(odd) <= set(stored_digests(engine, "authjs"))
+    assert run() == ({"unchanged": 8}, 0)
+    with make_loader("drizzle", source) as loader:
+        loader.execute('UPDATE "user" SET name = %s WHERE id = %s', ["Renamed", odd[1]])
+    assert run() == ({"unchanged": 7, "updated": 1}, 1)
 
 
 def test_a_sqlite_source_keeps_the_per_row_pass(tmp_path: Any) -> None:

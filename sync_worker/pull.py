@@ -524,7 +524,7 @@ class _Stored:
             if changes > limit:
                 return Compared(users=found.users, changed=None, skipped_sessions=0)
             changed = changed_staged(conn, self.provider) if changes else {}
-            mark_seen_staged(conn, self.run_id, STAGED, "ext")
+            mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
         return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
 
 

@@ -7,13 +7,18 @@ write nothing for that user given the same source rows: migration 0007's trigger
 on every other write to the identity row or to its user's sessions, whoever makes it, and
 with the identity. A pass streams them in id order beside the source's digests.
 
+On PostgreSQL a pass compares in the worker instead (``stage_digests``, ``compare_staged``,
+``changed_staged``): the source's digests arrive as COPY bytes, passed through undecoded,
+into a temporary table of the comparing transaction, and only the changed users come back.
+
 A table of its own, not a column of user_identities: that table's writers build its rows
 from its column list (the bulk load positionally), and a narrow table reads faster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -26,6 +31,7 @@ from sqlalchemy import (
     exists,
     func,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -34,7 +40,21 @@ from db.lookup import among
 from db.snapshot import lock_writers
 from db.tables import sync_source_digests, user_identities
 
-__all__ = ["digests_in_order", "digests_of", "holds_digests", "store_digests", "stored_digests"]
+__all__ = [
+    "STAGED",
+    "Comparison",
+    "changed_staged",
+    "compare_staged",
+    "digests_in_order",
+    "digests_of",
+    "holds_digests",
+    "stage_digests",
+    "store_digests",
+    "stored_digests",
+]
+
+#: The temporary table a pass's source digests are copied into (``stage_digests``).
+STAGED = "sw_pass_digests"
 
 _sd = sync_source_digests
 _ui = user_identities
@@ -142,3 +162,57 @@ def store_digests(conn: Connection, provider: str, digests: Mapping[str, tuple[s
         lite, [{"provider": provider, "external_id": e, "digest": digests[e][0]} for e in live]
     )
     return len(live)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Comparison:
+    """Staged source digests against the stored ones."""
+
+    users: int
+    unchanged: int  # users whose stored digest is the source's
+    skipped_sessions: int  # their live sessions
+
+
+@translated
+def stage_digests(conn: Connection, rows: Iterable[bytes]) -> None:
+    """COPY a pass's source digests, text rows ``(external id, digest, live sessions)``,
+    into ``STAGED``, a temporary table dropped when the caller's transaction ends. PostgreSQL
+    only; the bytes are written as they come, never decoded."""
+    conn.execute(
+        text(f"CREATE TEMP TABLE {STAGED} (ext text, digest text, n bigint) ON COMMIT DROP")
+    )
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cur, cur.copy(f"COPY {STAGED} FROM STDIN") as copy:
+        for block in rows:
+            copy.write(block)
+
+
+@translated
+def compare_staged(conn: Connection, provider: str) -> Comparison:
+    """How many staged users there are, and how many of them (with their live sessions)
+    hold the stored digest: one join, nothing sent back per user."""
+    users, unchanged, sessions = conn.execute(
+        text(
+            "SELECT count(*), count(s.digest), coalesce(sum(d.n) FILTER"  # noqa: S608
+            f" (WHERE s.digest IS NOT NULL), 0) FROM {STAGED} d"
+            " LEFT JOIN sync_source_digests s ON s.provider = :p AND s.external_id = d.ext"
+            " AND s.digest = d.digest"
+        ),
+        {"p": provider},
+    ).one()
+    return Comparison(users=int(users), unchanged=int(unchanged), skipped_sessions=int(sessions))
+
+
+@translated
+def changed_staged(conn: Connection, provider: str) -> dict[str, str]:
+    """``{external_id: digest}`` of the staged users whose stored digest differs or is missing."""
+    rows = conn.execute(
+        text(
+            f"SELECT d.ext, d.digest FROM {STAGED} d WHERE NOT EXISTS"  # noqa: S608
+            " (SELECT 1 FROM sync_source_digests s WHERE s.provider = :p"
+            " AND s.external_id = d.ext AND s.digest = d.digest)"
+        ),
+        {"p": provider},
+    )
+    return {str(e): str(d) for e, d in rows}

@@ -16,11 +16,16 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     true,
 )
 
 from db.errors import translated
 from db.tables import sync_seen, user_identities
+
+#: Ids per ``sync_seen`` row when a pass records them all at once (``mark_seen_staged``):
+#: some 1.5 MB of JSON.
+SEEN_CHUNK = 100_000
 
 
 @translated
@@ -28,6 +33,28 @@ def mark_seen(conn: Connection, run_id: uuid.UUID, external_ids: Sequence[str]) 
     """Record ids a full pass observed upstream: one row for the page (duplicates are harmless)."""
     ids = list(dict.fromkeys(external_ids))
     conn.execute(insert(sync_seen).values(run_id=run_id, external_ids=ids))
+
+
+@translated
+def mark_seen_staged(
+    conn: Connection, run_id: uuid.UUID, table: str, column: str, *, rows: int
+) -> None:
+    """Record every id of a temporary table a pass staged (PostgreSQL; ``rows`` of them),
+    in ``mark_seen``'s shape, rows of at most ``SEEN_CHUNK`` ids: the ids never travel
+    through Python. One aggregate while they fit one row (numbering them to cut rows
+    costs a third more)."""
+    ids = f"to_jsonb(array_agg({column}))"
+    if rows <= SEEN_CHUNK:
+        statement = f"SELECT :run, {ids} FROM {table} HAVING count(*) > 0"  # noqa: S608
+    else:
+        statement = (
+            f"SELECT :run, {ids} FROM (SELECT {column}, (row_number() OVER () - 1)"  # noqa: S608
+            f" / :chunk AS part FROM {table}) AS t GROUP BY part"
+        )
+    conn.execute(
+        text(f"INSERT INTO sync_seen (run_id, external_ids) {statement}"),
+        {"run": run_id, "chunk": SEEN_CHUNK},
+    )
 
 
 def seen_ids(dialect: str, run_id: uuid.UUID) -> Select[Any]:
@@ -71,10 +98,21 @@ def unseen_ids(db: Engine, provider: str, run_id: uuid.UUID) -> list[str]:
         return [str(e) for e in conn.execute(_unseen(db.dialect.name, provider, run_id)).scalars()]
 
 
-def _unseen(dialect: str, provider: str, run_id: uuid.UUID) -> CompoundSelect[Any]:
-    # EXCEPT, not NOT EXISTS: the seen ids are unnested from JSON arrays, which no index
-    # covers; both databases run a set difference in one pass over each side.
-    return select(_live(provider).c.external_id).except_(seen_ids(dialect, run_id))
+def _unseen(dialect: str, provider: str, run_id: uuid.UUID) -> Select[Any] | CompoundSelect[Any]:
+    # The seen ids are unnested from JSON arrays, which no index covers: a set difference
+    # in one pass over each side. On SQLite, EXCEPT (a NOT EXISTS there would unnest the
+    # arrays once per live id); PostgreSQL runs NOT EXISTS as a hashed anti-join, half the
+    # time of its EXCEPT at 100,000 ids.
+    live = _live(provider)
+    if dialect != "postgresql":
+        return select(live.c.external_id).except_(seen_ids(dialect, run_id))
+    ids = func.jsonb_array_elements_text(sync_seen.c.external_ids).table_valued("value")
+    seen = (
+        select(ids.c.value)
+        .select_from(sync_seen.join(ids, true()))
+        .where(sync_seen.c.run_id == run_id, ids.c.value == live.c.external_id)
+    )
+    return select(live.c.external_id).where(~seen.exists())
 
 
 def _live(provider: str) -> Subquery:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -64,9 +64,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
+from providers.authjs_copy import copy_chunks, export_snapshot, join_snapshot
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.authjs_setpass import AuthjsSetPass, row_number_over
-from providers.base import Cursor, Page, RecordError, StoredDigests
+from providers.base import Compared, Cursor, Page, RecordError, StoredDigests
 from providers.fields import optional_text
 from sync_worker.changes import (
     ChangeKind,
@@ -86,6 +87,7 @@ from sync_worker.errors import (
     UpstreamDataError,
     UpstreamUnavailable,
 )
+from sync_worker.readahead import read_merged
 from sync_worker.runtime import collector_paused
 
 __all__ = [
@@ -113,6 +115,8 @@ DIGEST_CHUNK = 10_000
 #: A digest pass holds the ids of at most this many changed users (beyond, it reads every
 #: user's rows in step with the digests instead), so its memory stays flat.
 CHANGED_HELD = 50_000
+#: From this many users on, a pass reads its digests in two halves at once (``_digest_copy``).
+SPLIT_AT = 20_000
 _MISSING_OBJECT = frozenset({"42P01", "42703", "3F000"})  # undefined table / column / schema
 _DENIED = frozenset({"28000", "28P01", "42501"})  # bad login / password / privilege
 
@@ -389,14 +393,16 @@ class AuthjsProvider:
 
         PostgreSQL only (None elsewhere). In one snapshot, the database computes
         ``(id, digest)`` of every user over everything the mapping reads
-        (``_digest_query``), streamed and merged with the stored ones (streamed in the same
-        order); then the rows of the changed users alone are read, each table once, merged
-        as in ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
+        (``_digest_query``), handed as COPY bytes to ``known.compare`` (the worker compares
+        them and records every id as seen: ``_digest_copy``), or, where the store does not
+        compare, streamed and merged with the stored ones (streamed in the same order);
+        then the rows of the changed users alone are read, each table once, merged as in
+        ``_streamed``. Where nothing is stored yet (the first pass), or more users changed
         than ``CHANGED_HELD`` (whose ids this would hold), the digests are instead read in
         step with every user's rows. Either way memory stays flat in the number of users.
         Pages follow the users in id order like ``iter_changes``' (cursor, resume,
-        ``complete``, ``partial_pass``), list every user in ``seen_ids`` and carry the
-        changes and ``digests`` of the changed ones.
+        ``complete``, ``partial_pass``), list every user in ``seen_ids`` (unless the store
+        recorded them) and carry the changes and ``digests`` of the changed ones.
         """
         if self._engine.dialect.name != "postgresql":
             return None
@@ -539,15 +545,24 @@ class AuthjsProvider:
             changed: dict[Any, str] | None = None
             skipped_sessions = 0
             if known.held():
-                numeric = self._tables.flavour.integer_ids
-                digests = opened(self._digest_query(after, observed, bytewise=not numeric))
-                stored = known.in_order(numeric=numeric)
+                digests = self._digest_copy(conn, after, observed)
                 try:
-                    changed, skipped_sessions = _changed(digests, stored, numeric=numeric)
-                finally:
-                    close = getattr(stored, "close", None)  # a generator: end its read
-                    if close is not None:
-                        close()
+                    compared = known.compare(digests, limit=CHANGED_HELD)
+                finally:  # its readers stop before ``conn`` is closed, whatever happened
+                    digests.close()
+                if compared is not None and compared.changed is not None:
+                    # Compared, and every id recorded as seen, by the worker.
+                    keyed = {self._stored_key(e): d for e, d in compared.changed.items()}
+                    pages = self._compared_pages(
+                        conn, opened, keyed, compared=compared, after=after,
+                        observed=observed, partial=partial,
+                    )  # fmt: skip
+                    first = next(pages)
+                    yield replace(first, total=compared.users)
+                    yield from pages
+                    return
+                if compared is None:  # the store does not compare: merge in id order here
+                    changed, skipped_sessions = self._merged(opened, after, observed, known)
             total = self._count_after(conn, after)  # in the pass's snapshot
             if changed is None:
                 items = self._in_step(opened, after, observed, known)
@@ -557,6 +572,70 @@ class AuthjsProvider:
             first = next(pages)
             yield replace(first, total=total)
             yield from pages
+
+    def _merged(
+        self,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        after: int | str | None,
+        observed: datetime,
+        known: StoredDigests,
+    ) -> tuple[dict[Any, str] | None, int]:
+        """``_changed`` over the digests and the stored ones, both streamed in id order."""
+        numeric = self._tables.flavour.integer_ids
+        digests = opened(self._digest_query(after, observed, bytewise=not numeric))
+        stored = known.in_order(numeric=numeric)
+        try:
+            return _changed(digests, stored, numeric=numeric)
+        finally:
+            close = getattr(stored, "close", None)  # a generator: end its read
+            if close is not None:
+                close()
+
+    def _digest_copy(
+        self, conn: Connection, after: int | str | None, observed: datetime
+    ) -> Generator[bytes, None, None]:
+        """The digest query's rows as COPY text, in no particular order (the store compares
+        by id), read once iterated. With integer ids and enough users, in two halves by id
+        range, read at once on two connections in the pass's snapshot: PostgreSQL runs each
+        query on one backend, and this one costs the pass most (sorts, aggregates, md5)."""
+        count, middle = self._middle(conn, after)
+        plain = (self._tables.flavour.integer_ids, True, True)  # id, md5 hex, an integer
+        if middle is None:
+            query = self._digest_query(after, observed, ordered=False)
+            yield from copy_chunks(conn, query, rows=count, plain=plain)
+            return
+        snapshot = export_snapshot(conn)
+        half = count // 2 + 1
+
+        def upper() -> Iterator[bytes]:
+            with self._reading() as other:
+                join_snapshot(other, snapshot)
+                query = self._digest_query(middle, observed, ordered=False)
+                yield from copy_chunks(other, query, rows=count - half, plain=plain)
+
+        query = self._digest_query(after, observed, upto=middle, ordered=False)
+        lower = copy_chunks(conn, query, rows=half, plain=plain)
+        yield from read_merged([lower, upper()])
+
+    def _middle(self, conn: Connection, after: int | str | None) -> tuple[int, int | None]:
+        """How many users come after ``after``, and the integer id that splits them in
+        halves: None for text ids (the halves' account and session filters compare ids,
+        safe only as integers) or too few users to pay for a second connection."""
+        key = self._user.c.id
+        ids = select(key).select_from(self._user)
+        if after is not None:
+            ids = ids.where(key > after)
+        count = int(conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one())
+        if not self._tables.flavour.integer_ids or count < SPLIT_AT:
+            return count, None
+        found = conn.execute(ids.order_by(key).offset(count // 2).limit(1)).scalar()
+        return count, None if found is None else int(found)
+
+    def _stored_key(self, external_id: str) -> int | str:
+        key = self._key(external_id)
+        if key is None:  # the store handed back an id this source could not have sent
+            raise UpstreamDataError(f"authjs: unexpected user id {external_id!r}")
+        return key
 
     def _in_step(
         self,
@@ -606,6 +685,86 @@ class AuthjsProvider:
                 raise UpstreamDataError("authjs: users did not come in their digests' order")
             yield user_id, digest, 0, entry
 
+    def _compared_pages(
+        self,
+        conn: Connection,
+        opened: Callable[[Select[Any]], CursorResult[Any]],
+        changed: dict[Any, str],
+        *,
+        compared: Compared,
+        after: int | str | None,
+        observed: datetime,
+        partial: bool,
+    ) -> Iterator[Page]:
+        """The pages ``_digest_pages`` would make, for a pass the worker compared: cut at
+        ``batch_size`` changed users or ``SEEN_PER_PAGE`` users, each with its cursor; only
+        the changed users' rows are read, and no page lists ids (the worker recorded them).
+        Where a page ends at an unchanged user, its id (for the cursor) is asked of the
+        source, by a short index scan from the previous page's end."""
+        positions = self._positions(conn, list(changed), after)
+        entries = self._entries_of(
+            opened, [k for _, k in positions], after=after, observed=observed
+        )
+        total, size = compared.users, self._batch_size
+        lo, taken = 1, 0
+        before: object = after
+        sessions = compared.skipped_sessions  # counted on the first page, as the merge does
+        while True:
+            end = min(total, lo + SEEN_PER_PAGE - 1)
+            if taken + size <= len(positions):
+                end = min(end, positions[taken + size - 1][0])
+            held: list[_Entry] = []
+            while taken < len(positions) and positions[taken][0] <= end:
+                entry = next(entries, None)
+                if entry is None or entry[0]["id"] != positions[taken][1]:
+                    raise UpstreamDataError("authjs: users did not come in their digests' order")
+                held.append(entry)
+                taken += 1
+            last = end >= total
+            if last or (held and positions[taken - 1][0] == end):
+                at_end: object = held[-1][0]["id"] if held else before
+            else:
+                at_end = self._id_at(conn, before, end - lo)
+            digests = {str(e[0]["id"]): changed[e[0]["id"]] for e in held}
+            with collector_paused():
+                page = self._digest_page(
+                    held, [], digests, observed, after=at_end, last=last, partial=partial
+                )
+            yield replace(page, skipped=(max(0, end - lo + 1) - len(held), sessions))
+            if last:
+                return
+            lo, before, sessions = end + 1, at_end, 0
+
+    def _positions(
+        self, conn: Connection, keys: Sequence[Any], after: int | str | None
+    ) -> list[tuple[int, Any]]:
+        """``(position in the pass, id)`` of the users ``keys``, in id order: one numbered
+        scan of the users' ids (their primary key's index), only when some changed."""
+        if not keys:
+            return []
+        key = self._user.c.id
+        numbered = select(key.label("id"), func.row_number().over(order_by=key).label("pos"))
+        if after is not None:
+            numbered = numbered.where(key > after)
+        users = numbered.subquery("numbered")
+        wanted = bindparam("keys", list(keys), type_=ARRAY(key.type))
+        query = select(users.c.pos, users.c.id).where(users.c.id == any_(wanted))
+        found = [(int(pos), user_id) for pos, user_id in conn.execute(query.order_by(users.c.pos))]
+        if len(found) != len(keys):
+            raise UpstreamDataError("authjs: the worker named users this snapshot does not hold")
+        return found
+
+    def _id_at(self, conn: Connection, before: object, offset: int) -> object:
+        """The id ``offset`` users after ``before`` (None: from the first user)."""
+        key = self._user.c.id
+        query = select(key).select_from(self._user).order_by(key).offset(offset).limit(1)
+        if before is not None:
+            query = query.where(key > before)
+        found = conn.execute(query).scalar()
+        if found is None:
+            raise UpstreamDataError("authjs: fewer users than the pass counted")
+        return found
+
     def _digest_pages(
         self, items: Iterator[_Item], observed: datetime, skipped_sessions: int, *, partial: bool
     ) -> Iterator[Page]:
@@ -629,10 +788,12 @@ class AuthjsProvider:
                 item = next(items, None)
             last = item is None
             if last or len(held) == size or len(seen) >= SEEN_PER_PAGE:
+                after = self._key(seen[-1]) if seen else None
                 with collector_paused():
                     page = self._digest_page(
-                        held, seen, held_digests, observed, last=last, partial=partial
-                    )
+                        held, seen, held_digests, observed, after=after, last=last,
+                        partial=partial,
+                    )  # fmt: skip
                 yield replace(page, skipped=(skipped[0], skipped[1]))
                 seen, held, held_digests, skipped = [], [], {}, [0, 0]
                 if last:
@@ -645,6 +806,7 @@ class AuthjsProvider:
         digests: dict[str, str],
         observed: datetime,
         *,
+        after: object,
         last: bool,
         partial: bool,
     ) -> Page:
@@ -652,7 +814,7 @@ class AuthjsProvider:
         if not last:
             return Page(
                 changes=changes,
-                cursor=_cursor_after(self._key(seen[-1])),
+                cursor=_cursor_after(after),
                 errors=errors,
                 seen_ids=tuple(seen),
                 digests=digests,
@@ -693,7 +855,13 @@ class AuthjsProvider:
         return ((row, accounts.take(row["id"]), sessions.take(row["id"])) for row in users)
 
     def _digest_query(
-        self, after: int | str | None, observed: datetime, *, bytewise: bool = False
+        self,
+        after: int | str | None,
+        observed: datetime,
+        *,
+        bytewise: bool = False,
+        upto: int | None = None,
+        ordered: bool = True,
     ) -> Select[Any]:
         """``(id, md5 of a canonical text form, live sessions)`` of every user after ``after``,
         in id order.
@@ -704,23 +872,26 @@ class AuthjsProvider:
         (``least(expires - maxAge, observed)``: it moves with ``observed`` for a session
         that expires further off than maxAge), plus ``DIGEST_VERSION`` and the adapter's
         own settings. The token never leaves the database: only a digest over it does.
-        ``bytewise`` orders text ids by their bytes (to merge with the worker's order).
+        ``bytewise`` orders text ids by their bytes (to merge with the worker's order);
+        ``ordered=False`` leaves the order to the plan. ``upto`` (integer ids) ends the range
+        of users at that id. With integer ids the accounts and sessions are read for the
+        users' range only; text ids may compare otherwise under another column's collation.
         """
         tables = self._tables
         user, account, session = tables.user, tables.account, tables.session
+        ranged = tables.flavour.integer_ids and (after is not None or upto is not None)
         # Rows as PostgreSQL prints a record (it quotes any value holding a delimiter, so no
         # two rows print alike), aggregated from input sorted once per table: an ORDER BY
         # inside the aggregate sorted every user's group apart (3x the time). Should the
         # input order not hold, digests only differ: users are re-read, never skipped.
         by_account = (account.c.user_id, account.c.provider, account.c.provider_account_id)
-        sorted_accounts = (
-            select(
-                account.c.user_id.label("uid"),
-                _record(account.c.provider, account.c.provider_account_id).label("x"),
-            )
-            .order_by(*by_account)
-            .subquery("sorted_accounts")
-        )
+        own_accounts = select(
+            account.c.user_id.label("uid"),
+            _record(account.c.provider, account.c.provider_account_id).label("x"),
+        ).order_by(*by_account)
+        if ranged:
+            own_accounts = own_accounts.where(*_id_range(account.c.user_id, after, upto))
+        sorted_accounts = own_accounts.subquery("sorted_accounts")
         accounts = (
             select(
                 sorted_accounts.c.uid,
@@ -740,6 +911,8 @@ class AuthjsProvider:
         )
         if not self._expired_too:
             live = live.where(session.c.expires >= at)
+        if ranged:
+            live = live.where(*_id_range(session.c.user_id, after, upto))
         sorted_sessions = live.subquery("sorted_sessions")
         sessions = (
             select(
@@ -762,18 +935,16 @@ class AuthjsProvider:
         if tables.has("user", "created_at"):
             fields.append(user.c.created_at)
         doc = _record(*fields, accounts.c.doc, sessions.c.doc)
-        query = (
-            select(user.c.id, func.md5(doc), func.coalesce(sessions.c.n, 0))
-            .select_from(
-                user.outerjoin(accounts, accounts.c.uid == user.c.id).outerjoin(
-                    sessions, sessions.c.uid == user.c.id
-                )
+        query = select(user.c.id, func.md5(doc), func.coalesce(sessions.c.n, 0)).select_from(
+            user.outerjoin(accounts, accounts.c.uid == user.c.id).outerjoin(
+                sessions, sessions.c.uid == user.c.id
             )
+        )
+        if ordered:
             # Byte order of text ids, to merge with the worker's; the rows and pages follow
             # the column's own order, whatever its collation (``after`` too).
-            .order_by(user.c.id.collate("C") if bytewise else user.c.id)
-        )
-        return query if after is None else query.where(user.c.id > after)
+            query = query.order_by(user.c.id.collate("C") if bytewise else user.c.id)
+        return query.where(*_id_range(user.c.id, after, upto))
 
     def _paged(self, after: int | str | None) -> Iterator[_Chunk]:
         """Other databases (SQLite): a short read per page, so that no read stays open
@@ -959,6 +1130,16 @@ class AuthjsProvider:
 def _record(*values: ColumnElement[Any]) -> ColumnElement[str]:
     """``ROW(values...)::text``: PostgreSQL's own unambiguous print of a record."""
     return cast(func.row(*values), Text)
+
+
+def _id_range(column: ColumnElement[Any], after: object, upto: object) -> list[ColumnElement[bool]]:
+    """``after < column <= upto``, either end open where None."""
+    bounds: list[ColumnElement[bool]] = []
+    if after is not None:
+        bounds.append(column > after)
+    if upto is not None:
+        bounds.append(column <= upto)
+    return bounds
 
 
 def _cursor_after(last: object) -> dict[str, str]:

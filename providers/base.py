@@ -12,7 +12,7 @@ translated at the adapter boundary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -98,16 +98,36 @@ class UserLookup(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Compared:
+    """A pass's source digests compared with the stored ones where they are stored."""
+
+    users: int  # digests compared (the users the pass lists)
+    #: ``{external_id: digest}`` of the users whose digest differs or is missing; None if
+    #: more than the caller's limit did (then nothing was recorded).
+    changed: Mapping[str, str] | None
+    skipped_sessions: int  # live sessions of the unchanged users
+
+
 class StoredDigests(Protocol):
     """The digests the worker stored for a provider's users (``db.digests``), as a pass
     asks for them: whether there are any; all, streamed in an order (``numeric``: shorter
-    ids first, then bytes; else bytes); or those of a chunk of ids."""
+    ids first, then bytes; else bytes); or those of a chunk of ids; or compared where they
+    are stored."""
 
     def held(self) -> bool: ...
 
     def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]: ...
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]: ...
+
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
+        """Compare the pass's digests, COPY text rows ``(external id, digest, live
+        sessions)`` in any order, with the stored ones, in the worker's database, and
+        record every id as seen by the pass (unless more than ``limit`` changed). None,
+        without reading ``digests``, where the store does not compare (the caller merges
+        ``in_order`` instead): the pass then lists its ids in ``Page.seen_ids``."""
+        ...
 
 
 @runtime_checkable
@@ -124,6 +144,7 @@ class DigestSource(Protocol):
 
         ``known`` holds the digests stored by earlier passes; it is asked after the pass's
         snapshot is taken. Pages carry the changes of only the users whose digest differs or
-        is missing, ``seen_ids`` of every user, and ``digests`` of the users they carry.
+        is missing, ``seen_ids`` of every user (none where ``known.compare`` recorded them),
+        and ``digests`` of the users they carry.
         """
         ...

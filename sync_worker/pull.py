@@ -26,13 +26,29 @@ from sqlalchemy import Connection, Engine
 
 from db import setbased as setstore
 from db.cursors import load_cursor, save_cursor
-from db.digests import digests_in_order, digests_of, holds_digests, store_digests
+from db.digests import (
+    STAGED,
+    changed_staged,
+    compare_staged,
+    digests_in_order,
+    digests_of,
+    holds_digests,
+    stage_digests,
+    store_digests,
+)
 from db.errors import translating
 from db.runs import RunStatus, finish_run, start_run
-from db.seen import count_unseen, forget_seen, live_ids, mark_seen, unseen_ids
+from db.seen import (
+    count_unseen,
+    forget_seen,
+    live_ids,
+    mark_seen,
+    mark_seen_staged,
+    unseen_ids,
+)
 from db.snapshot import refresh_statistics
 from db.transaction import transaction
-from providers.base import Cursor, DigestSource, Page, Provider, RecordError
+from providers.base import Compared, Cursor, DigestSource, Page, Provider, RecordError
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
@@ -187,7 +203,7 @@ class PullRunner:
         set_pass = None if dry_run else self._set_source(start, whole)
         if set_pass is not None and self._set_pass(set_pass, report=report, seen=seen):
             return
-        pending = self._listing(start, whole)
+        pending = self._listing(start, whole, None if dry_run else report.run_id)
         while True:
             # A page's objects live from its decoding until it is applied, and reference
             # counting frees them then: collections in between would only walk them. One
@@ -367,11 +383,15 @@ class PullRunner:
         logins = sum(1 for o in result.outcomes if o.is_session)
         self.progress.advance(done.users, done.skipped_sessions + done.logins + logins)
 
-    def _listing(self, start: Cursor | None, whole: bool) -> Iterator[Page]:
-        """The provider's pages: a digest pass where it offers one, else ``iter_changes``."""
+    def _listing(
+        self, start: Cursor | None, whole: bool, run_id: uuid.UUID | None
+    ) -> Iterator[Page]:
+        """The provider's pages: a digest pass where it offers one, else ``iter_changes``.
+        ``run_id``: the run whose seen ids the store may record itself (None: a dry run)."""
         provider = self.provider
         if self.digests and isinstance(provider, DigestSource):
-            pages = provider.iter_digested(start, full=whole, known=_Stored(self.db, provider.name))
+            known = _Stored(self.db, provider.name, run_id)
+            pages = provider.iter_digested(start, full=whole, known=known)
             if pages is not None:
                 return pages
         return provider.iter_changes(start, full=whole)
@@ -479,8 +499,8 @@ class ReconcileRefused(GuardRefused):
 class _Stored:
     """The digests stored for the provider, as ``providers.base.StoredDigests``."""
 
-    def __init__(self, db: Engine, provider: str) -> None:
-        self.db, self.provider = db, provider
+    def __init__(self, db: Engine, provider: str, run_id: uuid.UUID | None) -> None:
+        self.db, self.provider, self.run_id = db, provider, run_id
 
     def held(self) -> bool:
         return holds_digests(self.db, self.provider)
@@ -490,6 +510,22 @@ class _Stored:
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return digests_of(self.db, self.provider, external_ids)
+
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
+        """On PostgreSQL, in one transaction: the digests copied in, compared, and every id
+        recorded as seen by the run, with no per-user work in Python. Not for a dry run,
+        whose seen ids stay in memory (``_MemorySeen``), nor on SQLite."""
+        if self.run_id is None or self.db.dialect.name != "postgresql":
+            return None
+        with transaction(self.db) as conn:
+            stage_digests(conn, digests)
+            found = compare_staged(conn, self.provider)
+            changes = found.users - found.unchanged
+            if changes > limit:
+                return Compared(users=found.users, changed=None, skipped_sessions=0)
+            changed = changed_staged(conn, self.provider) if changes else {}
+            mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
+        return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
 
 
 class _Seen(Protocol):

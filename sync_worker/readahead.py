@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Sequence
 from typing import Generic, TypeVar
 
 import structlog
@@ -34,10 +34,12 @@ class _Done:
 
 
 class _Reader(threading.Thread, Generic[T]):
-    def __init__(self, source: Iterable[T], depth: int) -> None:
+    def __init__(
+        self, source: Iterable[T], depth: int, items: queue.Queue[T | _Done] | None = None
+    ) -> None:
         super().__init__(name="pull-read-ahead", daemon=True)
         self.source = source
-        self.items: queue.Queue[T | _Done] = queue.Queue(maxsize=depth)
+        self.items: queue.Queue[T | _Done] = items or queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         # The reader logs (retries, pacing) with the caller's bound context.
         self.context = contextvars.copy_context()
@@ -102,3 +104,43 @@ def _take(reader: _Reader[T]) -> T | _Done:
         except queue.Empty:
             if not reader.is_alive() and reader.items.empty():
                 return _Done(RuntimeError("read-ahead thread ended without a result"))
+
+
+def read_merged(sources: Sequence[Iterable[T]], depth: int = 4) -> Generator[T, None, None]:
+    """The items of every source, each read by a thread of its own, as they come: each
+    source's items in their order, the sources' interleaved. For reads that wait on
+    different servers or connections (they release the GIL), so that they overlap.
+
+    The first error any reader hits comes out (after the items read before it) and ends
+    the reading; leaving early stops every reader as ``read_ahead`` does.
+    """
+    items: queue.Queue[T | _Done] = queue.Queue(maxsize=depth)
+    readers: list[_Reader[T]] = [_Reader(source, depth, items) for source in sources]
+    for reader in readers:
+        reader.start()
+    running = len(readers)
+    try:
+        while running:
+            item = _take_any(items, readers)
+            if isinstance(item, _Done):
+                if item.error is not None:
+                    raise item.error
+                running -= 1
+                continue
+            yield item
+    finally:
+        for reader in readers:
+            reader.stop.set()
+        for reader in readers:
+            reader.join(timeout=_JOIN_SECONDS)
+            if reader.is_alive():
+                log.warning("read_ahead_still_reading", seconds=_JOIN_SECONDS)
+
+
+def _take_any(items: queue.Queue[T | _Done], readers: Sequence[_Reader[T]]) -> T | _Done:
+    while True:
+        try:
+            return items.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            if not any(r.is_alive() for r in readers) and items.empty():
+                return _Done(RuntimeError("read-ahead threads ended without a result"))

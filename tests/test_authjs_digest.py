@@ -10,7 +10,7 @@ per-row engine would have found unchanged.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,17 +19,18 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, text
 
+import providers.authjs_copy
 from db.connect import make_engine
 from db.digests import stored_digests
 from db.migrate import upgrade
 from db.tables import metadata
 from db.transaction import transaction
 from providers.authjs import AuthjsProvider
-from providers.base import Cursor, Page, StoredDigests
+from providers.base import Compared, Cursor, Page, StoredDigests
 from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
 from sync_worker.engine import PlanSettings, SyncEngine
-from sync_worker.pull import PullReport, PullRunner
+from sync_worker.pull import PullReport, PullRunner, _Stored
 from tests.conftest import sqlalchemy_url
 from tests.fakes.authjs import FakeAccount, FakeSession, PgAdapterLoader, make_loader
 
@@ -49,12 +50,14 @@ class Recording:
         self.stop_after = stop_after
         self.mapped = 0
         self.pages = 0
+        self.listed = 0  # ids the pages listed in seen_ids (none where the store compared)
 
     def _pages(self, pages: Iterator[Page]) -> Iterator[Page]:
         for page in pages:
             # Users mapped, or read and found unmappable.
             self.mapped += sum(1 for c in page.changes if c.kind is ChangeKind.UPSERT)
             self.mapped += len({e.external_id for e in page.errors})
+            self.listed += len(page.seen_ids)
             yield page
             self.pages += 1
             if self.stop_after is not None and self.pages == self.stop_after:
@@ -89,6 +92,7 @@ class Twins:
     plan: PlanSettings = field(default_factory=PlanSettings)
     reports: dict[bool, PullReport] = field(default_factory=dict)
     mapped: dict[bool, int] = field(default_factory=dict)
+    listed: dict[bool, int] = field(default_factory=dict)
 
     def tick(self, minutes: float = 1) -> datetime:
         self.now += timedelta(minutes=minutes)
@@ -114,6 +118,7 @@ class Twins:
                 with suppress(KeyboardInterrupt):  # a pass stopped on purpose
                     self.reports[digests] = runner.run(full=full)
                 self.mapped[digests] = provider.mapped
+                self.listed[digests] = provider.listed
 
     def both(self, change: UserChange) -> None:
         """A change applied to both workers through the engine, as the drainer would."""
@@ -313,6 +318,96 @@ def test_the_digest_pass_writes_what_the_per_row_pass_writes(
     twins.assert_same()
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
+def test_digests_read_in_two_halves(
+    twins: Twins, scenario: Callable[[Twins], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From ``SPLIT_AT`` users on, the digests are read in two id ranges on two source
+    connections sharing the pass's snapshot: the same users are found changed."""
+    joined: list[str] = []
+    join = providers.authjs_copy.join_snapshot
+
+    def joining(conn: Any, snapshot: str) -> None:
+        joined.append(snapshot)
+        join(conn, snapshot)
+
+    monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
+    monkeypatch.setattr("providers.authjs.join_snapshot", joining)
+    twins.run()
+    scenario(twins)
+    twins.run()
+    twins.assert_same()
+    assert joined  # the second half was read on its own connection
+    twins.run(full=False)
+    twins.assert_same()
+
+
+def test_the_worker_compares_the_digests_and_records_the_seen_ids(twins: Twins) -> None:
+    """On a PostgreSQL worker no page lists the users' ids: the store recorded them all
+    with the comparison, and reconcile still finds a user gone upstream."""
+    twins.run()
+    assert twins.listed[True] == 0
+    assert twins.listed[False] == 30
+    twins.loader.delete_user(ids(twins)[3])
+    twins.run()
+    assert twins.listed[True] == 0
+    reconciled = twins.reports[True].reconcile
+    assert reconciled is not None
+    assert (reconciled.missing, reconciled.deleted) == (1, 1)
+    twins.assert_same()
+
+
+class NoCompare:
+    """The stored digests of ``inner``, without the worker's comparison: the provider
+    merges them in id order itself, as it does for a SQLite worker."""
+
+    def __init__(self, inner: StoredDigests) -> None:
+        self.inner = inner
+
+    def held(self) -> bool:
+        return self.inner.held()
+
+    def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]:
+        return self.inner.in_order(numeric=numeric)
+
+    def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
+        return self.inner.of(external_ids)
+
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
+        return None
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_compared_pages_are_the_merged_pages(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    """Where the worker compares, the pages are cut as where the provider merges: at
+    ``batch_size`` changed users or ``SEEN_PER_PAGE`` users, with the same cursors,
+    changes, digests and counts (only ``seen_ids`` are left to the worker)."""
+    monkeypatch.setattr("providers.authjs.SEEN_PER_PAGE", 4)
+    if split:
+        monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
+        monkeypatch.setattr("providers.authjs_copy.CHUNK_ROWS", 3)  # several chunks a half
+    twins.run()
+    for user in ids(twins)[1:3] + ids(twins)[20:27]:
+        twins.loader.update_user(user, name=f"Paged {user}")
+    known = _Stored(twins.digest, "authjs", uuid.uuid4())
+
+    def pages(stored: StoredDigests) -> list[tuple[Any, ...]]:
+        with closing(twins.provider()) as provider:
+            found = provider.iter_digested(None, full=True, known=stored)
+            assert found is not None
+            return [
+                (p.cursor, [c.external_id for c in p.changes], p.digests, p.skipped, p.total)
+                for p in found
+            ]
+
+    compared = pages(known)
+    assert compared == pages(NoCompare(known))
+    assert len(compared) >= 8
+    assert any(not changes for _, changes, _, _, _ in compared)  # a page of unchanged users
+
+
 def test_sessions_that_expire_between_passes(twins: Twins) -> None:
     a = ids(twins)[11]
     twins.loader.create_session(
@@ -464,6 +559,50 @@ def test_the_digest_pass_on_either_worker_database(
     assert (dict(again.counts), mapped) == ({"unchanged": 12}, 0)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_text_ids_that_copy_must_escape(
+    engine: Engine,
+    make_pg_database: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    split: bool,
+) -> None:
+    """Text ids holding the characters COPY's text format escapes (backslash, tab,
+    newline, carriage return) reach the worker's comparison as they are: a second pass
+    finds them unchanged, and a change to one of them is found."""
+    if split:
+        monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)  # text ids are never split
+        monkeypatch.setattr("providers.authjs_copy.CHUNK_ROWS", 2)  # chunks by id hash
+    source = make_pg_database()
+    odd = ["back\\slash", "tab\there", "new\nline", "carriage\rreturn", "\\N"]
+    with make_loader("drizzle", source) as loader:
+        loader.populate(3, now=START)
+        for n, user_id in enumerate(odd):
+            loader.execute(
+                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s)',
+                [user_id, f"Odd {n}", f"odd{n}@example.com"],
+            )
+            loader.execute(
+                'INSERT INTO "account" ("userId", type, provider, "providerAccountId")'
+                " VALUES (%s, 'oauth', 'github', %s)",
+                [user_id, f"gh-odd-{n}"],
+            )
+    settings = AuthjsSettings.model_validate(
+        {"database_url": sqlalchemy_url(source), "schema": "drizzle"}
+    )
+
+    def run() -> tuple[dict[str, int], int]:
+        with closing(Recording(AuthjsProvider(settings, batch_size=5))) as provider:
+            report = PullRunner(engine, SyncEngine(PlanSettings()), provider).run(full=True)
+            return dict(report.counts), provider.mapped
+
+    assert run() == ({"created": 8}, 8)
+    assert set(odd) <= set(stored_digests(engine, "authjs"))
+    assert run() == ({"unchanged": 8}, 0)
+    with make_loader("drizzle", source) as loader:
+        loader.execute('UPDATE "user" SET name = %s WHERE id = %s', ["Renamed", odd[1]])
+    assert run() == ({"unchanged": 7, "updated": 1}, 1)
+
+
 def test_a_sqlite_source_keeps_the_per_row_pass(tmp_path: Any) -> None:
     """The source side is not portable: a SQLite Auth.js database keeps the per-row pass."""
     app = f"sqlite:///{tmp_path / 'app.db'}"
@@ -485,6 +624,9 @@ class Nothing:
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return {}
+
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
+        return None
 
 
 def test_more_changes_than_held_read_every_user_in_step(

@@ -474,6 +474,48 @@ def run_on_a_terminal(
     return ANSI.sub("", received.decode()), done
 
 
+#: What a backfill never uses: the daemon's stack, Alembic, the HTTP client of the other
+#: providers, the maintenance jobs. Every command starts by building the whole parser, so
+#: each is imported by the commands that use it, not by the command modules.
+NOT_FOR_A_BACKFILL = (
+    "fastapi", "uvicorn", "starlette", "svix", "apscheduler", "alembic", "requests",
+    "sync_worker.daemon", "sync_worker.jobs.maintenance", "sync_worker.jobs.export", "db.inbox",
+)  # fmt: skip
+
+
+def test_an_authjs_backfill_process_imports_only_what_it_uses(tmp_path: Path) -> None:
+    app = f"sqlite:///{tmp_path / 'app.db'}"
+    with make_loader("prisma", app) as loader:
+        loader.populate(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "STACK_"))}
+    env |= {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
+        "AUTHJS_DATABASE_URL": app,
+        "AUTHJS_SCHEMA": "prisma",
+    }
+    base = [sys.executable, "-m", "sync_worker"]
+    subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    script = (
+        "import json, sys\n"
+        "from sync_worker.cli import main\n"
+        "code = main(['backfill', '--provider', 'authjs', '--full'])\n"
+        "print(json.dumps([code, sorted(sys.modules)]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    code, modules = json.loads(done.stdout.splitlines()[-1])
+    assert code == 0, done.stderr
+    assert "sync_worker.pull" in modules  # it did run the pass
+    loaded = [m for m in modules if m.startswith(tuple(f"{n}." for n in NOT_FOR_A_BACKFILL))]
+    assert [m for m in modules if m in NOT_FOR_A_BACKFILL] + loaded == []
+
+
 @pytest.mark.parametrize("columns", [0, 120])
 def test_the_progress_bar_on_a_terminal(tmp_path: Path, columns: int) -> None:
     """Users are counted (sessions apart) against the total Auth.js states, with an ETA; log

@@ -15,7 +15,7 @@ from db.cursors import load_cursor
 from providers.base import Cursor, Page
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.pull import PullRunner
-from sync_worker.readahead import read_ahead
+from sync_worker.readahead import read_ahead, read_merged
 from tests.factories import upsert
 
 WAIT = 5.0
@@ -121,6 +121,39 @@ def test_an_error_while_handling_stops_the_reader() -> None:
 
     with pytest.raises(ValueError, match="apply failed"):
         consume()
+    assert closed.wait(WAIT)
+
+
+def test_merged_sources_are_read_at_once_each_in_its_order() -> None:
+    both_reading = threading.Barrier(2, timeout=WAIT)
+
+    def source(name: str) -> Iterator[str]:
+        both_reading.wait()  # each reader waits for the other: they run at once
+        for n in range(100):
+            yield f"{name}{n}"
+
+    got = list(read_merged([source("a"), source("b")], depth=3))
+    assert sorted(got) == sorted([f"a{n}" for n in range(100)] + [f"b{n}" for n in range(100)])
+    for name in "ab":
+        assert [g for g in got if g[0] == name] == [f"{name}{n}" for n in range(100)]
+
+
+def test_a_merged_source_error_ends_the_reading_and_stops_the_others() -> None:
+    closed = threading.Event()
+
+    def endless() -> Iterator[int]:
+        try:
+            yield from range(1_000_000_000)
+        finally:
+            closed.set()
+
+    def failing() -> Iterator[int]:
+        yield -1
+        raise ConnectionError("half 2 failed")
+
+    with pytest.raises(ConnectionError, match="half 2 failed"):
+        for _ in read_merged([endless(), failing()]):
+            pass
     assert closed.wait(WAIT)
 
 

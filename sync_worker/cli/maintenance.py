@@ -31,7 +31,6 @@ from sync_worker.cli.common import (
 )
 from sync_worker.config import Settings
 from sync_worker.errors import ConfigError, StoreError
-from sync_worker.jobs import export, maintenance
 
 _EXPORT_HELP = """\
 Prints everything the worker stores about one person: their user row, profile, every
@@ -87,7 +86,14 @@ def register(commands: Commands) -> None:
     )
 
 
+# The jobs are imported by the commands that run them: every command, a backfill too,
+# builds this parser, and their modules (the inbox's, the maintenance statements) are
+# not a backfill's.
+
+
 def cmd_backfill_profiles(settings: Settings, _args: argparse.Namespace) -> int:
+    from sync_worker.jobs import maintenance
+
     with open_database(settings) as db:
         counts = _recorded(
             db,
@@ -109,6 +115,7 @@ def cmd_backfill_profiles(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_cleanup_sessions(settings: Settings, _args: argparse.Namespace) -> int:
     from providers.authjs import AuthjsProvider
+    from sync_worker.jobs import maintenance
 
     retention = settings.retention
     authjs: AuthjsProvider | None = None
@@ -145,6 +152,8 @@ def cmd_cleanup_sessions(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_export_user(settings: Settings, args: argparse.Namespace) -> int:
+    from sync_worker.jobs import export
+
     selector = export.Selector(email=args.email, user_id=args.user_id, external=args.external)
     with open_database(settings) as db:
         run_id = start_run(db, "export", None)
@@ -197,6 +206,8 @@ def _user_id(text: str) -> uuid.UUID:
 
 
 def _external(text: str) -> str:
+    from sync_worker.jobs import export
+
     if not export.identity_keys(text):
         raise argparse.ArgumentTypeError(f"expected PROVIDER:ID, got {text!r}")
     return text

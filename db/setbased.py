@@ -410,8 +410,11 @@ def classify(conn: Connection, lo: int, hi: int, *, provider: str, link: bool) -
         text(
             "INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key)"
             " SELECT u.ord, u.ext, u.digest, u.n, u.ok,"
-            " EXISTS (SELECT 1 FROM user_identities i"
-            "         WHERE i.provider = :p AND i.external_id = u.ext),"
+            # A scalar subquery with LIMIT: an index probe per user. As EXISTS, the planner
+            # chose a hashed subplan that read every stored identity of the provider on
+            # each page (quadratic: 2.2 s of a 100,000-user load, growing with the table).
+            " coalesce((SELECT true FROM user_identities i"
+            "           WHERE i.provider = :p AND i.external_id = u.ext LIMIT 1), false),"
             " CASE WHEN :link THEN u.email_key END"
             " FROM sw_u u WHERE u.ord BETWEEN :lo AND :hi AND u.changed"
         ),

@@ -112,26 +112,49 @@ def stage(
     max_age_seconds: float,
 ) -> int:
     """Create the temporary tables, COPY the source's bytes into them and derive the
-    per-user table ``sw_u`` (hash, raw, flags). Returns the number of users.
+    per-user table ``sw_u`` (hash, raw, flags), all on this one connection. Returns the
+    number of users. (``db.setstage`` stages on a second connection instead.)
 
     Whether a user changed (its source digest differs from the stored one) is decided here,
     once, as the digest pass decides it when it starts: a write racing the pass is as if
     it came after it (docs/architecture.md, engine rules)."""
     drop(conn)
+    kinds = stage_sources(
+        conn, relations, observed=observed, max_age_seconds=max_age_seconds, temp=True
+    )
+    total = count_users(conn)
+    derive_users(conn, kinds["users"], provider=provider, lo=1, hi=total, create=True, temp=True)
+    analyze_derived(conn)
+    batch_tables(conn)
+    return total
+
+
+def stage_sources(
+    conn: Connection,
+    relations: Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]],
+    *,
+    observed: datetime,
+    max_age_seconds: float,
+    temp: bool,
+) -> dict[str, dict[str, str]]:
+    """COPY the source's bytes into ``sw_src_*`` and derive the accounts, sessions and
+    escapes tables. ``temp``: temporary tables, else unlogged ones (in the connection's
+    first schema, which another connection can read). Returns each relation's column
+    types."""
+    kind = "TEMP" if temp else "UNLOGGED"
     kinds: dict[str, dict[str, str]] = {}
     raw = conn.connection.driver_connection
     assert raw is not None
     for name, columns, chunks in relations:
         kinds[name] = dict(columns)
         table = f"sw_src_{name}"
-        cols = ", ".join(f"{_q(c)} {kind}" for c, kind in columns)
-        conn.execute(text(f"CREATE TEMP TABLE {table} ({cols})"))
+        cols = ", ".join(f"{_q(c)} {kind_}" for c, kind_ in columns)
+        conn.execute(text(f"CREATE {kind} TABLE {table} ({cols})"))
         names = ", ".join(_q(c) for c, _ in columns)
         statement = f"COPY {table} ({names}) FROM STDIN"
         with _raw_errors(), raw.cursor() as cur, cur.copy(statement) as copy:
             for chunk in chunks:
                 copy.write(chunk)
-    users, sessions = kinds["users"], kinds["sessions"]
     conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
     # Without statistics the derivations below planned badly (2.5x the time of sw_u).
     conn.execute(
@@ -140,18 +163,29 @@ def stage(
             " sw_src_digests (uid)"
         )
     )
-
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_acc AS SELECT DISTINCT u.ord, a.provider::text AS prov,"
+            f"CREATE {kind} TABLE sw_acc AS SELECT DISTINCT u.ord, a.provider::text AS prov,"  # noqa: S608
             " a.acct::text AS acct FROM sw_src_accounts a JOIN sw_src_users u ON u.id = a.uid"
         )
     )
-    _derive_sessions(conn, sessions, observed=observed, max_age_seconds=max_age_seconds)
-    _escape_unplain(conn)
-    _derive_users(conn, users, provider=provider)
-    conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
-    conn.execute(text("CREATE INDEX ON sw_u (ord) WHERE changed"))  # where pages end
+    _derive_sessions(
+        conn, kinds["sessions"], observed=observed, max_age_seconds=max_age_seconds, kind=kind
+    )
+    _escape_unplain(conn, kind=kind)
+    return kinds
+
+
+def count_users(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT count(*) FROM sw_src_users")).scalar_one())
+
+
+def analyze_derived(conn: Connection) -> None:
+    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc (ord), sw_ses (ord)"))
+
+
+def batch_tables(conn: Connection) -> None:
+    """The per-batch temporary tables of the connection that writes the batches."""
     conn.execute(
         text(
             "CREATE TEMP TABLE sw_b (ord bigint PRIMARY KEY, ext text, digest text, n bigint,"
@@ -166,12 +200,15 @@ def stage(
             " ON COMMIT DELETE ROWS"
         )
     )
-    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc (ord), sw_ses (ord)"))
-    return int(conn.execute(text("SELECT count(*) FROM sw_u")).scalar_one())
 
 
 def _derive_sessions(
-    conn: Connection, sessions: Mapping[str, str], *, observed: datetime, max_age_seconds: float
+    conn: Connection,
+    sessions: Mapping[str, str],
+    *,
+    observed: datetime,
+    max_age_seconds: float,
+    kind: str,
 ) -> None:
     """``sw_ses``: each live session with its id (the token's SHA-256), its times as the
     mapping derives them, and whether SQL may write it."""
@@ -188,7 +225,7 @@ def _derive_sessions(
     )
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"  # noqa: S608
+            f"CREATE {kind} TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"  # noqa: S608
             " encode(sha256(convert_to(s.token, 'UTF8')), 'hex') AS sid,"
             f" {expires} AS expires_at,"
             f" least({expires} - make_interval(secs => :max_age), :observed) AS written,"
@@ -204,8 +241,20 @@ def _derive_sessions(
     conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
 
 
-def _derive_users(conn: Connection, users: Mapping[str, str], *, provider: str) -> None:
-    """``sw_u``: each user with what its create writes (content hash, raw record, flags)."""
+@translated
+def derive_users(
+    conn: Connection,
+    users: Mapping[str, str],
+    *,
+    provider: str,
+    lo: int,
+    hi: int,
+    create: bool,
+    temp: bool,
+) -> None:
+    """``sw_u``: each user at positions ``lo..hi`` with what its create writes (content
+    hash, raw record, flags). ``create``: the table is made (with its indexes) from these
+    users, else they are added to it."""
     verified_kind = users["email_verified"]
     if verified_kind == "boolean":
         verified = "coalesce(u.email_verified, false)"
@@ -229,13 +278,17 @@ def _derive_users(conn: Connection, users: Mapping[str, str], *, provider: str) 
     name_doc = "coalesce(b.name_j, to_json(b.name)::text, 'null')"
     email_doc = "coalesce(b.email_j, to_json(b.email)::text, 'null')"
     image_doc = "coalesce(b.image_j, to_json(b.image)::text, 'null')"
+    head = (
+        f"CREATE {'TEMP' if temp else 'UNLOGGED'} TABLE sw_u AS" if create else "INSERT INTO sw_u"
+    )
     conn.execute(
         _text(
             f"""
-CREATE TEMP TABLE sw_u AS
+{head}
 WITH sorted_acc AS (
   -- Sorted once: an ORDER BY inside each aggregate sorted every user's group apart.
-  SELECT * FROM sw_acc ORDER BY ord, prov COLLATE "C", acct COLLATE "C"
+  SELECT * FROM sw_acc WHERE ord BETWEEN :lo AND :hi
+  ORDER BY ord, prov COLLATE "C", acct COLLATE "C"
 ), acc AS (
   SELECT ord,
     bool_and(prov IS NOT NULL AND prov <> '' AND acct IS NOT NULL AND acct <> ''
@@ -253,7 +306,7 @@ WITH sorted_acc AS (
   -- last login) follows the token's collation, which the per-row path decides.
   SELECT ord, bool_and(ok) AND count(*) = count(DISTINCT raw_expires) AS ok,
     max(coalesce(created, written)) AS last_login
-  FROM sw_ses GROUP BY ord
+  FROM sw_ses WHERE ord BETWEEN :lo AND :hi GROUP BY ord
 ), base AS (
   SELECT u.ord, u.id::text AS ext, d.digest::text AS digest, coalesce(d.n, 0)::bigint AS n,
     nullif(u.email, '') AS email, nullif(u.name, '') AS name, nullif(u.image, '') AS image,
@@ -277,6 +330,7 @@ WITH sorted_acc AS (
     ON stored.provider = :provider AND stored.external_id = u.id::text
   LEFT JOIN acc ON acc.ord = u.ord
   LEFT JOIN ses ON ses.ord = u.ord
+  WHERE u.ord BETWEEN :lo AND :hi
 )
 SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verified,
   b.created_tz, b.linked_names, b.last_login,
@@ -305,8 +359,11 @@ SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verif
 FROM base b
 """  # noqa: S608 (identifiers and expressions of our own, values bound)
         ),
-        {"provider": provider},
+        {"provider": provider, "lo": lo, "hi": hi},
     )
+    if create:
+        conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
+        conn.execute(text("CREATE INDEX ON sw_u (ord) WHERE changed"))  # where pages end
 
 
 @contextmanager
@@ -327,14 +384,14 @@ def _line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _escape_unplain(conn: Connection) -> None:
+def _escape_unplain(conn: Connection, *, kind: str) -> None:
     """``sw_esc``: for the users' texts that ``to_json`` would not escape as Python does
     (non-ASCII, DEL), Python's own encoding; for such an email, Python's lower case (the
     key the engine links by). A few per cent of the users in practice: the rest is SQL.
     Read and written ``_ESCAPE_SPAN`` positions at a time, so memory stays flat."""
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_esc (ord bigint PRIMARY KEY, name_j text, email_j text,"
+            f"CREATE {kind} TABLE sw_esc (ord bigint PRIMARY KEY, name_j text, email_j text,"
             " image_j text, email_lower text)"
         )
     )

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 _TEMP = (
-    "sw_n", "sw_b", "sw_u", "sw_esc", "sw_acc", "sw_ses",
+    "sw_n", "sw_b", "sw_u", "sw_login", "sw_esc", "sw_acc", "sw_ses",
     "sw_src_users", "sw_src_accounts", "sw_src_sessions", "sw_src_digests",
 )  # fmt: skip
 _TZ = "timestamp with time zone"
@@ -108,6 +108,7 @@ def stage(
     relations: Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]],
     *,
     provider: str,
+    role: str,
     observed: datetime,
     max_age_seconds: float,
 ) -> int:
@@ -123,7 +124,9 @@ def stage(
         conn, relations, observed=observed, max_age_seconds=max_age_seconds, temp=True
     )
     total = count_users(conn)
-    derive_users(conn, kinds["users"], provider=provider, lo=1, hi=total, create=True, temp=True)
+    derive_users(
+        conn, kinds["users"], provider=provider, role=role, lo=1, hi=total, create=True, temp=True
+    )
     analyze_derived(conn)
     batch_tables(conn)
     return total
@@ -247,14 +250,15 @@ def derive_users(
     users: Mapping[str, str],
     *,
     provider: str,
+    role: str,
     lo: int,
     hi: int,
     create: bool,
     temp: bool,
 ) -> None:
     """``sw_u``: each user at positions ``lo..hi`` with what its create writes (content
-    hash, raw record, flags). ``create``: the table is made (with its indexes) from these
-    users, else they are added to it."""
+    hash, raw record, audit changes with ``role``, flags). ``create``: the table is made
+    (with its indexes) from these users, else they are added to it."""
     verified_kind = users["email_verified"]
     if verified_kind == "boolean":
         verified = "coalesce(u.email_verified, false)"
@@ -278,9 +282,8 @@ def derive_users(
     name_doc = "coalesce(b.name_j, to_json(b.name)::text, 'null')"
     email_doc = "coalesce(b.email_j, to_json(b.email)::text, 'null')"
     image_doc = "coalesce(b.image_j, to_json(b.image)::text, 'null')"
-    head = (
-        f"CREATE {'TEMP' if temp else 'UNLOGGED'} TABLE sw_u AS" if create else "INSERT INTO sw_u"
-    )
+    kind = "TEMP" if temp else "UNLOGGED"
+    head = f"CREATE {kind} TABLE sw_u AS" if create else "INSERT INTO sw_u"
     conn.execute(
         _text(
             f"""
@@ -355,15 +358,60 @@ SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verif
   jsonb_build_object('id', b.ext, 'name', b.name, 'email', b.email,
     'emailVerified', b.verified_raw, 'image', b.image, 'accounts', b.accounts_raw)
     || CASE WHEN b.created_iso IS NOT NULL
-            THEN jsonb_build_object('createdAt', b.created_iso) ELSE '{{}}'::jsonb END AS raw
+            THEN jsonb_build_object('createdAt', b.created_iso) ELSE '{{}}'::jsonb END AS raw,
+  -- The create's audit changes. One text parsed once: cheaper than composing jsonb values.
+  ('{{"role":[null,' || to_json(CAST(:role AS text))::text || ']'
+   || CASE WHEN b.email IS NOT NULL THEN ',"email":[null,' || to_json(b.email)::text || ']'
+           ELSE '' END
+   || CASE WHEN b.verified THEN ',"email_verified":[null,true]' ELSE '' END
+   || CASE WHEN b.name IS NOT NULL THEN ',"name":[null,' || to_json(b.name)::text || ']'
+           ELSE '' END
+   || CASE WHEN b.image IS NOT NULL
+           THEN ',"avatar_url":[null,' || to_json(b.image)::text || ']' ELSE '' END
+   || CASE WHEN b.linked_names IS NOT NULL
+           THEN ',"identities":[[],' || to_json(b.linked_names)::text || ']' ELSE '' END
+   || '}}')::jsonb AS created_changes
 FROM base b
 """  # noqa: S608 (identifiers and expressions of our own, values bound)
         ),
-        {"provider": provider, "lo": lo, "hi": hi},
+        {"provider": provider, "lo": lo, "hi": hi, "role": role},
     )
+    _derive_logins(conn, lo, hi, create=create, kind=kind)
     if create:
         conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
         conn.execute(text("CREATE INDEX ON sw_u (ord) WHERE changed"))  # where pages end
+        conn.execute(text("CREATE INDEX ON sw_login (ord)"))
+
+
+def _derive_logins(conn: Connection, lo: int, hi: int, *, create: bool, kind: str) -> None:
+    """``sw_login``: the audit changes of each session's login, for the users at positions
+    ``lo..hi``: each session, in the per-row path's order (expiry, then id), moves the
+    last login from the latest of those before it."""
+    before, after = _iso("(w.prev AT TIME ZONE 'UTC')"), _iso("(w.after AT TIME ZONE 'UTC')")
+    head = f"CREATE {kind} TABLE sw_login AS" if create else "INSERT INTO sw_login"
+    conn.execute(
+        _text(
+            f"""
+{head}
+SELECT w.ord,
+  jsonb_build_object('session', jsonb_build_array(NULL, w.sid))
+  || CASE WHEN w.prev IS DISTINCT FROM w.after
+          THEN jsonb_build_object('last_login_at', jsonb_build_array(
+                 CASE WHEN w.prev IS NOT NULL THEN {before} END, {after}))
+          ELSE '{{}}' END AS changes
+FROM (
+  SELECT v.ord, v.sid, v.prev, greatest(v.prev, v.seen) AS after FROM (
+    SELECT ord, sid, coalesce(created, written) AS seen,
+      max(coalesce(created, written)) OVER (
+        PARTITION BY ord ORDER BY raw_expires, sid
+        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
+    FROM sw_ses WHERE ord BETWEEN :lo AND :hi
+  ) v
+) w
+"""  # noqa: S608 (expressions of our own, values bound)
+        ),
+        {"lo": lo, "hi": hi},
+    )
 
 
 @contextmanager
@@ -638,45 +686,19 @@ def write_simple(
         ),
         params,
     ).rowcount
-    before, after = _iso("(s.prev AT TIME ZONE 'UTC')"), _iso("(s.after AT TIME ZONE 'UTC')")
     conn.execute(
-        _text(
-            f"""
-INSERT INTO sync_audit (occurred_at, run_id, source, provider, external_id, user_id, action,
-                        changes, event_id, error)
-SELECT CAST(:now AS timestamptz), CAST(:run AS uuid), CAST(:source AS text),
-  CAST(:p AS text), u.ext, n.user_id, 'created',
-  -- One text parsed once: cheaper than composing jsonb values.
-  ('{{"role":[null,' || to_json(CAST(:role AS text))::text || ']'
-   || CASE WHEN u.email IS NOT NULL THEN ',"email":[null,' || to_json(u.email)::text || ']'
-           ELSE '' END
-   || CASE WHEN u.verified THEN ',"email_verified":[null,true]' ELSE '' END
-   || CASE WHEN u.name IS NOT NULL THEN ',"name":[null,' || to_json(u.name)::text || ']'
-           ELSE '' END
-   || CASE WHEN u.image IS NOT NULL
-           THEN ',"avatar_url":[null,' || to_json(u.image)::text || ']' ELSE '' END
-   || CASE WHEN u.linked_names IS NOT NULL
-           THEN ',"identities":[[],' || to_json(u.linked_names)::text || ']' ELSE '' END
-   || '}}')::jsonb,
-  NULL::text, NULL::text
-FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi
-UNION ALL
-SELECT :now, :run, :source, :p, u.ext, n.user_id, 'login',
-  jsonb_build_object('session', jsonb_build_array(NULL, s.sid))
-  || CASE WHEN s.prev IS DISTINCT FROM s.after
-          THEN jsonb_build_object('last_login_at', jsonb_build_array(
-                 CASE WHEN s.prev IS NOT NULL THEN {before} END, {after}))
-          ELSE '{{}}' END,
-  NULL, NULL
-FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi
-JOIN (SELECT ord, sid, prev, greatest(prev, seen) AS after FROM (
-        SELECT ord, sid, coalesce(created, written) AS seen,
-          max(coalesce(created, written)) OVER (
-            PARTITION BY ord ORDER BY raw_expires, sid
-            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
-        FROM sw_ses WHERE ord BETWEEN :lo AND :hi AND ord IN (SELECT ord FROM sw_n)) w
-     ) s ON s.ord = n.ord
-"""  # noqa: S608 (expressions of our own, values bound)
+        text(
+            "INSERT INTO sync_audit (occurred_at, run_id, source, provider, external_id,"
+            " user_id, action, changes, event_id, error)"
+            # The changes were derived with the staged users and sessions.
+            " SELECT CAST(:now AS timestamptz), CAST(:run AS uuid), CAST(:source AS text),"
+            " CAST(:p AS text), u.ext, n.user_id, 'created', u.created_changes, NULL::text,"
+            " NULL::text"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
+            " UNION ALL"
+            " SELECT :now, :run, :source, :p, u.ext, n.user_id, 'login', s.changes, NULL, NULL"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
+            " JOIN sw_login s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
         ),
         params,
     )

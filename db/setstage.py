@@ -129,6 +129,7 @@ class Stager:
         schema: str,
         search_path: str,
         provider: str,
+        role: str,
         observed: datetime,
         max_age_seconds: float,
         copied: Callable[[], None],
@@ -138,6 +139,7 @@ class Stager:
         self._schema = schema
         self._search_path = search_path
         self._provider = provider
+        self._role = role
         self._observed = observed
         self._max_age = max_age_seconds
         self._copied = copied
@@ -239,6 +241,7 @@ class Stager:
                     conn,
                     kinds["users"],
                     provider=self._provider,
+                    role=self._role,
                     lo=lo,
                     hi=hi,
                     create=lo == 1,
@@ -284,6 +287,7 @@ def staged(
     relations: Relations,
     *,
     provider: str,
+    role: str,
     observed: datetime,
     max_age_seconds: float,
     copied: Callable[[], None],
@@ -301,6 +305,7 @@ def staged(
                         conn,
                         relations,
                         provider=provider,
+                        role=role,
                         observed=observed,
                         max_age_seconds=max_age_seconds,
                     )
@@ -313,6 +318,7 @@ def staged(
                 schema=private[0],
                 search_path=private[1],
                 provider=provider,
+                role=role,
                 observed=observed,
                 max_age_seconds=max_age_seconds,
                 copied=copied,

@@ -252,6 +252,7 @@ class PullRunner:
                 conn,
                 streams,
                 provider=name,
+                role=self.engine.settings.default_role,  # the creates' audit rows name it
                 observed=source.observed,
                 max_age_seconds=source.max_age_seconds,
                 copied=source.close,  # everything is staged: the source snapshot can end

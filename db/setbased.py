@@ -15,8 +15,10 @@ only for users whose every string is printable-or-control ASCII without DEL, whe
 years; anyone else is not ``ok`` and goes to the per-row path, so a stored hash never
 differs in definition.
 
-Temporary tables (``sw_*``) live on the pass's connection; ``drop`` removes them (the
-connection goes back to the pool).
+The tables (``sw_*``) are temporary tables of the pass's connection (``stage``), or the
+staged ones unlogged tables of a schema of the pass's own, filled by a second connection
+(``db.setstage``); the per-batch ``sw_b`` and ``sw_n`` are always temporary. ``drop``
+removes the temporary ones (the connection goes back to the pool).
 """
 
 from __future__ import annotations
@@ -469,7 +471,9 @@ def _escape_unplain(conn: Connection, *, kind: str) -> None:
 
 @translated
 def drop(conn: Connection) -> None:
-    conn.execute(text(f"DROP TABLE IF EXISTS {', '.join(_TEMP)}"))
+    """The connection's own (temporary) tables of a pass: never a staging schema's, which
+    ``db.setstage`` drops whole."""
+    conn.execute(text(f"DROP TABLE IF EXISTS {', '.join(f'pg_temp.{t}' for t in _TEMP)}"))
 
 
 @translated

@@ -294,7 +294,9 @@ def staged(
 ) -> Iterator[Staged]:
     """The source staged for the pass's connection ``conn`` (outside any transaction):
     on a second connection into the pass's schema where the role may create one, else on
-    ``conn`` into temporary tables. Everything staged is dropped on the way out."""
+    ``conn`` into temporary tables. Everything staged is dropped on the way out.
+    ``copied`` ends the source's snapshot once it is copied; it is called again on the way
+    out (it must allow that), in case staging never got that far."""
     private = open_private(conn)
     stager: Stager | None = None
     try:
@@ -333,6 +335,7 @@ def staged(
     finally:
         if stager is not None:
             stager.close()
+        copied()  # if the stager never got to it (the source's close is idempotent)
         if conn.in_transaction():
             conn.rollback()
         try:

@@ -372,7 +372,10 @@ SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verif
            THEN ',"avatar_url":[null,' || to_json(b.image)::text || ']' ELSE '' END
    || CASE WHEN b.linked_names IS NOT NULL
            THEN ',"identities":[[],' || to_json(b.linked_names)::text || ']' ELSE '' END
-   || '}}')::jsonb AS created_changes
+   || '}}')::jsonb AS created_changes,
+  -- The ids a create takes, made here (off the writer's connection), as engine.ids makes
+  -- them; a user that goes per row leaves them unused.
+  {UUID7} AS user_id, {UUID7} AS profile_id
 FROM base b
 """  # noqa: S608 (identifiers and expressions of our own, values bound)
         ),
@@ -386,24 +389,25 @@ FROM base b
 
 
 def _derive_logins(conn: Connection, lo: int, hi: int, *, create: bool, kind: str) -> None:
-    """``sw_login``: the audit changes of each session's login, for the users at positions
-    ``lo..hi``: each session, in the per-row path's order (expiry, then id), moves the
-    last login from the latest of those before it."""
+    """``sw_login``: each live session of the users at positions ``lo..hi`` as its
+    create writes it (with its new id), and its login's audit changes: each session, in
+    the per-row path's order (expiry, then id), moves the last login from the latest of
+    those before it."""
     before, after = _iso("(w.prev AT TIME ZONE 'UTC')"), _iso("(w.after AT TIME ZONE 'UTC')")
     head = f"CREATE {kind} TABLE sw_login AS" if create else "INSERT INTO sw_login"
     conn.execute(
         _text(
             f"""
 {head}
-SELECT w.ord,
+SELECT w.ord, {UUID7} AS id, w.sid, w.created, w.written, w.expires_at,
   jsonb_build_object('session', jsonb_build_array(NULL, w.sid))
   || CASE WHEN w.prev IS DISTINCT FROM w.after
           THEN jsonb_build_object('last_login_at', jsonb_build_array(
                  CASE WHEN w.prev IS NOT NULL THEN {before} END, {after}))
           ELSE '{{}}' END AS changes
 FROM (
-  SELECT v.ord, v.sid, v.prev, greatest(v.prev, v.seen) AS after FROM (
-    SELECT ord, sid, coalesce(created, written) AS seen,
+  SELECT v.*, greatest(v.prev, v.seen) AS after FROM (
+    SELECT ord, sid, created, written, expires_at, coalesce(created, written) AS seen,
       max(coalesce(created, written)) OVER (
         PARTITION BY ord ORDER BY raw_expires, sid
         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
@@ -625,9 +629,11 @@ def write_simple(
     sessions, audit rows and source digests, as ``engine.bulk.BulkPlan`` builds them."""
     created = conn.execute(
         text(
-            f"INSERT INTO sw_n (ord, user_id, profile_id) SELECT ord, {UUID7}, {UUID7}"  # noqa: S608
-            " FROM sw_b WHERE simple"
-        )
+            "INSERT INTO sw_n (ord, user_id, profile_id) SELECT u.ord, u.user_id, u.profile_id"
+            " FROM sw_b b JOIN sw_u u ON u.ord = b.ord AND u.ord BETWEEN :lo AND :hi"
+            " WHERE b.simple"
+        ),
+        {"lo": lo, "hi": hi},
     ).rowcount
     if not created:
         return Written(created=0, logins=0)
@@ -682,11 +688,11 @@ def write_simple(
     )
     logins = conn.execute(
         text(
-            "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"  # noqa: S608
+            "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"
             " user_agent, created_at, last_seen_at, expires_at, revoked_at)"
-            f" SELECT {UUID7}, n.user_id, :p, s.sid, NULL, NULL, coalesce(s.created, s.written),"
+            " SELECT s.id, n.user_id, :p, s.sid, NULL, NULL, coalesce(s.created, s.written),"
             " s.written, s.expires_at, NULL"
-            " FROM sw_n n JOIN sw_ses s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
+            " FROM sw_n n JOIN sw_login s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
         ),
         params,
     ).rowcount

@@ -11,9 +11,10 @@ writer takes a batch as soon as its range is there (``wait_for``).
 
 The schema is the pass's alone: its writer connection holds a session advisory lock
 named after it for the pass's life. It is dropped when the pass ends, however it ends;
-a pass killed before that leaves it behind, and the next pass drops every such schema
-whose lock is free (its owner's session is gone). Where the worker's role may not create
-a schema, ``open_private`` says so (None) and the pass stages on its one connection.
+a pass killed before that leaves it behind, and the next pass, whatever its path, drops
+every such schema whose lock is free (its owner's session is gone). Where the worker's
+role may not create a schema, ``open_private`` says so (None) and the pass stages on its
+one connection.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import structlog
 from sqlalchemy import Connection, Engine, text
 
 from db import setbased as store
-from db.errors import translating
+from db.errors import translated, translating
 from sync_worker.errors import StoreError
 
-__all__ = ["Staged", "Stager", "open_private", "staged", "sweep"]
+__all__ = ["Staged", "Stager", "open_private", "staged", "sweep", "sweep_orphans"]
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +64,13 @@ def sweep(conn: Connection) -> None:
             log.info("set_pass_schema_swept", schema=name)
         finally:
             _lock(conn, name, "pg_advisory_unlock")
+
+
+@translated
+def sweep_orphans(db: Engine) -> None:
+    """``sweep`` on a connection of its own."""
+    with db.connect() as conn, conn.begin():
+        sweep(conn)
 
 
 def open_private(conn: Connection) -> tuple[str, str] | None:

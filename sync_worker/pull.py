@@ -185,6 +185,9 @@ class PullRunner:
         seen: _Seen,
     ) -> None:
         whole = full or start is None
+        if not dry_run and self.db.dialect.name == "postgresql":
+            # A killed set pass's staging schema goes at the next pass, whatever its path.
+            setstage.sweep_orphans(self.db)
         set_pass = None if dry_run else self._set_source(start, whole)
         if set_pass is not None and self._set_pass(set_pass, report=report, seen=seen):
             return

@@ -531,10 +531,12 @@ def pass_schemas(engine: Engine) -> list[str]:
 
 
 def test_staging_schemas_are_dropped_and_those_of_killed_passes_swept(fresh: Twins) -> None:
-    """A pass drops its staging schema; the next pass drops those a killed pass left
-    (no session holds their lock) and keeps a live pass's."""
+    """A pass drops its staging schema; the next pass, whatever its path, drops those a
+    killed pass left (no session holds their lock) and keeps a live pass's."""
     for i in range(7):
         fresh.user(f"U{i}", f"u{i}@x.io")
+    with transaction(fresh.rows) as conn:  # the per-row twin's pass sweeps too
+        conn.execute(text("CREATE SCHEMA sw_pass_dead"))
     lock = text("SELECT pg_advisory_lock(:space, hashtext('sw_pass_live'))")
     space = {"space": setstage._LOCK_SPACE}
     with fresh.sets.connect() as live:
@@ -547,6 +549,7 @@ def test_staging_schemas_are_dropped_and_those_of_killed_passes_swept(fresh: Twi
             fresh.run()
             fresh.assert_same()
             assert pass_schemas(fresh.sets) == ["sw_pass_live"]
+            assert pass_schemas(fresh.rows) == []
         finally:
             live.execute(text("DROP SCHEMA sw_pass_live"))
             live.execute(text("SELECT pg_advisory_unlock_all()"))

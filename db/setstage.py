@@ -28,6 +28,7 @@ from datetime import datetime
 import psycopg
 import structlog
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from db import setbased as store
 from db.errors import translated, translating
@@ -60,8 +61,11 @@ def sweep(conn: Connection) -> None:
         if not taken:
             continue  # a live pass's
         try:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+            with conn.begin_nested():  # one we may not drop (another role's) stays
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
             log.info("set_pass_schema_swept", schema=name)
+        except DBAPIError as exc:
+            log.warning("set_pass_schema_not_swept", schema=name, error=str(exc.orig))
         finally:
             _lock(conn, name, "pg_advisory_unlock")
 

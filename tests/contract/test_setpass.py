@@ -582,3 +582,25 @@ def test_a_role_that_may_not_create_a_schema_stages_on_one_connection(fresh: Twi
     fresh.run()
     fresh.assert_same()
     assert fresh.reports[True].set_created == 7
+
+
+def test_a_schema_the_role_may_not_drop_is_left_and_the_sweep_goes_on(fresh: Twins) -> None:
+    role = f"sw_no_drop_{uuid.uuid4().hex[:8]}"
+    with fresh.sets.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role}"))
+        conn.execute(text("CREATE SCHEMA sw_pass_another_roles"))  # the superuser's
+        conn.execute(text("CREATE SCHEMA sw_pass_dead"))
+        conn.execute(text(f"ALTER SCHEMA sw_pass_dead OWNER TO {role}"))
+        conn.execute(text(f"SET ROLE {role}"))
+        conn.commit()
+        try:
+            with conn.begin():
+                setstage.sweep(conn)
+        finally:
+            conn.rollback()
+            conn.execute(text("RESET ROLE"))
+            kept = pass_schemas(fresh.sets)
+            conn.execute(text("DROP SCHEMA IF EXISTS sw_pass_another_roles, sw_pass_dead"))
+            conn.execute(text(f"DROP ROLE {role}"))
+            conn.commit()
+    assert kept == ["sw_pass_another_roles"]

@@ -15,8 +15,10 @@ only for users whose every string is printable-or-control ASCII without DEL, whe
 years; anyone else is not ``ok`` and goes to the per-row path, so a stored hash never
 differs in definition.
 
-Temporary tables (``sw_*``) live on the pass's connection; ``drop`` removes them (the
-connection goes back to the pool).
+The tables (``sw_*``) are temporary tables of the pass's connection (``stage``), or the
+staged ones unlogged tables of a schema of the pass's own, filled by a second connection
+(``db.setstage``); the per-batch ``sw_b`` and ``sw_n`` are always temporary. ``drop``
+removes the temporary ones (the connection goes back to the pool).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 _TEMP = (
-    "sw_n", "sw_b", "sw_u", "sw_esc", "sw_acc", "sw_ses",
+    "sw_n", "sw_b", "sw_u", "sw_login", "sw_esc", "sw_acc", "sw_ses",
     "sw_src_users", "sw_src_accounts", "sw_src_sessions", "sw_src_digests",
 )  # fmt: skip
 _TZ = "timestamp with time zone"
@@ -108,30 +110,56 @@ def stage(
     relations: Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]],
     *,
     provider: str,
+    role: str,
     observed: datetime,
     max_age_seconds: float,
 ) -> int:
     """Create the temporary tables, COPY the source's bytes into them and derive the
-    per-user table ``sw_u`` (hash, raw, flags). Returns the number of users.
+    per-user table ``sw_u`` (hash, raw, flags), all on this one connection. Returns the
+    number of users. (``db.setstage`` stages on a second connection instead.)
 
     Whether a user changed (its source digest differs from the stored one) is decided here,
     once, as the digest pass decides it when it starts: a write racing the pass is as if
     it came after it (docs/architecture.md, engine rules)."""
     drop(conn)
+    kinds = stage_sources(
+        conn, relations, observed=observed, max_age_seconds=max_age_seconds, temp=True
+    )
+    total = count_users(conn)
+    derive_users(
+        conn, kinds["users"], provider=provider, role=role, lo=1, hi=total, create=True, temp=True
+    )
+    analyze_derived(conn)
+    batch_tables(conn)
+    return total
+
+
+def stage_sources(
+    conn: Connection,
+    relations: Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]],
+    *,
+    observed: datetime,
+    max_age_seconds: float,
+    temp: bool,
+) -> dict[str, dict[str, str]]:
+    """COPY the source's bytes into ``sw_src_*`` and derive the accounts, sessions and
+    escapes tables. ``temp``: temporary tables, else unlogged ones (in the connection's
+    first schema, which another connection can read). Returns each relation's column
+    types."""
+    kind = "TEMP" if temp else "UNLOGGED"
     kinds: dict[str, dict[str, str]] = {}
     raw = conn.connection.driver_connection
     assert raw is not None
     for name, columns, chunks in relations:
         kinds[name] = dict(columns)
         table = f"sw_src_{name}"
-        cols = ", ".join(f"{_q(c)} {kind}" for c, kind in columns)
-        conn.execute(text(f"CREATE TEMP TABLE {table} ({cols})"))
+        cols = ", ".join(f"{_q(c)} {kind_}" for c, kind_ in columns)
+        conn.execute(text(f"CREATE {kind} TABLE {table} ({cols})"))
         names = ", ".join(_q(c) for c, _ in columns)
         statement = f"COPY {table} ({names}) FROM STDIN"
         with _raw_errors(), raw.cursor() as cur, cur.copy(statement) as copy:
             for chunk in chunks:
                 copy.write(chunk)
-    users, sessions = kinds["users"], kinds["sessions"]
     conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
     # Without statistics the derivations below planned badly (2.5x the time of sw_u).
     conn.execute(
@@ -140,18 +168,29 @@ def stage(
             " sw_src_digests (uid)"
         )
     )
-
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_acc AS SELECT DISTINCT u.ord, a.provider::text AS prov,"
+            f"CREATE {kind} TABLE sw_acc AS SELECT DISTINCT u.ord, a.provider::text AS prov,"  # noqa: S608
             " a.acct::text AS acct FROM sw_src_accounts a JOIN sw_src_users u ON u.id = a.uid"
         )
     )
-    _derive_sessions(conn, sessions, observed=observed, max_age_seconds=max_age_seconds)
-    _escape_unplain(conn)
-    _derive_users(conn, users, provider=provider)
-    conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
-    conn.execute(text("CREATE INDEX ON sw_u (ord) WHERE changed"))  # where pages end
+    _derive_sessions(
+        conn, kinds["sessions"], observed=observed, max_age_seconds=max_age_seconds, kind=kind
+    )
+    _escape_unplain(conn, kind=kind)
+    return kinds
+
+
+def count_users(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT count(*) FROM sw_src_users")).scalar_one())
+
+
+def analyze_derived(conn: Connection) -> None:
+    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc (ord), sw_ses (ord)"))
+
+
+def batch_tables(conn: Connection) -> None:
+    """The per-batch temporary tables of the connection that writes the batches."""
     conn.execute(
         text(
             "CREATE TEMP TABLE sw_b (ord bigint PRIMARY KEY, ext text, digest text, n bigint,"
@@ -166,12 +205,15 @@ def stage(
             " ON COMMIT DELETE ROWS"
         )
     )
-    conn.execute(text("ANALYZE sw_u (ord, changed), sw_acc (ord), sw_ses (ord)"))
-    return int(conn.execute(text("SELECT count(*) FROM sw_u")).scalar_one())
 
 
 def _derive_sessions(
-    conn: Connection, sessions: Mapping[str, str], *, observed: datetime, max_age_seconds: float
+    conn: Connection,
+    sessions: Mapping[str, str],
+    *,
+    observed: datetime,
+    max_age_seconds: float,
+    kind: str,
 ) -> None:
     """``sw_ses``: each live session with its id (the token's SHA-256), its times as the
     mapping derives them, and whether SQL may write it."""
@@ -188,7 +230,7 @@ def _derive_sessions(
     )
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"  # noqa: S608
+            f"CREATE {kind} TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"  # noqa: S608
             " encode(sha256(convert_to(s.token, 'UTF8')), 'hex') AS sid,"
             f" {expires} AS expires_at,"
             f" least({expires} - make_interval(secs => :max_age), :observed) AS written,"
@@ -204,8 +246,21 @@ def _derive_sessions(
     conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
 
 
-def _derive_users(conn: Connection, users: Mapping[str, str], *, provider: str) -> None:
-    """``sw_u``: each user with what its create writes (content hash, raw record, flags)."""
+@translated
+def derive_users(
+    conn: Connection,
+    users: Mapping[str, str],
+    *,
+    provider: str,
+    role: str,
+    lo: int,
+    hi: int,
+    create: bool,
+    temp: bool,
+) -> None:
+    """``sw_u``: each user at positions ``lo..hi`` with what its create writes (content
+    hash, raw record, audit changes with ``role``, flags). ``create``: the table is made
+    (with its indexes) from these users, else they are added to it."""
     verified_kind = users["email_verified"]
     if verified_kind == "boolean":
         verified = "coalesce(u.email_verified, false)"
@@ -229,13 +284,16 @@ def _derive_users(conn: Connection, users: Mapping[str, str], *, provider: str) 
     name_doc = "coalesce(b.name_j, to_json(b.name)::text, 'null')"
     email_doc = "coalesce(b.email_j, to_json(b.email)::text, 'null')"
     image_doc = "coalesce(b.image_j, to_json(b.image)::text, 'null')"
+    kind = "TEMP" if temp else "UNLOGGED"
+    head = f"CREATE {kind} TABLE sw_u AS" if create else "INSERT INTO sw_u"
     conn.execute(
         _text(
             f"""
-CREATE TEMP TABLE sw_u AS
+{head}
 WITH sorted_acc AS (
   -- Sorted once: an ORDER BY inside each aggregate sorted every user's group apart.
-  SELECT * FROM sw_acc ORDER BY ord, prov COLLATE "C", acct COLLATE "C"
+  SELECT * FROM sw_acc WHERE ord BETWEEN :lo AND :hi
+  ORDER BY ord, prov COLLATE "C", acct COLLATE "C"
 ), acc AS (
   SELECT ord,
     bool_and(prov IS NOT NULL AND prov <> '' AND acct IS NOT NULL AND acct <> ''
@@ -253,7 +311,7 @@ WITH sorted_acc AS (
   -- last login) follows the token's collation, which the per-row path decides.
   SELECT ord, bool_and(ok) AND count(*) = count(DISTINCT raw_expires) AS ok,
     max(coalesce(created, written)) AS last_login
-  FROM sw_ses GROUP BY ord
+  FROM sw_ses WHERE ord BETWEEN :lo AND :hi GROUP BY ord
 ), base AS (
   SELECT u.ord, u.id::text AS ext, d.digest::text AS digest, coalesce(d.n, 0)::bigint AS n,
     nullif(u.email, '') AS email, nullif(u.name, '') AS name, nullif(u.image, '') AS image,
@@ -277,6 +335,7 @@ WITH sorted_acc AS (
     ON stored.provider = :provider AND stored.external_id = u.id::text
   LEFT JOIN acc ON acc.ord = u.ord
   LEFT JOIN ses ON ses.ord = u.ord
+  WHERE u.ord BETWEEN :lo AND :hi
 )
 SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verified,
   b.created_tz, b.linked_names, b.last_login,
@@ -301,11 +360,63 @@ SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verif
   jsonb_build_object('id', b.ext, 'name', b.name, 'email', b.email,
     'emailVerified', b.verified_raw, 'image', b.image, 'accounts', b.accounts_raw)
     || CASE WHEN b.created_iso IS NOT NULL
-            THEN jsonb_build_object('createdAt', b.created_iso) ELSE '{{}}'::jsonb END AS raw
+            THEN jsonb_build_object('createdAt', b.created_iso) ELSE '{{}}'::jsonb END AS raw,
+  -- The create's audit changes. One text parsed once: cheaper than composing jsonb values.
+  ('{{"role":[null,' || to_json(CAST(:role AS text))::text || ']'
+   || CASE WHEN b.email IS NOT NULL THEN ',"email":[null,' || to_json(b.email)::text || ']'
+           ELSE '' END
+   || CASE WHEN b.verified THEN ',"email_verified":[null,true]' ELSE '' END
+   || CASE WHEN b.name IS NOT NULL THEN ',"name":[null,' || to_json(b.name)::text || ']'
+           ELSE '' END
+   || CASE WHEN b.image IS NOT NULL
+           THEN ',"avatar_url":[null,' || to_json(b.image)::text || ']' ELSE '' END
+   || CASE WHEN b.linked_names IS NOT NULL
+           THEN ',"identities":[[],' || to_json(b.linked_names)::text || ']' ELSE '' END
+   || '}}')::jsonb AS created_changes,
+  -- The ids a create takes, made here (off the writer's connection), as engine.ids makes
+  -- them; a user that goes per row leaves them unused.
+  {UUID7} AS user_id, {UUID7} AS profile_id
 FROM base b
 """  # noqa: S608 (identifiers and expressions of our own, values bound)
         ),
-        {"provider": provider},
+        {"provider": provider, "lo": lo, "hi": hi, "role": role},
+    )
+    _derive_logins(conn, lo, hi, create=create, kind=kind)
+    if create:
+        conn.execute(text("CREATE UNIQUE INDEX ON sw_u (ord)"))
+        conn.execute(text("CREATE INDEX ON sw_u (ord) WHERE changed"))  # where pages end
+        conn.execute(text("CREATE INDEX ON sw_login (ord)"))
+
+
+def _derive_logins(conn: Connection, lo: int, hi: int, *, create: bool, kind: str) -> None:
+    """``sw_login``: each live session of the users at positions ``lo..hi`` as its
+    create writes it (with its new id), and its login's audit changes: each session, in
+    the per-row path's order (expiry, then id), moves the last login from the latest of
+    those before it."""
+    before, after = _iso("(w.prev AT TIME ZONE 'UTC')"), _iso("(w.after AT TIME ZONE 'UTC')")
+    head = f"CREATE {kind} TABLE sw_login AS" if create else "INSERT INTO sw_login"
+    conn.execute(
+        _text(
+            f"""
+{head}
+SELECT w.ord, {UUID7} AS id, w.sid, w.created, w.written, w.expires_at,
+  jsonb_build_object('session', jsonb_build_array(NULL, w.sid))
+  || CASE WHEN w.prev IS DISTINCT FROM w.after
+          THEN jsonb_build_object('last_login_at', jsonb_build_array(
+                 CASE WHEN w.prev IS NOT NULL THEN {before} END, {after}))
+          ELSE '{{}}' END AS changes
+FROM (
+  SELECT v.*, greatest(v.prev, v.seen) AS after FROM (
+    SELECT ord, sid, created, written, expires_at, coalesce(created, written) AS seen,
+      max(coalesce(created, written)) OVER (
+        PARTITION BY ord ORDER BY raw_expires, sid
+        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
+    FROM sw_ses WHERE ord BETWEEN :lo AND :hi
+  ) v
+) w
+"""  # noqa: S608 (expressions of our own, values bound)
+        ),
+        {"lo": lo, "hi": hi},
     )
 
 
@@ -327,14 +438,14 @@ def _line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _escape_unplain(conn: Connection) -> None:
+def _escape_unplain(conn: Connection, *, kind: str) -> None:
     """``sw_esc``: for the users' texts that ``to_json`` would not escape as Python does
     (non-ASCII, DEL), Python's own encoding; for such an email, Python's lower case (the
     key the engine links by). A few per cent of the users in practice: the rest is SQL.
     Read and written ``_ESCAPE_SPAN`` positions at a time, so memory stays flat."""
     conn.execute(
         text(
-            "CREATE TEMP TABLE sw_esc (ord bigint PRIMARY KEY, name_j text, email_j text,"
+            f"CREATE {kind} TABLE sw_esc (ord bigint PRIMARY KEY, name_j text, email_j text,"
             " image_j text, email_lower text)"
         )
     )
@@ -364,7 +475,9 @@ def _escape_unplain(conn: Connection) -> None:
 
 @translated
 def drop(conn: Connection) -> None:
-    conn.execute(text(f"DROP TABLE IF EXISTS {', '.join(_TEMP)}"))
+    """The connection's own (temporary) tables of a pass: never a staging schema's, which
+    ``db.setstage`` drops whole."""
+    conn.execute(text(f"DROP TABLE IF EXISTS {', '.join(f'pg_temp.{t}' for t in _TEMP)}"))
 
 
 @translated
@@ -410,8 +523,11 @@ def classify(conn: Connection, lo: int, hi: int, *, provider: str, link: bool) -
         text(
             "INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key)"
             " SELECT u.ord, u.ext, u.digest, u.n, u.ok,"
-            " EXISTS (SELECT 1 FROM user_identities i"
-            "         WHERE i.provider = :p AND i.external_id = u.ext),"
+            # A scalar subquery with LIMIT: an index probe per user. As EXISTS, the planner
+            # chose a hashed subplan that read every stored identity of the provider on
+            # each page (quadratic: 2.2 s of a 100,000-user load, growing with the table).
+            " coalesce((SELECT true FROM user_identities i"
+            "           WHERE i.provider = :p AND i.external_id = u.ext LIMIT 1), false),"
             " CASE WHEN :link THEN u.email_key END"
             " FROM sw_u u WHERE u.ord BETWEEN :lo AND :hi AND u.changed"
         ),
@@ -513,9 +629,11 @@ def write_simple(
     sessions, audit rows and source digests, as ``engine.bulk.BulkPlan`` builds them."""
     created = conn.execute(
         text(
-            f"INSERT INTO sw_n (ord, user_id, profile_id) SELECT ord, {UUID7}, {UUID7}"  # noqa: S608
-            " FROM sw_b WHERE simple"
-        )
+            "INSERT INTO sw_n (ord, user_id, profile_id) SELECT u.ord, u.user_id, u.profile_id"
+            " FROM sw_b b JOIN sw_u u ON u.ord = b.ord AND u.ord BETWEEN :lo AND :hi"
+            " WHERE b.simple"
+        ),
+        {"lo": lo, "hi": hi},
     ).rowcount
     if not created:
         return Written(created=0, logins=0)
@@ -570,53 +688,27 @@ def write_simple(
     )
     logins = conn.execute(
         text(
-            "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"  # noqa: S608
+            "INSERT INTO user_sessions (id, user_id, provider, external_session_id, ip,"
             " user_agent, created_at, last_seen_at, expires_at, revoked_at)"
-            f" SELECT {UUID7}, n.user_id, :p, s.sid, NULL, NULL, coalesce(s.created, s.written),"
+            " SELECT s.id, n.user_id, :p, s.sid, NULL, NULL, coalesce(s.created, s.written),"
             " s.written, s.expires_at, NULL"
-            " FROM sw_n n JOIN sw_ses s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
+            " FROM sw_n n JOIN sw_login s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
         ),
         params,
     ).rowcount
-    before, after = _iso("(s.prev AT TIME ZONE 'UTC')"), _iso("(s.after AT TIME ZONE 'UTC')")
     conn.execute(
-        _text(
-            f"""
-INSERT INTO sync_audit (occurred_at, run_id, source, provider, external_id, user_id, action,
-                        changes, event_id, error)
-SELECT CAST(:now AS timestamptz), CAST(:run AS uuid), CAST(:source AS text),
-  CAST(:p AS text), u.ext, n.user_id, 'created',
-  -- One text parsed once: cheaper than composing jsonb values.
-  ('{{"role":[null,' || to_json(CAST(:role AS text))::text || ']'
-   || CASE WHEN u.email IS NOT NULL THEN ',"email":[null,' || to_json(u.email)::text || ']'
-           ELSE '' END
-   || CASE WHEN u.verified THEN ',"email_verified":[null,true]' ELSE '' END
-   || CASE WHEN u.name IS NOT NULL THEN ',"name":[null,' || to_json(u.name)::text || ']'
-           ELSE '' END
-   || CASE WHEN u.image IS NOT NULL
-           THEN ',"avatar_url":[null,' || to_json(u.image)::text || ']' ELSE '' END
-   || CASE WHEN u.linked_names IS NOT NULL
-           THEN ',"identities":[[],' || to_json(u.linked_names)::text || ']' ELSE '' END
-   || '}}')::jsonb,
-  NULL::text, NULL::text
-FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi
-UNION ALL
-SELECT :now, :run, :source, :p, u.ext, n.user_id, 'login',
-  jsonb_build_object('session', jsonb_build_array(NULL, s.sid))
-  || CASE WHEN s.prev IS DISTINCT FROM s.after
-          THEN jsonb_build_object('last_login_at', jsonb_build_array(
-                 CASE WHEN s.prev IS NOT NULL THEN {before} END, {after}))
-          ELSE '{{}}' END,
-  NULL, NULL
-FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi
-JOIN (SELECT ord, sid, prev, greatest(prev, seen) AS after FROM (
-        SELECT ord, sid, coalesce(created, written) AS seen,
-          max(coalesce(created, written)) OVER (
-            PARTITION BY ord ORDER BY raw_expires, sid
-            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
-        FROM sw_ses WHERE ord BETWEEN :lo AND :hi AND ord IN (SELECT ord FROM sw_n)) w
-     ) s ON s.ord = n.ord
-"""  # noqa: S608 (expressions of our own, values bound)
+        text(
+            "INSERT INTO sync_audit (occurred_at, run_id, source, provider, external_id,"
+            " user_id, action, changes, event_id, error)"
+            # The changes were derived with the staged users and sessions.
+            " SELECT CAST(:now AS timestamptz), CAST(:run AS uuid), CAST(:source AS text),"
+            " CAST(:p AS text), u.ext, n.user_id, 'created', u.created_changes, NULL::text,"
+            " NULL::text"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
+            " UNION ALL"
+            " SELECT :now, :run, :source, :p, u.ext, n.user_id, 'login', s.changes, NULL, NULL"
+            " FROM sw_n n JOIN sw_u u ON u.ord = n.ord AND u.ord BETWEEN :lo AND :hi"
+            " JOIN sw_login s ON s.ord = n.ord AND s.ord BETWEEN :lo AND :hi"
         ),
         params,
     )

@@ -25,6 +25,7 @@ import structlog
 from sqlalchemy import Connection, Engine
 
 from db import setbased as setstore
+from db import setstage
 from db.cursors import load_cursor, save_cursor
 from db.digests import (
     STAGED,
@@ -52,7 +53,7 @@ from providers.base import Compared, Cursor, DigestSource, Page, Provider, Recor
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
-from sync_worker.errors import GuardRefused, StoreError
+from sync_worker.errors import GuardRefused
 from sync_worker.progress import NoProgress, Progress
 from sync_worker.readahead import read_ahead
 from sync_worker.runtime import collect_young, collector_paused
@@ -200,6 +201,9 @@ class PullRunner:
         seen: _Seen,
     ) -> None:
         whole = full or start is None
+        if not dry_run and self.db.dialect.name == "postgresql":
+            # A killed set pass's staging schema goes at the next pass, whatever its path.
+            setstage.sweep_orphans(self.db)
         set_pass = None if dry_run else self._set_source(start, whole)
         if set_pass is not None and self._set_pass(set_pass, report=report, seen=seen):
             return
@@ -256,51 +260,39 @@ class PullRunner:
             return False
         name = self.provider.name
         report.path = "set"
-        with translating(), self.db.connect() as conn:
-            try:
-                try:
-                    with conn.begin():
-                        total = setstore.stage(
-                            conn,
-                            # Read in a thread: the source's server produces the next bytes
-                            # while the worker's consumes these (two cores, not one).
-                            [
-                                (r.name, r.columns, read_ahead(source.copy_out(r), depth=64))
-                                for r in relations
-                            ],
-                            provider=name,
-                            observed=source.observed,
-                            max_age_seconds=source.max_age_seconds,
-                        )
-                        changed = setstore.nth_changed(conn, 1, 1) is not None
-                finally:
-                    source.close()  # everything is staged: the source snapshot can end
-                columns = {r.name: {c for c, _ in r.columns} for r in relations}
-                self.progress.total(total)
-                log.info("set_pass_staged", provider=name, users=total, any_changed=changed)
+        # Read in a thread: the source's server produces the next bytes while the worker's
+        # consumes these (two cores, not one).
+        streams = [(r.name, r.columns, read_ahead(source.copy_out(r), depth=64)) for r in relations]
+        with (
+            translating(),
+            self.db.connect() as conn,
+            setstage.staged(
+                self.db,
+                conn,
+                streams,
+                provider=name,
+                role=self.engine.settings.default_role,  # the creates' audit rows name it
+                observed=source.observed,
+                max_age_seconds=source.max_age_seconds,
+                copied=source.close,  # everything is staged: the source snapshot can end
+            ) as staged,
+        ):
+            columns = {r.name: {c for c, _ in r.columns} for r in relations}
+            total = staged.total
+            self.progress.total(total)
+            log.info("set_pass_staged", provider=name, users=total)
+            seen_max = source.seen_per_page
 
-                def nth_changed(start: int, n: int) -> int | None:
-                    with conn.begin():  # between the batches' transactions
-                        return setstore.nth_changed(conn, start, n)
+            def nth_changed(start: int, n: int) -> int | None:
+                return staged.nth_changed(start, n, min(total, start + seen_max - 1))
 
-                bounds = page_bounds(total, source.batch_size, source.seen_per_page, nth_changed)
-                for lo, hi, last in bounds:
-                    with collector_paused():
-                        self._set_page(
-                            conn, source, lo, hi, last=last, columns=columns, report=report
-                        )
-                    collect_young()
-                with conn.begin():  # what follows the pass (webhooks, the next pass) plans
-                    refresh_statistics(conn)
-            finally:
-                if conn.in_transaction():
-                    conn.rollback()
-                try:
-                    with conn.begin():
-                        setstore.drop(conn)
-                except StoreError as exc:  # never hide why the pass stopped; a later pass
-                    # drops them first anyway (the connection may go back to the pool)
-                    log.warning("set_pass_cleanup_failed", error=str(exc))
+            bounds = page_bounds(total, source.batch_size, seen_max, nth_changed)
+            for lo, hi, last in bounds:
+                with collector_paused():
+                    self._set_page(conn, source, lo, hi, last=last, columns=columns, report=report)
+                collect_young()
+            with conn.begin():  # what follows the pass (webhooks, the next pass) plans
+                refresh_statistics(conn)
         self._completed(True, source.partial, report=report, seen=seen, dry_run=False)
         return True
 

@@ -12,6 +12,7 @@ accounts and tokens, expired sessions, users without accounts, duplicate emails.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, text
 
+from db import setstage
 from db.connect import make_engine
 from db.digests import stored_digests
 from db.migrate import upgrade
@@ -58,6 +60,10 @@ class Twins:
     plan: PlanSettings = field(default_factory=PlanSettings)
     reports: dict[bool, PullReport] = field(default_factory=dict)
     settings: AuthjsSettings | None = None  # the adapter's (default: the pg adapter's)
+    # How the set pass stages (db.setstage): positions per range of sw_u, and whether on a
+    # second connection (else on the pass's own, into temporary tables).
+    staging_range: int = 3
+    second_connection: bool = True
 
     def reset(self) -> None:
         self.source.execute("DROP SCHEMA public CASCADE")
@@ -107,6 +113,10 @@ class Twins:
             with pytest.MonkeyPatch.context() as patch:
                 # The runner's own clock too: reconcile dates its deletions by it.
                 patch.setattr("sync_worker.pull.utcnow", lambda: now)
+                # Staged in ranges of a few users: the batches wait for theirs.
+                patch.setattr("db.setstage.RANGE", self.staging_range)
+                if not self.second_connection:
+                    patch.setattr("db.setstage.open_private", lambda conn: None)
                 self._run(set_based, worker, full=full)
 
     def _run(self, set_based: bool, worker: Engine, *, full: bool) -> None:
@@ -173,6 +183,7 @@ def twins(make_pg_database: Callable[[], str]) -> Iterator[Twins]:
 def fresh(twins: Twins) -> Twins:
     twins.reset()
     twins.plan = PlanSettings()
+    twins.staging_range, twins.second_connection = 3, True
     return twins
 
 
@@ -238,6 +249,7 @@ def load(t: Twins, specs: list[tuple[Any, ...]]) -> list[int]:
     link=st.booleans(),
     webhook_email=st.sampled_from(["a@x.io", "b@x.io", "shared@x.io"]),
     renamed=st.integers(min_value=0, max_value=13),
+    staging=st.sampled_from([(3, True), (1, True), (10_000, True), (10_000, False)]),
 )
 def test_random_sources_match_the_per_row_pass(
     twins: Twins,
@@ -246,9 +258,11 @@ def test_random_sources_match_the_per_row_pass(
     link: bool,
     webhook_email: str,
     renamed: int,
+    staging: tuple[int, bool],
 ) -> None:
     twins.reset()
     twins.plan = PlanSettings(link_by_verified_email=link)
+    twins.staging_range, twins.second_connection = staging
     # A user of another provider, verified: a link target for the source's creates.
     twins.both(
         UserChange(
@@ -424,6 +438,7 @@ def test_a_failure_mid_pass_keeps_committed_batches_only(fresh: Twins) -> None:
     with transaction(fresh.sets) as conn:
         conn.execute(text("DROP TRIGGER refuse ON identity.user_identities"))
         conn.execute(text("DROP FUNCTION identity.refuse()"))
+    assert pass_schemas(fresh.sets) == []  # dropped on the way out
     fresh.run()
     fresh.assert_same(counts=False)  # the set twin's first pass stopped halfway
 
@@ -505,3 +520,87 @@ def test_a_column_type_the_sql_does_not_handle_leaves_the_pass_per_row(fresh: Tw
     fresh.run()
     assert fresh.reports[True].path == "per_row"
     assert fresh.reports[True].counts["created"] == 1
+
+
+def pass_schemas(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        names = conn.execute(
+            text(r"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'sw\_pass\_%'")
+        )
+        return sorted(names.scalars())
+
+
+def test_staging_schemas_are_dropped_and_those_of_killed_passes_swept(fresh: Twins) -> None:
+    """A pass drops its staging schema; the next pass, whatever its path, drops those a
+    killed pass left (no session holds their lock) and keeps a live pass's."""
+    for i in range(7):
+        fresh.user(f"U{i}", f"u{i}@x.io")
+    with transaction(fresh.rows) as conn:  # the per-row twin's pass sweeps too
+        conn.execute(text("CREATE SCHEMA sw_pass_dead"))
+    lock = text("SELECT pg_advisory_lock(:space, hashtext('sw_pass_live'))")
+    space = {"space": setstage._LOCK_SPACE}
+    with fresh.sets.connect() as live:
+        live.execute(lock, space)
+        live.execute(text("CREATE SCHEMA sw_pass_live"))
+        live.execute(text("CREATE SCHEMA sw_pass_dead"))
+        live.execute(text("CREATE TABLE sw_pass_dead.sw_u (ord bigint)"))
+        live.commit()
+        try:
+            fresh.run()
+            fresh.assert_same()
+            assert pass_schemas(fresh.sets) == ["sw_pass_live"]
+            assert pass_schemas(fresh.rows) == []
+        finally:
+            live.execute(text("DROP SCHEMA sw_pass_live"))
+            live.execute(text("SELECT pg_advisory_unlock_all()"))
+            live.commit()
+    assert pass_schemas(fresh.sets) == []
+
+
+def test_a_role_that_may_not_create_a_schema_stages_on_one_connection(fresh: Twins) -> None:
+    role = f"sw_no_schema_{uuid.uuid4().hex[:8]}"
+    with fresh.sets.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role}"))
+        conn.execute(text(f"SET ROLE {role}"))
+        conn.commit()
+        path = text("SELECT current_setting('search_path')")
+        before = conn.execute(path).scalar_one()
+        conn.commit()
+        try:
+            assert setstage.open_private(conn) is None
+            assert conn.execute(path).scalar_one() == before
+        finally:
+            conn.rollback()
+            conn.execute(text("RESET ROLE"))
+            conn.execute(text(f"DROP ROLE {role}"))
+            conn.commit()
+    assert pass_schemas(fresh.sets) == []
+    # The pass itself on that path: as the random sources' test runs it.
+    for i in range(7):
+        fresh.user(f"U{i}", f"u{i}@x.io")
+    fresh.second_connection = False
+    fresh.run()
+    fresh.assert_same()
+    assert fresh.reports[True].set_created == 7
+
+
+def test_a_schema_the_role_may_not_drop_is_left_and_the_sweep_goes_on(fresh: Twins) -> None:
+    role = f"sw_no_drop_{uuid.uuid4().hex[:8]}"
+    with fresh.sets.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role}"))
+        conn.execute(text("CREATE SCHEMA sw_pass_another_roles"))  # the superuser's
+        conn.execute(text("CREATE SCHEMA sw_pass_dead"))
+        conn.execute(text(f"ALTER SCHEMA sw_pass_dead OWNER TO {role}"))
+        conn.execute(text(f"SET ROLE {role}"))
+        conn.commit()
+        try:
+            with conn.begin():
+                setstage.sweep(conn)
+        finally:
+            conn.rollback()
+            conn.execute(text("RESET ROLE"))
+            kept = pass_schemas(fresh.sets)
+            conn.execute(text("DROP SCHEMA IF EXISTS sw_pass_another_roles, sw_pass_dead"))
+            conn.execute(text(f"DROP ROLE {role}"))
+            conn.commit()
+    assert kept == ["sw_pass_another_roles"]

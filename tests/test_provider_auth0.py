@@ -654,9 +654,11 @@ def test_failing_logs_page_raises_and_cursors_never_pass_it(fake: FakeAuth0) -> 
         start = len(fake.logs)
         for i in range(6):
             fake.login(ids[i % 2])
+        # Queued before the pass: its next page is read ahead while the first is handed out,
+        # so a fault queued after next() could come too late (the test raced under load).
+        fake.fail_next("/api/v2/logs", status=500, times=100, after=1)
         pages = adapter.iter_changes(cursor)
         first = next(pages)
-        fake.fail_next("/api/v2/logs", status=500, times=100)
         with pytest.raises(UpstreamUnavailable):
             next(pages)
     assert first.cursor == {"log_id": fake.logs[start + 1]["log_id"]}

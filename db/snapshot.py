@@ -92,11 +92,15 @@ def refresh_statistics(conn: Connection) -> None:
 
 _LOOKED_UP = ("users", "profiles", "user_identities", "user_sessions")
 _ANALYZE_FLOOR = 1000  # modified rows; below this a scan costs little
+# Each name as ANALYZE resolves it (the search_path), not by current_schema(): a set
+# pass puts its staging schema first, and the check then found none of the tables, so the
+# reconcile after a 100,000-user initial load planned on empty-table statistics (a nested
+# loop that ran for minutes where autovacuum is off).
 _STALE = text(
     "SELECT s.relname FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid"
-    " WHERE s.schemaname = current_schema() AND s.relname IN :names"
+    " WHERE s.relid IN (SELECT to_regclass(n) FROM unnest(CAST(:names AS text[])) AS n)"
     " AND s.n_mod_since_analyze >= :floor AND s.n_mod_since_analyze > c.reltuples"
-).bindparams(bindparam("names", expanding=True))
+)
 
 
 @translated

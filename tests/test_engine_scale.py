@@ -285,9 +285,13 @@ def test_sqlite_runs_no_full_scan_of_a_worker_table(sqlite_engine: Engine) -> No
 
 
 @pytest.mark.postgres
-def test_the_statistics_refresh_covers_every_looked_up_table(fresh_pg: Engine) -> None:
+@pytest.mark.parametrize("schema_first", [False, True], ids=["plain", "schema-first"])
+def test_the_statistics_refresh_covers_every_looked_up_table(
+    fresh_pg: Engine, schema_first: bool
+) -> None:
     """The pull runner re-analyzes what the lookups read once it has doubled, sessions
-    included (they were left out: issue #13)."""
+    included (they were left out: issue #13); also with another schema first on the
+    search_path, as a set pass has its staging schema (none was analyzed then)."""
     with fresh_pg.begin() as conn:
         conn.execute(text("SELECT pg_stat_force_next_flush()"))
     seed(fresh_pg, 1, 1500)
@@ -304,7 +308,16 @@ def test_the_statistics_refresh_covers_every_looked_up_table(fresh_pg: Engine) -
                 break
         time.sleep(0.1)
     with fresh_pg.begin() as conn:
+        if schema_first:
+            conn.execute(text("CREATE SCHEMA sw_pass_stats"))
+            conn.execute(
+                text(
+                    "SELECT set_config('search_path',"
+                    " 'sw_pass_stats, ' || current_setting('search_path'), true)"
+                )
+            )
         refresh_statistics(conn)
+        conn.execute(text("DROP SCHEMA IF EXISTS sw_pass_stats"))
     with fresh_pg.connect() as conn:
         analyzed = conn.execute(
             text(

@@ -32,6 +32,7 @@ from db.transaction import transaction
 from providers import registry
 from providers.webhook import WebhookReceiver, Work, WorkDecoder
 from sync_worker import simulate
+from sync_worker.changes import ChangeKind, UserAttributes, UserChange
 from sync_worker.daemon.drainer import BACKLOG_FACTOR, Drainer
 from tests import drain_worker
 from tests.conftest import SCHEMA, sqlalchemy_url
@@ -468,6 +469,60 @@ def test_stack_updates_of_one_second_applied_out_of_order_keep_the_later(
         later.delivery.event_id: "created",
         earlier.delivery.event_id: "stale_skipped",
     }
+
+
+@pytest.mark.parametrize("batch", [10, 1], ids=["batch 10", "batch 1"])
+def test_a_rename_then_a_delete_end_alike_in_one_claim_or_several(
+    engine: Engine, batch: int
+) -> None:
+    """The engine keeps one upsert or delete per identity in a call; the drainer applies a
+    claim in turns (``in_turns``), so a claim holding a user's rename and deletion leaves it
+    renamed and deleted, as two claims do (the kill -9 test's clean run compares them)."""
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    email = "turns@example.org"
+    stored = [
+        deliver("stack", "user.created", email, start, name="Before"),
+        deliver("stack", "user.updated", email, start + timedelta(milliseconds=1), name="After"),
+        deliver("stack", "user.deleted", email, start + timedelta(milliseconds=2)),
+        deliver("stack", "user.created", "other@example.org", start + timedelta(milliseconds=3)),
+    ]
+    store(engine, stored)
+    d, recorded = drainer(engine, batch=batch)
+
+    assert drain_all(d) == 4
+    assert sorted(recorded.applied) == sorted(s.delivery.event_id for s in stored)
+    by_email = {u["email"]: u for u in rows(engine, "users")}
+    assert by_email[email]["deleted_at"] is not None
+    (profile,) = rows(engine, "profiles", user_id=by_email[email]["id"])
+    assert profile["display_name"] == "After"
+    actions = {a["event_id"]: a["action"] for a in audit(engine)}
+    assert actions == {
+        stored[0].delivery.event_id: "created",
+        stored[1].delivery.event_id: "updated",
+        stored[2].delivery.event_id: "deleted",
+        stored[3].delivery.event_id: "created",
+    }
+
+
+def test_turns_hold_the_kth_change_of_each_identity_in_order() -> None:
+    from sync_worker.daemon.drainer import in_turns
+
+    def change(external_id: str, name: str) -> UserChange:
+        return UserChange(
+            provider="stack",
+            external_id=external_id,
+            kind=ChangeKind.UPSERT,
+            version=datetime(2026, 1, 1, tzinfo=UTC),
+            attributes=UserAttributes(email=f"{external_id}@example.org", name=name),
+        )
+
+    a1, b1, a2, c1, a3, b2 = (
+        change("a", "1"), change("b", "1"), change("a", "2"),
+        change("c", "1"), change("a", "3"), change("b", "2"),
+    )  # fmt: skip
+    assert in_turns([a1, b1, a2, c1, a3, b2]) == [[a1, b1, c1], [a2, b2], [a3]]
+    assert in_turns([a1, b1, c1]) == [[a1, b1, c1]]
+    assert in_turns([]) == []
 
 
 # -- 4. a sign-in that arrives before its user's creation ------------------------------------

@@ -274,8 +274,11 @@ class Drainer:
         started = time.perf_counter()
         with transaction(self.db) as conn:
             held = inbox.hold(conn, list(resolved.changes), worker=self.worker)
-            batch = [c for row_id in held for c in resolved.changes[row_id]]
-            result = self.engine.apply(conn, batch, source=Source.WEBHOOK)
+            kept = set(held)  # in the claim's order (received), whatever order hold's is
+            batch = [c for i, cs in resolved.changes.items() if i in kept for c in cs]
+            results = [self.engine.apply(conn, turn, source=Source.WEBHOOK)
+                       for turn in in_turns(batch)]  # fmt: skip
+            result = BatchResult(tuple(o for r in results for o in r.outcomes))
             poison = _failed_rows(held, resolved.changes, result)
             inbox.complete(conn, [i for i in held if i not in poison], worker=self.worker,
                            now=self.clock())  # fmt: skip
@@ -298,6 +301,28 @@ class Drainer:
                            backoff=self.settings.backoff)  # fmt: skip
         for row_id, error in {**errors, **poison}.items():
             log.warning("inbox_row_failed", row=row_id, dead=row_id in poison, error=error)
+
+
+def in_turns(changes: Sequence[UserChange]) -> list[list[UserChange]]:
+    """``changes`` in turns the engine applies one after another (in one transaction):
+    turn k holds the k-th change of each identity, in the order given.
+
+    Within one call the engine keeps one upsert or delete per identity (the newest; the
+    others are audited as superseded). A claim holding a rename and then a delete of one user
+    would then leave the deleted user with its old name, where two claims leave it renamed:
+    the drainer's batch boundaries would decide the outcome. In turns, every delivery is
+    applied as if one at a time, so a claim ends where single deliveries would. A claim of
+    distinct users, the usual case, is one turn."""
+    turns: list[list[UserChange]] = []
+    seen: defaultdict[tuple[str, str], int] = defaultdict(int)
+    for change in changes:
+        key = (change.provider, change.external_id)
+        turn = seen[key]
+        seen[key] = turn + 1
+        if turn == len(turns):
+            turns.append([])
+        turns[turn].append(change)
+    return turns
 
 
 def _reread(work: Work) -> Work:

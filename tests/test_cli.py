@@ -483,18 +483,24 @@ NOT_FOR_A_BACKFILL = (
 )  # fmt: skip
 
 
-def test_an_authjs_backfill_process_imports_only_what_it_uses(tmp_path: Path) -> None:
+def _authjs_worker(tmp_path: Path, users: int) -> dict[str, str]:
+    """A migrated SQLite worker and a Prisma Auth.js source of ``users``; their environment."""
     app = f"sqlite:///{tmp_path / 'app.db'}"
     with make_loader("prisma", app) as loader:
-        loader.populate(3)
+        loader.populate(users)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "STACK_"))}
     env |= {
         "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
         "AUTHJS_DATABASE_URL": app,
         "AUTHJS_SCHEMA": "prisma",
     }
-    base = [sys.executable, "-m", "sync_worker"]
-    subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    migrate = [sys.executable, "-m", "sync_worker", "migrate"]
+    subprocess.run(migrate, env=env, check=True, capture_output=True, timeout=60)
+    return env
+
+
+def test_an_authjs_backfill_process_imports_only_what_it_uses(tmp_path: Path) -> None:
+    env = _authjs_worker(tmp_path, 3)
     script = (
         "import json, sys\n"
         "from sync_worker.cli import main\n"
@@ -521,17 +527,8 @@ def test_the_progress_bar_on_a_terminal(tmp_path: Path, columns: int) -> None:
     """Users are counted (sessions apart) against the total Auth.js states, with an ETA; log
     lines scroll above the bar instead of running into it; a terminal that reports 0
     columns still gets a bar."""
-    app = f"sqlite:///{tmp_path / 'app.db'}"
-    with make_loader("prisma", app) as loader:
-        loader.populate(2100)  # three pages of 1,000
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "STACK_"))}
-    env |= {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
-        "AUTHJS_DATABASE_URL": app,
-        "AUTHJS_SCHEMA": "prisma",
-    }
+    env = _authjs_worker(tmp_path, 2100)  # three pages of 1,000
     base = [sys.executable, "-m", "sync_worker"]
-    subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
     screen, done = run_on_a_terminal([*base, "backfill", "--provider", "authjs"], env, columns)
     assert done.returncode == 0, screen
     segments = re.split(r"[\r\n]", screen)

@@ -32,13 +32,13 @@ from db.transaction import transaction
 from providers import registry
 from providers.webhook import WebhookReceiver, Work, WorkDecoder
 from sync_worker import simulate
-from sync_worker.changes import ChangeKind, UserAttributes, UserChange
+from sync_worker.changes import UserChange
 from sync_worker.daemon.drainer import BACKLOG_FACTOR, Drainer
 from tests import drain_worker
 from tests.conftest import SCHEMA, sqlalchemy_url
 from tests.daemon_harness import SECRETS, settings_with_secrets
 from tests.drain_worker import RecordingEngine, drain_all, make_drainer
-from tests.factories import audit, rows
+from tests.factories import audit, rows, upsert
 from tests.webhook_cases import standard_headers, svix_headers
 
 WORKERS = 3
@@ -508,13 +508,7 @@ def test_turns_hold_the_kth_change_of_each_identity_in_order() -> None:
     from sync_worker.daemon.drainer import in_turns
 
     def change(external_id: str, name: str) -> UserChange:
-        return UserChange(
-            provider="stack",
-            external_id=external_id,
-            kind=ChangeKind.UPSERT,
-            version=datetime(2026, 1, 1, tzinfo=UTC),
-            attributes=UserAttributes(email=f"{external_id}@example.org", name=name),
-        )
+        return upsert(external_id, provider="stack", name=name)
 
     a1, b1, a2, c1, a3, b2 = (
         change("a", "1"), change("b", "1"), change("a", "2"),

@@ -104,10 +104,13 @@ def _j(value: str) -> str:
     return f"coalesce(to_json({value})::text, 'null')"
 
 
+Streams = Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]]
+
+
 @translated
 def stage(
     conn: Connection,
-    relations: Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]],
+    relations: Streams,
     *,
     provider: str,
     role: str,
@@ -122,10 +125,14 @@ def stage(
     once, as the digest pass decides it when it starts: a write racing the pass is as if
     it came after it (docs/architecture.md, engine rules)."""
     drop(conn)
-    kinds = stage_sources(
-        conn, relations, observed=observed, max_age_seconds=max_age_seconds, temp=True
-    )
+    kinds = create_sources(conn, relations, temp=True)
+    copy_sources(conn, relations)
+    analyze_sources(conn)
     total = count_users(conn)
+    derive_sources(
+        conn, kinds, lo=1, hi=total, observed=observed, max_age_seconds=max_age_seconds,
+        create=True, temp=True,
+    )  # fmt: skip
     derive_users(
         conn, kinds["users"], provider=provider, role=role, lo=1, hi=total, create=True, temp=True
     )
@@ -134,51 +141,75 @@ def stage(
     return total
 
 
-def stage_sources(
-    conn: Connection,
-    relations: Sequence[tuple[str, Sequence[tuple[str, str]], Iterable[bytes]]],
-    *,
-    observed: datetime,
-    max_age_seconds: float,
+def create_sources(
+    conn: Connection, relations: Sequence[tuple[str, Sequence[tuple[str, str]], Any]], *,
     temp: bool,
-) -> dict[str, dict[str, str]]:
-    """COPY the source's bytes into ``sw_src_*`` and derive the accounts, sessions and
-    escapes tables. ``temp``: temporary tables, else unlogged ones (in the connection's
-    first schema, which another connection can read). Returns each relation's column
-    types."""
+) -> dict[str, dict[str, str]]:  # fmt: skip
+    """The ``sw_src_*`` tables, one per relation with its columns' source types: temporary,
+    else unlogged ones (in the connection's first schema, which another connection can
+    read). Returns each relation's column types."""
     kind = "TEMP" if temp else "UNLOGGED"
     kinds: dict[str, dict[str, str]] = {}
+    for name, columns, _ in relations:
+        if name in kinds:  # a relation's later part
+            continue
+        kinds[name] = dict(columns)
+        cols = ", ".join(f"{_q(c)} {kind_}" for c, kind_ in columns)
+        conn.execute(text(f"CREATE {kind} TABLE sw_src_{name} ({cols})"))
+    conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
+    return kinds
+
+
+def copy_sources(conn: Connection, relations: Streams) -> None:
+    """COPY the source's bytes into the ``sw_src_*`` tables (added to what they hold)."""
     raw = conn.connection.driver_connection
     assert raw is not None
     for name, columns, chunks in relations:
-        kinds[name] = dict(columns)
-        table = f"sw_src_{name}"
-        cols = ", ".join(f"{_q(c)} {kind_}" for c, kind_ in columns)
-        conn.execute(text(f"CREATE {kind} TABLE {table} ({cols})"))
         names = ", ".join(_q(c) for c, _ in columns)
-        statement = f"COPY {table} ({names}) FROM STDIN"
+        statement = f"COPY sw_src_{name} ({names}) FROM STDIN"
         with _raw_errors(), raw.cursor() as cur, cur.copy(statement) as copy:
             for chunk in chunks:
                 copy.write(chunk)
-    conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
-    # Without statistics the derivations below planned badly (2.5x the time of sw_u).
+
+
+def analyze_sources(conn: Connection) -> None:
+    # Without statistics the derivations planned badly (2.5x the time of sw_u).
     conn.execute(
         text(
             "ANALYZE sw_src_users (id, ord), sw_src_accounts (uid), sw_src_sessions (uid),"
             " sw_src_digests (uid)"
         )
     )
+
+
+def derive_sources(
+    conn: Connection,
+    kinds: Mapping[str, Mapping[str, str]],
+    *,
+    lo: int,
+    hi: int,
+    observed: datetime,
+    max_age_seconds: float,
+    create: bool,
+    temp: bool,
+) -> None:
+    """The accounts, sessions and escapes tables of the users at positions ``lo..hi``
+    (``create``: the tables are made from them, else they are added)."""
+    kind = "TEMP" if temp else "UNLOGGED"
+    head = f"CREATE {kind} TABLE sw_acc AS" if create else "INSERT INTO sw_acc"
     conn.execute(
         text(
-            f"CREATE {kind} TABLE sw_acc AS SELECT DISTINCT u.ord, a.provider::text AS prov,"  # noqa: S608
+            f"{head} SELECT DISTINCT u.ord, a.provider::text AS prov,"  # noqa: S608
             " a.acct::text AS acct FROM sw_src_accounts a JOIN sw_src_users u ON u.id = a.uid"
-        )
+            " WHERE u.ord BETWEEN :lo AND :hi"
+        ),
+        {"lo": lo, "hi": hi},
     )
     _derive_sessions(
-        conn, kinds["sessions"], observed=observed, max_age_seconds=max_age_seconds, kind=kind
-    )
-    _escape_unplain(conn, kind=kind)
-    return kinds
+        conn, kinds["sessions"], lo=lo, hi=hi, observed=observed,
+        max_age_seconds=max_age_seconds, kind=kind, create=create,
+    )  # fmt: skip
+    _escape_unplain(conn, lo=lo, hi=hi, kind=kind, create=create)
 
 
 def count_users(conn: Connection) -> int:
@@ -211,9 +242,12 @@ def _derive_sessions(
     conn: Connection,
     sessions: Mapping[str, str],
     *,
+    lo: int,
+    hi: int,
     observed: datetime,
     max_age_seconds: float,
     kind: str,
+    create: bool,
 ) -> None:
     """``sw_ses``: each live session with its id (the token's SHA-256), its times as the
     mapping derives them, and whether SQL may write it."""
@@ -228,9 +262,10 @@ def _derive_sessions(
         if "created_at" in sessions
         else "true"
     )
+    head = f"CREATE {kind} TABLE sw_ses AS" if create else "INSERT INTO sw_ses"
     conn.execute(
         text(
-            f"CREATE {kind} TABLE sw_ses AS SELECT u.ord, s.expires AS raw_expires,"  # noqa: S608
+            f"{head} SELECT u.ord, s.expires AS raw_expires,"  # noqa: S608
             " encode(sha256(convert_to(s.token, 'UTF8')), 'hex') AS sid,"
             f" {expires} AS expires_at,"
             f" least({expires} - make_interval(secs => :max_age), :observed) AS written,"
@@ -239,11 +274,13 @@ def _derive_sessions(
             f"  AND {_utc('s.expires', sessions['expires'])} BETWEEN {_LOW} AND {_HIGH}"
             f"  AND {created_ok}) AS ok"
             " FROM sw_src_sessions s JOIN sw_src_users u ON u.id = s.uid"
+            " WHERE u.ord BETWEEN :lo AND :hi"
         ),
-        {"max_age": max_age_seconds, "observed": observed},
+        {"max_age": max_age_seconds, "observed": observed, "lo": lo, "hi": hi},
     )
-    conn.execute(text("CREATE INDEX ON sw_acc (ord)"))
-    conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
+    if create:
+        conn.execute(text("CREATE INDEX ON sw_acc (ord)"))
+        conn.execute(text("CREATE INDEX ON sw_ses (ord)"))
 
 
 @translated
@@ -438,24 +475,25 @@ def _line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _escape_unplain(conn: Connection, *, kind: str) -> None:
-    """``sw_esc``: for the users' texts that ``to_json`` would not escape as Python does
-    (non-ASCII, DEL), Python's own encoding; for such an email, Python's lower case (the
-    key the engine links by). A few per cent of the users in practice: the rest is SQL.
-    Read and written ``_ESCAPE_SPAN`` positions at a time, so memory stays flat."""
-    conn.execute(
-        text(
-            f"CREATE {kind} TABLE sw_esc (ord bigint PRIMARY KEY, name_j text, email_j text,"
-            " image_j text, email_lower text)"
+def _escape_unplain(conn: Connection, *, lo: int, hi: int, kind: str, create: bool) -> None:
+    """``sw_esc``: for the texts of the users at ``lo..hi`` that ``to_json`` would not
+    escape as Python does (non-ASCII, DEL), Python's own encoding; for such an email,
+    Python's lower case (the key the engine links by). A few per cent of the users in
+    practice: the rest is SQL. Read and written ``_ESCAPE_SPAN`` positions at a time, so
+    memory stays flat."""
+    if create:
+        conn.execute(
+            text(
+                f"CREATE {kind} TABLE sw_esc (ord bigint PRIMARY KEY, name_j text,"
+                " email_j text, image_j text, email_lower text)"
+            )
         )
-    )
     unplain = r"~ '[^\x01-\x7e]'"
     query = text(
         "SELECT ord, nullif(name, ''), nullif(email, ''), nullif(image, '')"  # noqa: S608
         " FROM sw_src_users WHERE ord BETWEEN :lo AND :hi"
         f" AND (name {unplain} OR email {unplain} OR image {unplain})"
     )
-    last = conn.execute(text("SELECT coalesce(max(ord), 0) FROM sw_src_users")).scalar_one()
     raw = conn.connection.driver_connection
     assert raw is not None
 
@@ -463,8 +501,9 @@ def _escape_unplain(conn: Connection, *, kind: str) -> None:
         plain = value is None or all("\x01" <= c <= "\x7e" for c in value)
         return None if plain else json.dumps(value)
 
-    for lo in range(1, int(last) + 1, _ESCAPE_SPAN):
-        rows = conn.execute(query, {"lo": lo, "hi": lo + _ESCAPE_SPAN - 1}).all()
+    for start in range(lo, hi + 1, _ESCAPE_SPAN):
+        end = min(hi, start + _ESCAPE_SPAN - 1)
+        rows = conn.execute(query, {"lo": start, "hi": end}).all()
         if not rows:
             continue
         with _raw_errors(), raw.cursor() as cur, cur.copy("COPY sw_esc FROM STDIN") as copy:
@@ -483,8 +522,19 @@ def drop(conn: Connection) -> None:
 @translated
 def plan_per_run(conn: Connection) -> None:
     """Custom plans for the rest of the transaction (the engine's lock asks for generic
-    ones; it asks again when the per-row path takes it)."""
-    conn.execute(text("SELECT set_config('plan_cache_mode', 'auto', true)"))
+    ones; it asks again when the per-row path takes it), and a commit that does not wait
+    for its WAL flush.
+
+    An unflushed commit is not lost piecemeal: a crash can only take whole batches, each
+    with the cursor, seen ids and digests it commits, and the next pass does them again.
+    Nothing outside the worker was told of them. Waiting for a hundred flushes is what a
+    100,000-user load saves."""
+    conn.execute(
+        text(
+            "SELECT set_config('plan_cache_mode', 'auto', true),"
+            " set_config('synchronous_commit', 'off', true)"
+        )
+    )
 
 
 @translated

@@ -66,7 +66,7 @@ from sqlalchemy.engine import URL, make_url
 from db.lookup import among
 from providers.authjs_copy import copy_chunks, export_snapshot, join_snapshot
 from providers.authjs_schema import AuthjsTables, build_tables
-from providers.authjs_setpass import AuthjsSetPass, row_number_over
+from providers.authjs_setpass import AuthjsSetPass, position_after
 from providers.base import Compared, Cursor, Page, RecordError, StoredDigests
 from providers.fields import optional_text
 from sync_worker.changes import (
@@ -419,22 +419,41 @@ class AuthjsProvider:
         after = None if full or cursor is None else self._resume_point(cursor)
         observed = self._now()
         key = self._user.c.id
-        users = self._users_after(after).add_columns(row_number_over(key).label("ord"))
         user_labels = ["id", "name", "email", "email_verified", "image"]
         if self._tables.has("user", "created_at"):
             user_labels.append("created_at")
         session_labels = ["uid", "token", "expires"]
         if self._tables.has("session", "created_at"):
             session_labels.append("created_at")
-        queries = [
-            ("users", [*user_labels, "ord"], users.order_by(key)),
-            ("accounts", ["uid", "provider", "acct"], self._account_rows(key, after)),
-            ("sessions", session_labels, self._session_rows(key, after, observed)),
-            ("digests", ["uid", "digest", "n"], self._digest_query(after, observed)),
-        ]
+        ranged = self._tables.flavour.integer_ids
+
+        def queries(
+            start: Any, upto: Any, offset: int
+        ) -> list[tuple[str, Sequence[str], Select[Any]]]:
+            """The users after ``start`` up to ``upto`` (None: to the end), numbered from
+            ``offset + 1``, with their accounts, live sessions and digests."""
+            upto_ = _id_range(key, None, upto)
+            users = self._users_after(start).where(*upto_)
+            users = users.add_columns(position_after(key, offset).label("ord"))
+            return [
+                ("users", [*user_labels, "ord"], users.order_by(key)),
+                ("accounts", ["uid", "provider", "acct"],
+                 self._account_rows(key, start).where(*upto_)),
+                ("sessions", session_labels,
+                 self._session_rows(key, start, observed).where(*upto_)),
+                ("digests", ["uid", "digest", "n"],
+                 self._digest_query(start, observed, upto=upto if ranged else None)),
+            ]  # fmt: skip
+
+        ids = select(key.label("id"))
+        if after is not None:
+            ids = ids.where(key > after)
         return AuthjsSetPass(
             reading=self._reading(),
             queries=queries,
+            ids=ids,
+            after=after,
+            ranged=ranged,
             observed=observed,
             partial=after is not None,
             max_age_seconds=self._max_age.total_seconds(),

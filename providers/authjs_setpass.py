@@ -14,25 +14,30 @@ for the per-row path come out as the same Python values a direct read would give
 A pass is offered only where every column has a type the worker's SQL understands (integer
 or text ids, text columns, timestamps, a boolean ``emailVerified``); otherwise ``None``,
 and the per-row pass runs.
+
+The pass is handed over in *parts*, users in id order (``parts``): a small first one, so
+the worker's first batch need not wait for the whole source, then larger ones. With text
+ids it is one part: their accounts and sessions are not read by id range (another
+column's collation may order them otherwise), so every part would read them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 import structlog
-from sqlalchemy import Connection, Select, func, literal, select
+from sqlalchemy import BigInteger, Connection, Select, func, literal, select
 
 from providers.base import Cursor, RecordError
 from sync_worker.changes import UserChange
 from sync_worker.errors import UpstreamDataError, UpstreamUnavailable
 
-__all__ = ["AuthjsSetPass", "Relation", "acceptable"]
+__all__ = ["AuthjsSetPass", "Part", "Relation", "acceptable", "position_after"]
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +74,20 @@ class Relation:
     params: Mapping[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """The users at positions ``first..last`` of the pass, and their relations."""
+
+    first: int
+    last: int
+    relations: tuple[Relation, ...]
+
+
+#: The pass's queries for the users after one id up to another (None: open), whose
+#: positions start after ``offset``: ``(name, column labels, query)`` each.
+Queries = Callable[[Any, Any, int], Sequence[tuple[str, Sequence[str], Select[Any]]]]
+
+
 def acceptable(name: str, columns: Sequence[tuple[str, str]]) -> bool:
     allowed = ALLOWED[name]
     return all(col in allowed and kind in allowed[col] for col, kind in columns)
@@ -82,7 +101,10 @@ class AuthjsSetPass:
         self,
         *,
         reading: AbstractContextManager[Connection],
-        queries: Sequence[tuple[str, Sequence[str], Select[Any]]],
+        queries: Queries,
+        ids: Select[Any],
+        after: Any,
+        ranged: bool,
         observed: datetime,
         partial: bool,
         max_age_seconds: float,
@@ -102,6 +124,10 @@ class AuthjsSetPass:
         self.max_age_seconds = max_age_seconds
         self._reading = reading
         self._queries = queries
+        self._ids = ids
+        self._after = after
+        self._ranged = ranged
+        self._types: dict[str, tuple[tuple[str, str], ...]] = {}
         self._mapper = mapper
         self._cursor_after = cursor_after
         self._conn: Connection | None = None
@@ -127,16 +153,8 @@ class AuthjsSetPass:
         with raw.cursor() as cur:
             cur.execute("SET LOCAL datestyle = 'ISO, YMD'")  # what the worker parses
         relations: list[Relation] = []
-        for name, labels, query in self._queries:
-            compiled = query.compile(dialect=conn.dialect)
-            processors: Mapping[str, Callable[[Any], Any]] = getattr(
-                compiled, "_bind_processors", {}
-            )
-            params = {
-                k: processors[k](v) if k in processors else v
-                for k, v in compiled.construct_params().items()
-            }
-            sql = str(compiled)
+        for name, labels, query in self._queries(self._after, None, 0):
+            sql, params = _compiled(conn, query)
             types = _types(raw, sql, params)
             columns = tuple(zip(labels, types, strict=False))
             if len(types) != len(labels) or not acceptable(name, columns):
@@ -144,7 +162,40 @@ class AuthjsSetPass:
                 self.close()
                 return None
             relations.append(Relation(name, columns, sql, params))
+            self._types[name] = columns
         return relations
+
+    def parts(self, first: int, size: int) -> list[Part]:
+        """The opened pass in parts of users in id order: ``first`` users, then ``size``
+        each (one part where ids are text, or where the pass holds no more than
+        ``first``). Every part has the relations ``open`` returned, for its users only."""
+        conn = self._conn
+        assert conn is not None
+        with _source_errors():
+            total = int(
+                conn.execute(select(func.count()).select_from(self._ids.subquery())).scalar_one()
+            )
+            marks = _marks(total, first, size) if self._ranged else [total]
+            bounds: dict[int, Any] = {}
+            if len(marks) > 1:
+                ids = self._ids.subquery()
+                key = next(iter(ids.c))
+                numbered = select(key, row_number_over(key).label("n")).subquery()
+                found = conn.execute(
+                    select(numbered.c.n, next(iter(numbered.c))).where(numbered.c.n.in_(marks[:-1]))
+                )
+                bounds = {int(n): value for n, value in found}
+        parts: list[Part] = []
+        after, start = self._after, 0
+        for mark in marks:
+            upto = bounds.get(mark)  # the last part's end stays open
+            relations = []
+            for name, _labels, query in self._queries(after, upto, start):
+                sql, params = _compiled(conn, query)
+                relations.append(Relation(name, self._types[name], sql, params))
+            parts.append(Part(start + 1, mark, tuple(relations)))
+            after, start = upto, mark
+        return parts
 
     def copy_out(self, relation: Relation) -> Iterator[bytes]:
         """The relation's rows as COPY text bytes, in chunks."""
@@ -154,17 +205,12 @@ class AuthjsSetPass:
         # The driver hands over a row at a time: pass on blocks of about a megabyte.
         block = bytearray()
         statement = f"COPY ({relation.sql}) TO STDOUT"
-        try:
-            with raw.cursor() as cur, cur.copy(statement, relation.params) as copy:
-                for chunk in copy:
-                    block += chunk
-                    if len(block) >= _BLOCK:
-                        yield bytes(block)
-                        block.clear()
-        except psycopg.OperationalError as exc:
-            raise UpstreamUnavailable(f"authjs: database unavailable: {_line(exc)}") from exc
-        except psycopg.Error as exc:
-            raise UpstreamDataError(f"authjs: database error: {_line(exc)}") from exc
+        with _source_errors(), raw.cursor() as cur, cur.copy(statement, relation.params) as copy:
+            for chunk in copy:
+                block += chunk
+                if len(block) >= _BLOCK:
+                    yield bytes(block)
+                    block.clear()
         if block:
             yield bytes(block)
 
@@ -201,6 +247,32 @@ class AuthjsSetPass:
             self._reading.__exit__(None, None, None)
 
 
+@contextmanager
+def _source_errors() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise UpstreamUnavailable(f"authjs: database unavailable: {_line(exc)}") from exc
+    except psycopg.Error as exc:
+        raise UpstreamDataError(f"authjs: database error: {_line(exc)}") from exc
+
+
+def _marks(total: int, first: int, size: int) -> list[int]:
+    """The last position of each part: ``first``, then every ``size`` more, then ``total``."""
+    return [*range(first, total, size), total]
+
+
+def _compiled(conn: Connection, query: Select[Any]) -> tuple[str, dict[str, Any]]:
+    """The query's SQL for the driver, with its parameters as the driver takes them."""
+    compiled = query.compile(dialect=conn.dialect)
+    processors: Mapping[str, Callable[[Any], Any]] = getattr(compiled, "_bind_processors", {})
+    params = {
+        k: processors[k](v) if k in processors else v
+        for k, v in compiled.construct_params().items()
+    }
+    return str(compiled), params
+
+
 def _line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -219,3 +291,8 @@ def _types(raw: Any, sql: str, params: Mapping[str, Any]) -> list[str]:
 def row_number_over(key: Any) -> Any:
     """The users' position in the pass (the source's own id order)."""
     return func.row_number().over(order_by=key)
+
+
+def position_after(key: Any, offset: int) -> Any:
+    """The users' position in the pass, for a part that starts after ``offset`` users."""
+    return row_number_over(key) + literal(offset, BigInteger)

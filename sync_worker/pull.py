@@ -262,7 +262,22 @@ class PullRunner:
         report.path = "set"
         # Read in a thread: the source's server produces the next bytes while the worker's
         # consumes these (two cores, not one).
-        streams = [(r.name, r.columns, read_ahead(source.copy_out(r), depth=64)) for r in relations]
+        try:
+            parts = source.parts(setstage.FIRST_PART, setstage.PART)
+        except BaseException:
+            source.close()
+            raise
+        streams = [
+            setstage.SourcePart(
+                part.first,
+                part.last,
+                [
+                    (r.name, r.columns, read_ahead(source.copy_out(r), depth=64))
+                    for r in part.relations
+                ],
+            )
+            for part in parts
+        ]
         with (
             translating(),
             self.db.connect() as conn,
@@ -462,6 +477,8 @@ class SetPassSource(Protocol):
     seen_per_page: int
 
     def open(self) -> Sequence[Any] | None: ...
+
+    def parts(self, first: int, size: int) -> Sequence[Any]: ...
 
     def copy_out(self, relation: Any) -> Iterator[bytes]: ...
 

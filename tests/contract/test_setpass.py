@@ -60,8 +60,9 @@ class Twins:
     plan: PlanSettings = field(default_factory=PlanSettings)
     reports: dict[bool, PullReport] = field(default_factory=dict)
     settings: AuthjsSettings | None = None  # the adapter's (default: the pg adapter's)
-    # How the set pass stages (db.setstage): positions per range of sw_u, and whether on a
-    # second connection (else on the pass's own, into temporary tables).
+    # How the set pass stages (db.setstage): positions per range of sw_u (and per part of
+    # the source), and whether on a second connection (else on the pass's own, into
+    # temporary tables).
     staging_range: int = 3
     second_connection: bool = True
 
@@ -115,6 +116,9 @@ class Twins:
                 patch.setattr("sync_worker.pull.utcnow", lambda: now)
                 # Staged in ranges of a few users: the batches wait for theirs.
                 patch.setattr("db.setstage.RANGE", self.staging_range)
+                # ... and copied in parts: a first one, then parts that end mid-range.
+                patch.setattr("db.setstage.FIRST_PART", self.staging_range)
+                patch.setattr("db.setstage.PART", self.staging_range + 2)
                 if not self.second_connection:
                     patch.setattr("db.setstage.open_private", lambda conn: None)
                 self._run(set_based, worker, full=full)

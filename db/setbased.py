@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 _TEMP = (
-    "sw_n", "sw_b", "sw_u", "sw_login", "sw_esc", "sw_acc", "sw_ses",
+    "sw_n", "sw_b", "sw_u", "sw_known", "sw_login", "sw_esc", "sw_acc", "sw_ses",
     "sw_src_users", "sw_src_accounts", "sw_src_sessions", "sw_src_digests",
 )  # fmt: skip
 _TZ = "timestamp with time zone"
@@ -126,6 +126,7 @@ def stage(
     it came after it (docs/architecture.md, engine rules)."""
     drop(conn)
     kinds = create_sources(conn, relations, temp=True)
+    known_digests(conn, provider, temp=True)
     copy_sources(conn, relations)
     analyze_sources(conn)
     total = count_users(conn)
@@ -133,9 +134,7 @@ def stage(
         conn, kinds, lo=1, hi=total, observed=observed, max_age_seconds=max_age_seconds,
         create=True, temp=True,
     )  # fmt: skip
-    derive_users(
-        conn, kinds["users"], provider=provider, role=role, lo=1, hi=total, create=True, temp=True
-    )
+    derive_users(conn, kinds["users"], role=role, lo=1, hi=total, create=True, temp=True)
     analyze_derived(conn)
     batch_tables(conn)
     return total
@@ -158,6 +157,22 @@ def create_sources(
         conn.execute(text(f"CREATE {kind} TABLE sw_src_{name} ({cols})"))
     conn.execute(text("CREATE INDEX ON sw_src_users (ord)"))
     return kinds
+
+
+def known_digests(conn: Connection, provider: str, *, temp: bool) -> None:
+    """``sw_known``: the source digests stored when the pass starts, before its first
+    batch. Whether a user changed is decided against these, as the digest pass decides
+    it when it starts, however late its range is derived: a digest the pass's own earlier
+    batches drop (a relinked identity) must not make a later user look changed."""
+    kind = "TEMP" if temp else "UNLOGGED"
+    conn.execute(
+        text(
+            f"CREATE {kind} TABLE sw_known AS SELECT external_id::text, digest::text"  # noqa: S608
+            " FROM sync_source_digests WHERE provider = :p"
+        ),
+        {"p": provider},
+    )
+    conn.execute(text("ANALYZE sw_known"))
 
 
 def copy_sources(conn: Connection, relations: Streams) -> None:
@@ -288,7 +303,6 @@ def derive_users(
     conn: Connection,
     users: Mapping[str, str],
     *,
-    provider: str,
     role: str,
     lo: int,
     hi: int,
@@ -364,17 +378,17 @@ WITH sorted_acc AS (
          THEN ARRAY(SELECT x FROM unnest(acc.linked_names) AS x ORDER BY x COLLATE "C")
          ELSE acc.linked_names END AS linked_names,
     e.name_j, e.email_j, e.image_j, e.email_lower
-  , (d.digest IS NULL OR stored.digest IS DISTINCT FROM d.digest::text) AS changed
+  , (d.digest IS NULL OR stored.digest IS DISTINCT FROM d.digest::text) AS changed,
+    (stored.digest IS NOT NULL) AS known
   FROM sw_src_users u
   LEFT JOIN sw_src_digests d ON d.uid = u.id
   LEFT JOIN sw_esc e ON e.ord = u.ord
-  LEFT JOIN sync_source_digests stored
-    ON stored.provider = :provider AND stored.external_id = u.id::text
+  LEFT JOIN sw_known stored ON stored.external_id = u.id::text
   LEFT JOIN acc ON acc.ord = u.ord
   LEFT JOIN ses ON ses.ord = u.ord
   WHERE u.ord BETWEEN :lo AND :hi
 )
-SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verified,
+SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.known, b.email, b.name, b.image, b.verified,
   b.created_tz, b.linked_names, b.last_login,
   CASE WHEN b.verified AND b.email IS NOT NULL
        THEN coalesce(b.email_lower, lower(b.email COLLATE "C")) END AS email_key,
@@ -416,7 +430,7 @@ SELECT b.ord, b.ext, b.digest, b.n, b.changed, b.email, b.name, b.image, b.verif
 FROM base b
 """  # noqa: S608 (identifiers and expressions of our own, values bound)
         ),
-        {"provider": provider, "lo": lo, "hi": hi, "role": role},
+        {"lo": lo, "hi": hi, "role": role},
     )
     _derive_logins(conn, lo, hi, create=create, kind=kind)
     if create:
@@ -562,30 +576,59 @@ class BatchSummary:
 
 
 @translated
-def classify(conn: Connection, lo: int, hi: int, *, provider: str, link: bool) -> BatchSummary:
+def classify(
+    conn: Connection, lo: int, hi: int, *, provider: str, link: bool, probe: bool = False
+) -> BatchSummary:
     """Fill ``sw_b`` with the batch's changed users and mark the simple creates, by the
     rules of ``engine.bulk.split``: no stored identity under the user's key, none of its
     linked accounts stored nor named by another changed user of the batch, no live
     verified owner of its verified email (linking on) nor another create of the batch
-    claiming it, none of its sessions stored or repeated; and its rows hashable here."""
+    claiming it, none of its sessions stored or repeated; and its rows hashable here.
+
+    Unless ``probe``, what the worker's unique keys would refuse is not looked up: a user
+    whose digest was stored (so its identity) is not a create, and the rest are taken to be
+    new. An initial load finds nothing stored, and the probes into the growing identity and
+    session indexes were a fifth of its batches' time. Should a stored row refuse a write
+    after all (one a webhook wrote since, say), ``write_simple`` raises and the caller
+    classifies the batch again with ``probe``, as if nothing had been written. Verified
+    emails, which no unique key guards, are always looked up."""
     params = {"p": provider, "lo": lo, "hi": hi, "link": link}
+    if probe:
+        conn.execute(text("DELETE FROM sw_b"))  # a batch classified before, without probes
+    # A scalar subquery with LIMIT: an index probe per user. As EXISTS, the planner chose
+    # a hashed subplan that read every stored identity of the provider on each page
+    # (quadratic: 2.2 s of a 100,000-user load, growing with the table).
+    has_identity = (
+        "coalesce((SELECT true FROM user_identities i"
+        " WHERE i.provider = :p AND i.external_id = u.ext LIMIT 1), false)"
+        if probe
+        else "u.known"
+    )
     conn.execute(
         text(
-            "INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key)"
-            " SELECT u.ord, u.ext, u.digest, u.n, u.ok,"
-            # A scalar subquery with LIMIT: an index probe per user. As EXISTS, the planner
-            # chose a hashed subplan that read every stored identity of the provider on
-            # each page (quadratic: 2.2 s of a 100,000-user load, growing with the table).
-            " coalesce((SELECT true FROM user_identities i"
-            "           WHERE i.provider = :p AND i.external_id = u.ext LIMIT 1), false),"
+            "INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key)"  # noqa: S608
+            f" SELECT u.ord, u.ext, u.digest, u.n, u.ok, {has_identity},"
             " CASE WHEN :link THEN u.email_key END"
             " FROM sw_u u WHERE u.ord BETWEEN :lo AND :hi AND u.changed"
         ),
         params,
     )
+    stored = (
+        """
+  -- a linked account stored already (under any user, deleted or not)
+  UNION SELECT a.ord FROM batch_acc a CROSS JOIN LATERAL (
+    SELECT 1 FROM user_identities i
+    WHERE i.provider = 'authjs:' || a.prov AND i.external_id = a.acct LIMIT 1) hit
+  -- a session stored already
+  UNION SELECT s.ord FROM batch_ses s CROSS JOIN LATERAL (
+    SELECT 1 FROM user_sessions us
+    WHERE us.provider = :p AND us.external_session_id = s.sid LIMIT 1) hit"""
+        if probe
+        else ""
+    )
     conn.execute(
         text(
-            """
+            f"""
 WITH batch_acc AS (
   SELECT a.ord, a.prov, a.acct FROM sw_acc a JOIN sw_b b ON b.ord = a.ord
   WHERE a.ord BETWEEN :lo AND :hi
@@ -595,35 +638,30 @@ WITH batch_acc AS (
 ), not_simple AS (
   -- Lookups into the worker's tables are LATERAL ... LIMIT 1: an index probe per row of
   -- the batch, never a join that reads the whole (growing) table.
-  -- a linked account stored already (under any user, deleted or not)
-  SELECT a.ord FROM batch_acc a CROSS JOIN LATERAL (
-    SELECT 1 FROM user_identities i
-    WHERE i.provider = 'authjs:' || a.prov AND i.external_id = a.acct LIMIT 1) hit
-  -- a linked account another changed user of the batch names too
-  UNION SELECT a.ord FROM batch_acc a JOIN (
-    SELECT prov, acct FROM batch_acc GROUP BY prov, acct HAVING count(*) > 1
-  ) twice ON twice.prov = a.prov AND twice.acct = a.acct
   -- a verified email (linking on) a live user holds verified
-  UNION SELECT b.ord FROM sw_b b CROSS JOIN LATERAL (
+  SELECT b.ord FROM sw_b b CROSS JOIN LATERAL (
     SELECT 1 FROM users x WHERE lower(x.email) = b.email_key
     AND x.email_verified AND x.deleted_at IS NULL LIMIT 1) hit
     WHERE b.email_key IS NOT NULL
+  -- Within the batch, counted by window, not by a join to a grouped copy: on estimates of
+  -- one row, the planner re-ran that grouping for each user (140 ms a batch).
   -- ... or that another create of the batch claims
-  UNION SELECT b.ord FROM sw_b b JOIN (
-    SELECT email_key FROM sw_b WHERE email_key IS NOT NULL AND NOT has_identity
-    GROUP BY email_key HAVING count(*) > 1
-  ) claimed ON claimed.email_key = b.email_key
-  -- a session stored already, or named twice in the batch
-  UNION SELECT s.ord FROM batch_ses s CROSS JOIN LATERAL (
-    SELECT 1 FROM user_sessions us
-    WHERE us.provider = :p AND us.external_session_id = s.sid LIMIT 1) hit
-  UNION SELECT s.ord FROM batch_ses s JOIN (
-    SELECT sid FROM batch_ses GROUP BY sid HAVING count(*) > 1
-  ) twice ON twice.sid = s.sid
+  UNION SELECT ord FROM (
+    SELECT ord, count(*) OVER (PARTITION BY email_key) AS claims FROM sw_b
+    WHERE email_key IS NOT NULL AND NOT has_identity
+  ) claimed WHERE claims > 1
+  -- a linked account another changed user of the batch names too
+  UNION SELECT ord FROM (
+    SELECT ord, count(*) OVER (PARTITION BY prov, acct) AS names FROM batch_acc
+  ) twice WHERE names > 1
+  -- a session named twice in the batch
+  UNION SELECT ord FROM (
+    SELECT ord, count(*) OVER (PARTITION BY sid) AS names FROM batch_ses
+  ) twice WHERE names > 1{stored}
 )
 UPDATE sw_b SET simple = true
 WHERE ok AND NOT has_identity AND ord NOT IN (SELECT ord FROM not_simple WHERE ord IS NOT NULL)
-"""
+"""  # noqa: S608 (our own SQL)
         ),
         params,
     )
@@ -634,22 +672,21 @@ WHERE ok AND NOT has_identity AND ord NOT IN (SELECT ord FROM not_simple WHERE o
         ),
         params,
     ).one()
-    changed = conn.execute(
-        text("SELECT count(*), coalesce(sum(n), 0), count(*) FILTER (WHERE simple) FROM sw_b")
-    ).one()
-    changed_all = conn.execute(text("SELECT ord, ext, digest, simple FROM sw_b ORDER BY ord"))
+    changed_all = conn.execute(text("SELECT ord, ext, digest, simple, n FROM sw_b ORDER BY ord"))
     changed_list, other = [], []
-    for position, ext, digest, simple in changed_all:
+    sessions = 0
+    for position, ext, digest, simple, n in changed_all:
         row = (int(position), str(ext), str(digest))
         changed_list.append(row)
+        sessions += int(n)
         if not simple:
             other.append(row)
     return BatchSummary(
         users=int(head[0]),
         last_ext=None if head[2] is None else str(head[2]),
-        skipped_users=int(head[0]) - int(changed[0]),
-        skipped_sessions=int(head[1]) - int(changed[1]),
-        simple=int(changed[2]),
+        skipped_users=int(head[0]) - len(changed_list),
+        skipped_sessions=int(head[1]) - sessions,
+        simple=len(changed_list) - len(other),
         changed=changed_list,
         other=other,
     )

@@ -269,6 +269,7 @@ class Stager:
                 with conn.begin():
                     if first:
                         kinds = store.create_sources(conn, part.streams, temp=False)
+                        store.known_digests(conn, self._provider, temp=False)
                     store.copy_sources(conn, part.streams)
                     # The derivations plan by these: with those of the earlier parts only,
                     # one range's ran 15x slower (a nested loop over the new ids).
@@ -300,7 +301,7 @@ class Stager:
             hi = min(part.last, lo + self._range - 1)
             with conn.begin():
                 store.derive_users(
-                    conn, users, provider=self._provider, role=self._role, lo=lo, hi=hi,
+                    conn, users, role=self._role, lo=lo, hi=hi,
                     create=lo == 1, temp=False,
                 )  # fmt: skip
                 # The batches' statements plan by these (as the derivations by the

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 import structlog
 from sqlalchemy import Connection
@@ -87,6 +88,11 @@ class _Redo(Exception):
     """The batch must be applied again, wholly per row."""
 
 
+class _Unforeseen(Exception):
+    """A unique key refused a write the batch's classification, made without probing the
+    stored rows, took for a create: classify again, probing."""
+
+
 def apply_batch(
     conn: Connection,
     lo: int,
@@ -104,42 +110,35 @@ def apply_batch(
     simple creates written in SQL, the other changed users given to ``per_row`` (which
     maps and applies them through the engine, and stores their digests).
 
-    Should the database refuse the set writes, or the engine isolate a record among the
-    others (its bisection depends on the batch it is given), the batch is rolled back to
-    a savepoint and all its changed users go to ``per_row``: the batch then ends exactly
-    as the per-row pass would end it.
+    The first classification does not probe the stored identities and sessions (see
+    ``db.setbased.classify``); should a unique key refuse a create, the writes are rolled
+    back to their savepoint and the batch is classified again, probing. Should the database
+    refuse the set writes after that, or the engine isolate a record among the others (its
+    bisection depends on the batch it is given), the batch is rolled back to a savepoint
+    and all its changed users go to ``per_row``: the batch then ends exactly as the per-row
+    pass would end it.
     """
     lock_writers(conn)  # as every engine batch: before anything is read
     # The lock switched the transaction to generic plans (for the engine's set lookups);
     # the set statements run once per batch over temporary tables: plan them per run.
     store.plan_per_run(conn)
-    summary = store.classify(conn, lo, hi, provider=provider, link=settings.link_by_verified_email)
-    written = store.Written(created=0, logins=0)
-    done: PerRow | None = None
-    if not summary.simple:
-        done = per_row(summary.changed) if summary.changed else None
-    else:
-        try:
-            with conn.begin_nested():
-                written = store.write_simple(
-                    conn,
-                    lo,
-                    hi,
-                    provider=provider,
-                    now=now,
-                    version=version,
-                    run_id=run_id,
-                    source=source,
-                    role=settings.default_role,
-                    profile=settings.profile_defaults,
-                )
-                done = per_row(summary.other) if summary.other else None
-                if done is not None and done.isolated:
-                    raise _Redo
-        except (_Redo, RecordRefused) as exc:
-            log.info("set_batch_redone_per_row", provider=provider, reason=type(exc).__name__)
-            written = store.Written(created=0, logins=0)
-            done = per_row(summary.changed)
+    link = settings.link_by_verified_email
+    summary = store.classify(conn, lo, hi, provider=provider, link=link)
+    write = partial(
+        store.write_simple, conn, lo, hi, provider=provider, now=now, version=version,
+        run_id=run_id, source=source, role=settings.default_role,
+        profile=settings.profile_defaults,
+    )  # fmt: skip
+    try:
+        written, done = _simple_then_other(
+            conn, write, per_row, summary, provider=provider, probed=False
+        )
+    except _Unforeseen:
+        log.info("set_batch_classified_again", provider=provider)
+        summary = store.classify(conn, lo, hi, provider=provider, link=link, probe=True)
+        written, done = _simple_then_other(
+            conn, write, per_row, summary, provider=provider, probed=True
+        )
     log.info(
         "set_batch_applied",
         provider=provider,
@@ -157,3 +156,36 @@ def apply_batch(
         logins=written.logins,
         per_row=done,
     )
+
+
+def _simple_then_other(
+    conn: Connection,
+    write: Callable[[], store.Written],
+    per_row: Callable[[Sequence[Changed]], PerRow],
+    summary: store.BatchSummary,
+    *,
+    provider: str,
+    probed: bool,
+) -> tuple[store.Written, PerRow | None]:
+    """The simple creates in SQL, then the other changed users per row, under a savepoint;
+    all of them per row if that fails. ``probed``: the classification looked up the stored
+    rows (else a refused write raises ``_Unforeseen``, with nothing written)."""
+    if not summary.simple:
+        return store.Written(created=0, logins=0), (
+            per_row(summary.changed) if summary.changed else None
+        )
+    try:
+        with conn.begin_nested():
+            try:
+                written = write()
+            except RecordRefused:
+                if not probed:
+                    raise _Unforeseen from None
+                raise
+            done = per_row(summary.other) if summary.other else None
+            if done is not None and done.isolated:
+                raise _Redo
+    except (_Redo, RecordRefused) as exc:
+        log.info("set_batch_redone_per_row", provider=provider, reason=type(exc).__name__)
+        return store.Written(created=0, logins=0), per_row(summary.changed)
+    return written, done

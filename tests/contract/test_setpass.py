@@ -390,6 +390,30 @@ def test_routing_each_reason_goes_to_the_per_row_path(fresh: Twins) -> None:
     assert fresh.reports[True].counts["updated"] == 1
 
 
+def test_a_create_a_unique_key_refuses_has_its_batch_classified_again(fresh: Twins) -> None:
+    """The first classification does not look up stored identities and sessions. One with
+    no stored digest (as a webhook leaves it) makes the creates' writes fail: the batch is
+    classified again, looking them up, and its other users are still written in SQL."""
+    known = fresh.user("Known", "known@x.io")
+    fresh.both(  # the identity a webhook stored, with no source digest
+        UserChange(
+            provider="authjs",
+            external_id=str(known),
+            kind=ChangeKind.UPSERT,
+            version=fresh.now,
+            attributes=UserAttributes(email="known@x.io", name="Before"),
+            raw={"id": str(known)},
+        )
+    )
+    for i in range(3):
+        fresh.user(f"New {i}", f"new{i}@x.io")
+    fresh.batch_size = 50  # one batch
+    fresh.run()
+    fresh.assert_same()
+    assert fresh.reports[True].set_created == 3  # not all per row: classified again
+    assert fresh.reports[True].counts["updated"] == 1
+
+
 def test_tombstone_and_restore_go_through_the_engine(fresh: Twins) -> None:
     keep = fresh.user("Keep", "keep@x.io")
     gone = fresh.user("Gone", "gone@x.io")

@@ -514,9 +514,10 @@ class _Stored:
         return digests_of(self.db, self.provider, external_ids)
 
     def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
-        """On PostgreSQL, in one transaction: the digests copied in, compared, and every id
-        recorded as seen by the run, with no per-user work in Python. Not for a dry run,
-        whose seen ids stay in memory (``_MemorySeen``), nor on SQLite."""
+        """On PostgreSQL, in one transaction: the digests copied in, compared, reconcile's
+        counts taken (with ``seen``) and every id recorded as seen by the run (unless none
+        is missing), with no per-user work in Python. Not for a dry run, whose seen ids
+        stay in memory (``_MemorySeen``), nor on SQLite."""
         if self.run_id is None or self.db.dialect.name != "postgresql":
             return None
         with transaction(self.db) as conn:
@@ -526,7 +527,7 @@ class _Stored:
             if changes > limit:
                 return Compared(users=found.users, changed=None, skipped_sessions=0)
             changed = changed_staged(conn, self.provider) if changes else {}
-            mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
+            missing = None
             if self.seen is not None:
                 # Reconcile's counts, here where the seen ids were compared: counting them
                 # later means unnesting them all again from sync_seen.
@@ -534,6 +535,8 @@ class _Stored:
                     conn, self.provider, unchanged=found.unchanged, changed=list(changed)
                 )
                 self.seen.compared(live, missing, applying=bool(changed))
+            if missing != 0:  # reconcile lists the missing ids from them; none, no list
+                mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
         return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
 
 
@@ -615,6 +618,8 @@ class _DbSeen:
             return count_live(conn, provider), counted.missing
 
     def missing_ids(self, db: Engine, provider: str) -> list[str]:
+        if self.counted is not None and self.counted.missing == 0:
+            return []  # nobody missing, so no seen ids recorded: every live id would be unseen
         return unseen_ids(db, provider, self.run_id)
 
     def close(self) -> None:

@@ -107,7 +107,7 @@ def count_live(conn: Connection, provider: str, among_ids: Sequence[str] | None 
 @translated
 def count_unseen_compared(
     conn: Connection, provider: str, *, unchanged: int, changed: Sequence[str]
-) -> tuple[int, int]:
+) -> tuple[int, int] | None:
     """``count_unseen`` for a pass whose every seen id was just compared with the stored
     source digests, in the comparing transaction, without unnesting the seen ids: of the
     ids it saw, ``unchanged`` held their stored digest, ``changed`` (the others) did not.
@@ -117,10 +117,12 @@ def count_unseen_compared(
     identity): the digest pass skips such a user on that ground already. So the live
     identities the pass saw are the ``unchanged`` ones and those of ``changed`` that are
     live; the rest of the live ones it did not see. One count over the live identities,
-    and one short lookup of the changed ids (none on a pass that changed nobody)."""
+    and one short lookup of the changed ids (none on a pass that changed nobody). None
+    where the digests contradict that (more seen than live: digests that outlived their
+    identities, say after a TRUNCATE, which fires no trigger): count over the seen ids."""
     live = count_live(conn, provider)
     seen = unchanged + count_live(conn, provider, changed)
-    return live, live - seen
+    return (live, live - seen) if seen <= live else None
 
 
 @translated

@@ -527,15 +527,16 @@ class _Stored:
             if changes > limit:
                 return Compared(users=found.users, changed=None, skipped_sessions=0)
             changed = changed_staged(conn, self.provider) if changes else {}
-            missing = None
+            counted = None
             if self.seen is not None:
                 # Reconcile's counts, here where the seen ids were compared: counting them
                 # later means unnesting them all again from sync_seen.
-                live, missing = count_unseen_compared(
+                counted = count_unseen_compared(
                     conn, self.provider, unchanged=found.unchanged, changed=list(changed)
                 )
-                self.seen.compared(live, missing, applying=bool(changed))
-            if missing != 0:  # reconcile lists the missing ids from them; none, no list
+                if counted is not None:
+                    self.seen.compared(*counted, applying=bool(changed))
+            if counted is None or counted[1] > 0:  # reconcile counts or lists from them
                 mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
         return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
 

@@ -509,6 +509,25 @@ def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(twins: Twins) 
     twins.assert_same()
 
 
+def test_digests_that_outlived_their_identity_leave_reconcile_to_the_seen_ids(
+    twins: Twins,
+) -> None:
+    """A digest whose identity went without its trigger (replication role, TRUNCATE) would
+    make more users seen than live: the counts come from the seen ids instead."""
+    twins.run()
+    gone = str(ids(twins)[4])
+    with transaction(twins.digest) as conn:
+        conn.execute(text("SET LOCAL session_replication_role = replica"))  # no triggers
+        conn.execute(
+            text("DELETE FROM user_identities WHERE provider = 'authjs' AND external_id = :e"),
+            {"e": gone},
+        )
+    assert gone in stored_digests(twins.digest, "authjs")
+    with closing(twins.provider()) as provider:
+        report = PullRunner(twins.digest, twins.engine(), provider).run(full=True)
+    assert report.reconcile == ReconcileReport(live=29, missing=0, deleted=0, refused=False)
+
+
 @pytest.mark.parametrize("changed", [0, 3])
 def test_the_deletion_guard_refuses_alike(twins: Twins, changed: int) -> None:
     """The guard refuses on the counts taken with the comparison as on those of the

@@ -79,7 +79,7 @@ def test_start_up_collects_nothing_then_freezes_and_tunes(enabled: bool) -> None
     try:
         with start_up():
             assert not gc.isenabled()
-            kept = [[] for _ in range(5 * GC_THRESHOLDS[0])]  # young collections, if on
+            kept: list[list[int]] = [[] for _ in range(5 * GC_THRESHOLDS[0])]  # collections, if on
         assert gc.isenabled() is enabled
     finally:
         gc.callbacks.remove(record)

@@ -21,6 +21,7 @@ from sqlalchemy import (
 )
 
 from db.errors import translated
+from db.lookup import among
 from db.tables import sync_seen, user_identities
 
 #: Ids per ``sync_seen`` row when a pass records them all at once (``mark_seen_staged``):
@@ -86,9 +87,42 @@ def count_unseen(db: Engine, provider: str, run_id: uuid.UUID) -> tuple[int, int
     """(live primary identities of the provider, how many of them the run did not see)."""
     unseen = _unseen(db.dialect.name, provider, run_id).subquery()
     with db.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(_live(provider))).scalar_one()
+        total = count_live(conn, provider)
         missing = conn.execute(select(func.count()).select_from(unseen)).scalar_one()
-    return int(total), int(missing)
+    return total, int(missing)
+
+
+@translated
+def count_live(conn: Connection, provider: str, among_ids: Sequence[str] | None = None) -> int:
+    """Live primary identities of the provider (of those ``among_ids``, if given)."""
+    live = _live(provider)
+    query = select(func.count()).select_from(live)
+    if among_ids is not None:
+        if not among_ids:
+            return 0
+        query = query.where(among(conn, live.c.external_id, among_ids))
+    return int(conn.execute(query).scalar_one())
+
+
+@translated
+def count_unseen_compared(
+    conn: Connection, provider: str, *, unchanged: int, changed: Sequence[str]
+) -> tuple[int, int] | None:
+    """``count_unseen`` for a pass whose every seen id was just compared with the stored
+    source digests, in the comparing transaction, without unnesting the seen ids: of the
+    ids it saw, ``unchanged`` held their stored digest, ``changed`` (the others) did not.
+
+    A stored digest stands only for a live primary identity (``store_digests`` stores
+    none for any other, and migration 0007's triggers drop it with any later write to the
+    identity): the digest pass skips such a user on that ground already. So the live
+    identities the pass saw are the ``unchanged`` ones and those of ``changed`` that are
+    live; the rest of the live ones it did not see. One count over the live identities,
+    and one short lookup of the changed ids (none on a pass that changed nobody). None
+    where the digests contradict that (more seen than live: digests that outlived their
+    identities, say after a TRUNCATE, which fires no trigger): count over the seen ids."""
+    live = count_live(conn, provider)
+    seen = unchanged + count_live(conn, provider, changed)
+    return (live, live - seen) if seen <= live else None
 
 
 @translated

@@ -40,7 +40,9 @@ from db.digests import (
 from db.errors import translating
 from db.runs import RunStatus, finish_run, start_run
 from db.seen import (
+    count_live,
     count_unseen,
+    count_unseen_compared,
     forget_seen,
     live_ids,
     mark_seen,
@@ -207,7 +209,7 @@ class PullRunner:
         set_pass = None if dry_run else self._set_source(start, whole)
         if set_pass is not None and self._set_pass(set_pass, report=report, seen=seen):
             return
-        pending = self._listing(start, whole, None if dry_run else report.run_id)
+        pending = self._listing(start, whole, seen if isinstance(seen, _DbSeen) else None)
         while True:
             # A page's objects live from its decoding until it is applied, and reference
             # counting frees them then: collections in between would only walk them. One
@@ -390,14 +392,13 @@ class PullRunner:
         logins = sum(1 for o in result.outcomes if o.is_session)
         self.progress.advance(done.users, done.skipped_sessions + done.logins + logins)
 
-    def _listing(
-        self, start: Cursor | None, whole: bool, run_id: uuid.UUID | None
-    ) -> Iterator[Page]:
+    def _listing(self, start: Cursor | None, whole: bool, seen: _DbSeen | None) -> Iterator[Page]:
         """The provider's pages: a digest pass where it offers one, else ``iter_changes``.
-        ``run_id``: the run whose seen ids the store may record itself (None: a dry run)."""
+        ``seen``: the run's seen ids, which the store may record itself (None: a dry run)."""
         provider = self.provider
         if self.digests and isinstance(provider, DigestSource):
-            known = _Stored(self.db, provider.name, run_id)
+            run_id = None if seen is None else seen.run_id
+            known = _Stored(self.db, provider.name, run_id, seen=seen)
             pages = provider.iter_digested(start, full=whole, known=known)
             if pages is not None:
                 return pages
@@ -506,10 +507,19 @@ class ReconcileRefused(GuardRefused):
 
 
 class _Stored:
-    """The digests stored for the provider, as ``providers.base.StoredDigests``."""
+    """The digests stored for the provider, as ``providers.base.StoredDigests``. ``seen``:
+    the run's seen ids, told reconcile's counts where the worker compares."""
 
-    def __init__(self, db: Engine, provider: str, run_id: uuid.UUID | None) -> None:
+    def __init__(
+        self,
+        db: Engine,
+        provider: str,
+        run_id: uuid.UUID | None,
+        *,
+        seen: _DbSeen | None = None,
+    ) -> None:
         self.db, self.provider, self.run_id = db, provider, run_id
+        self.seen = seen
 
     def held(self) -> bool:
         return holds_digests(self.db, self.provider)
@@ -521,9 +531,10 @@ class _Stored:
         return digests_of(self.db, self.provider, external_ids)
 
     def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
-        """On PostgreSQL, in one transaction: the digests copied in, compared, and every id
-        recorded as seen by the run, with no per-user work in Python. Not for a dry run,
-        whose seen ids stay in memory (``_MemorySeen``), nor on SQLite."""
+        """On PostgreSQL, in one transaction: the digests copied in, compared, reconcile's
+        counts taken (with ``seen``) and every id recorded as seen by the run (unless none
+        is missing), with no per-user work in Python. Not for a dry run, whose seen ids
+        stay in memory (``_MemorySeen``), nor on SQLite."""
         if self.run_id is None or self.db.dialect.name != "postgresql":
             return None
         with transaction(self.db) as conn:
@@ -533,7 +544,17 @@ class _Stored:
             if changes > limit:
                 return Compared(users=found.users, changed=None, skipped_sessions=0)
             changed = changed_staged(conn, self.provider) if changes else {}
-            mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
+            counted = None
+            if self.seen is not None:
+                # Reconcile's counts, here where the seen ids were compared: counting them
+                # later means unnesting them all again from sync_seen.
+                counted = count_unseen_compared(
+                    conn, self.provider, unchanged=found.unchanged, changed=list(changed)
+                )
+                if counted is not None:
+                    self.seen.compared(*counted, applying=bool(changed))
+            if counted is None or counted[1] > 0:  # reconcile counts or lists from them
+                mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
         return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
 
 
@@ -576,11 +597,26 @@ class _MemorySeen:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Counted:
+    """Reconcile's counts as the worker compared the pass's digests (``_Stored.compare``)."""
+
+    live: int
+    missing: int
+    applying: bool  # the pass then applies changed users: it may make identities live
+
+
 class _DbSeen:
     """Stored in sync_seen with each batch, so memory stays flat however many users there are."""
 
     def __init__(self, db: Engine, run_id: uuid.UUID) -> None:
         self.db, self.run_id = db, run_id
+        self.counted: _Counted | None = None
+
+    def compared(self, live: int, missing: int, *, applying: bool) -> None:
+        """The pass's every id was seen at once, where ``live`` and ``missing`` were
+        counted (``db.seen.count_unseen_compared``)."""
+        self.counted = _Counted(live, missing, applying)
 
     def ids_to_store(self, ids: Iterable[str]) -> list[str]:
         return list(ids)
@@ -589,9 +625,19 @@ class _DbSeen:
         return None
 
     def count(self, db: Engine, provider: str) -> tuple[int, int]:
-        return count_unseen(db, provider, self.run_id)
+        counted = self.counted
+        if counted is None:
+            return count_unseen(db, provider, self.run_id)
+        if not counted.applying:
+            return counted.live, counted.missing
+        # The users the pass applied since are all seen: they leave the missing as counted,
+        # but the ones it created or restored are live now.
+        with translating(), db.connect() as conn:
+            return count_live(conn, provider), counted.missing
 
     def missing_ids(self, db: Engine, provider: str) -> list[str]:
+        if self.counted is not None and self.counted.missing == 0:
+            return []  # nobody missing, so no seen ids recorded: every live id would be unseen
         return unseen_ids(db, provider, self.run_id)
 
     def close(self) -> None:

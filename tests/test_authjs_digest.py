@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 
 import providers.authjs_copy
 from db.connect import make_engine
@@ -30,7 +30,7 @@ from providers.base import Compared, Cursor, Page, StoredDigests
 from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
 from sync_worker.engine import PlanSettings, SyncEngine
-from sync_worker.pull import PullReport, PullRunner, _Stored
+from sync_worker.pull import PullReport, PullRunner, ReconcileRefused, ReconcileReport, _Stored
 from tests.conftest import sqlalchemy_url
 from tests.fakes.authjs import FakeAccount, FakeSession, PgAdapterLoader, make_loader
 
@@ -129,6 +129,9 @@ class Twins:
 
     def assert_same(self) -> None:
         assert normalized(self.digest) == normalized(self.plain)
+        # Reconcile counted alike, however the digest pass took its counts.
+        if self.reports:
+            assert self.reports[True].reconcile == self.reports[False].reconcile
 
 
 def normalized(engine: Engine) -> dict[str, list[str]]:
@@ -482,6 +485,69 @@ def test_an_unchanged_pass_still_reconciles_a_user_removed_upstream(twins: Twins
     assert report.reconcile is not None
     assert report.reconcile.deleted == 1
     twins.assert_same()
+
+
+def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(twins: Twins) -> None:
+    """Reconcile's counts are taken with the comparison of the digests: the seen ids are
+    not unnested again from sync_seen (and with nobody missing, not even recorded)."""
+    twins.run()
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(twins.digest, "before_cursor_execute", record)
+    try:
+        twins.run()
+    finally:
+        event.remove(twins.digest, "before_cursor_execute", record)
+    # Nobody missing: the seen ids are neither recorded nor unnested.
+    assert not [s for s in statements if "INSERT INTO sync_seen" in s]
+    assert not [s for s in statements if "jsonb_array_elements_text" in s]
+    reconciled = twins.reports[True].reconcile
+    assert reconciled == ReconcileReport(live=30, missing=0, deleted=0, refused=False)
+    twins.assert_same()
+
+
+def test_digests_that_outlived_their_identity_leave_reconcile_to_the_seen_ids(
+    twins: Twins,
+) -> None:
+    """A digest whose identity went without its trigger (replication role, TRUNCATE) would
+    make more users seen than live: the counts come from the seen ids instead."""
+    twins.run()
+    gone = str(ids(twins)[4])
+    with transaction(twins.digest) as conn:
+        conn.execute(text("SET LOCAL session_replication_role = replica"))  # no triggers
+        conn.execute(
+            text("DELETE FROM user_identities WHERE provider = 'authjs' AND external_id = :e"),
+            {"e": gone},
+        )
+    assert gone in stored_digests(twins.digest, "authjs")
+    with closing(twins.provider()) as provider:
+        report = PullRunner(twins.digest, twins.engine(), provider).run(full=True)
+    assert report.reconcile == ReconcileReport(live=29, missing=0, deleted=0, refused=False)
+
+
+@pytest.mark.parametrize("changed", [0, 3])
+def test_the_deletion_guard_refuses_alike(twins: Twins, changed: int) -> None:
+    """The guard refuses on the counts taken with the comparison as on those of the
+    per-row pass, whether or not the pass then applies changed users."""
+    for user in ids(twins)[:changed]:
+        twins.loader.update_user(user, name=f"Guarded {user}")
+    for user in ids(twins)[-7:]:  # 7 of 30: more than max_delete_fraction 0.2
+        twins.loader.delete_user(user)
+    twins.tick()
+    refused = []
+    for digests, worker in ((True, twins.digest), (False, twins.plain)):
+        with closing(twins.provider()) as provider:
+            runner = PullRunner(
+                worker, twins.engine(), provider, max_delete_fraction=0.2, digests=digests
+            )
+            with pytest.raises(ReconcileRefused) as raised:
+                runner.run(full=True)
+        refused.append(raised.value.report.reconcile)
+    assert refused[0] == refused[1] == ReconcileReport(live=30, missing=7, deleted=0, refused=True)
+    assert normalized(twins.digest) == normalized(twins.plain)
 
 
 def test_a_poison_row_is_reported_on_every_pass(twins: Twins) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sync_worker import cli
-from sync_worker.runtime import GC_THRESHOLDS, collect_young, tune_gc
+from sync_worker.runtime import GC_THRESHOLDS, collect_young, start_up, tune_gc
 
 
 @pytest.fixture
@@ -59,6 +59,52 @@ def test_cycles_are_still_collected_after_tuning() -> None:
         kept.append([])
     assert freed == ["cycle"]
     assert len(kept) > GC_THRESHOLDS[0] // 2, "collected far sooner than the tuned threshold"
+
+
+@pytest.mark.usefixtures("restored_gc")
+@pytest.mark.parametrize("enabled", [True, False])
+def test_start_up_collects_nothing_then_freezes_and_tunes(enabled: bool) -> None:
+    """The console script's imports run without collections; what they made is frozen
+    uncollected, the thresholds raised, and the collector left as it was found."""
+    started: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    was = gc.isenabled()
+    gc.unfreeze()
+    (gc.enable if enabled else gc.disable)()
+    gc.callbacks.append(record)
+    try:
+        with start_up():
+            assert not gc.isenabled()
+            kept: list[list[int]] = [[] for _ in range(5 * GC_THRESHOLDS[0])]  # collections, if on
+        assert gc.isenabled() is enabled
+    finally:
+        gc.callbacks.remove(record)
+        (gc.enable if was else gc.disable)()
+    assert started == []
+    assert len(kept) == 5 * GC_THRESHOLDS[0]
+    assert gc.get_threshold() == GC_THRESHOLDS
+    assert gc.get_freeze_count() > 1000
+
+
+def test_the_cli_module_leaves_the_commands_imports_to_start_up() -> None:
+    """Importing the console script's module imports none of the heavy packages: those come
+    with ``build_parser``, which ``console`` calls inside ``start_up``."""
+    code = (
+        "import sys, sync_worker.cli\n"
+        "heavy = ('sqlalchemy', 'pydantic', 'structlog', 'psycopg', 'yaml')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "sync_worker.cli.build_parser()\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert out[0] == "[]"
+    assert out[1] == str(sorted(["sqlalchemy", "pydantic", "structlog", "psycopg", "yaml"]))
 
 
 _PROBE = """

@@ -12,19 +12,24 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from sync_worker import __version__
-from sync_worker.cli import daemon, maintenance, pulls
-from sync_worker.cli.common import EXIT_FAILURE, EXIT_USAGE, Handler
-from sync_worker.config import config_path, load_settings
 from sync_worker.errors import ConfigError, SyncWorkerError
-from sync_worker.logging import configure
-from sync_worker.runtime import tune_gc
+from sync_worker.runtime import start_up
+
+if TYPE_CHECKING:
+    from sync_worker.cli.common import Handler
 
 __all__ = ["build_parser", "console", "main"]
 
+# The commands' modules (SQLAlchemy, pydantic, structlog...) are imported by ``build_parser``
+# and ``main``, not with this module: the console script imports them inside ``start_up``.
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from sync_worker.cli import daemon, maintenance, pulls
+
     parser = argparse.ArgumentParser(
         prog="sync-worker",
         description="Keep your app's users and profiles in step with Auth0, Stack Auth or Auth.js.",
@@ -75,12 +80,19 @@ def _interruptible() -> Iterator[None]:
 
 def console() -> int:
     """The console script: the worker's process settings, then ``main``."""
-    tune_gc()
-    return main()
+    with start_up():
+        parser = build_parser()  # imports every command's modules
+    return main(parser=parser)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(
+    argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None
+) -> int:
+    from sync_worker.cli.common import EXIT_FAILURE, EXIT_USAGE
+    from sync_worker.config import config_path, load_settings
+    from sync_worker.logging import configure
+
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     try:
         with _interruptible():

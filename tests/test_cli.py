@@ -338,6 +338,14 @@ def test_provider_logs_follow_the_configured_json_format(
     assert "ssk_wrong" not in captured.err
 
 
+# A suite started in the background inherits SIGINT ignored, and the worker rightly keeps
+# a signal its parent ignores: the interrupted process starts with SIGINT at its default.
+_SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+    " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_backfill_stops_cleanly_then_resumes(
     tmp_path: Path, signum: signal.Signals
@@ -371,7 +379,11 @@ def test_an_interrupted_backfill_stops_cleanly_then_resumes(
         subprocess.run([*base, "migrate"], env=env, check=True, capture_output=True, timeout=60)
         backfill = [*base, "backfill", "--provider", "stack"]
         proc = subprocess.Popen(
-            backfill, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", _SIGINT_DEFAULT, *backfill[1:]],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 30
         while len(fake.requests_to(USERS_PATH)) < 3 and time.monotonic() < deadline:

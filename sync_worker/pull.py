@@ -310,8 +310,21 @@ class PullRunner:
                 collect_young()
             with conn.begin():  # what follows the pass (webhooks, the next pass) plans
                 refresh_statistics(conn)
+                if not source.partial:
+                    self._seen_staged(conn, seen, report.run_id, total)
         self._completed(True, source.partial, report=report, seen=seen, dry_run=False)
         return True
+
+    def _seen_staged(self, conn: Connection, seen: _Seen, run_id: uuid.UUID, total: int) -> None:
+        """Reconcile's counts for a whole set pass, from its staged users (every id it saw,
+        still there before they are dropped): its batches record no seen ids. The ids go
+        to ``sync_seen`` only where some live user is missing, for reconcile to list."""
+        counted = None
+        if isinstance(seen, _DbSeen):
+            counted = setstore.count_unseen_staged(conn, self.provider.name)
+            seen.compared(*counted, applying=False)
+        if counted is None or counted[1] > 0:
+            mark_seen_staged(conn, run_id, "sw_u", "ext", rows=total)
 
     def _set_page(
         self,
@@ -372,7 +385,6 @@ class PullRunner:
                 per_row=per_row,
             )
             result = done.per_row.result if done.per_row is not None else BatchResult(())
-            setstore.mark_seen_range(conn, report.run_id, lo, hi)
             if last:
                 cursor = source.final_cursor()
             elif done.last_external_id is not None:

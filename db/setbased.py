@@ -626,7 +626,9 @@ def classify(
 INSERT INTO sw_b (ord, ext, digest, n, ok, has_identity, email_key, simple)
 WITH b AS (
   SELECT u.ord, u.ext, u.digest, u.n, u.ok, {has_identity} AS has_identity,
-    CASE WHEN :link THEN u.email_key END AS email_key
+    -- In the column's "C" collation the users' lower(email) index cannot serve the
+    -- probe below (a scan of every user for each verified email, 4 s a batch by 100,000).
+    CASE WHEN :link THEN u.email_key COLLATE "default" END AS email_key
   FROM sw_u u WHERE u.ord BETWEEN :lo AND :hi AND u.changed
 ), batch_acc AS (
   SELECT a.ord, a.prov, a.acct FROM sw_acc a JOIN b ON b.ord = a.ord
@@ -823,7 +825,11 @@ def count_unseen_staged(conn: Connection, provider: str) -> tuple[int, int]:
         text(
             "SELECT count(*) FROM user_identities i WHERE i.provider = :p"
             " AND i.deleted_at IS NULL AND i.content_hash IS NOT NULL"
-            " AND NOT EXISTS (SELECT 1 FROM sw_u u WHERE u.ext = i.external_id)"
+            # The source's users as copied (narrower than sw_u), compared bytewise: the
+            # merge join sorted both sides by the database's collation (0.47 s at 100,000,
+            # 0.16 s so); equality is the same.
+            " AND NOT EXISTS (SELECT 1 FROM sw_src_users u"
+            ' WHERE u.id::text COLLATE "C" = i.external_id COLLATE "C")'
         ),
         {"p": provider},
     ).scalar_one()

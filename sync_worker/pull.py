@@ -324,7 +324,7 @@ class PullRunner:
             counted = setstore.count_unseen_staged(conn, self.provider.name)
             seen.compared(*counted, applying=False)
         if counted is None or counted[1] > 0:
-            mark_seen_staged(conn, run_id, "sw_u", "ext", rows=total)
+            mark_seen_staged(conn, run_id, "sw_src_users", "id::text", rows=total)
 
     def _set_page(
         self,

@@ -29,11 +29,13 @@ import psycopg
 import pytest
 from sqlalchemy import Connection, Engine, event, text
 
+from db import setbased
 from db.connect import make_engine
 from db.migrate import upgrade
 from db.snapshot import refresh_statistics
 from sync_worker.changes import ChangeKind, LinkedIdentity, SessionInfo, Source, UserChange
 from sync_worker.engine import PlanSettings, SyncEngine
+from sync_worker.engine.setbased import PerRow, apply_batch
 from tests.conftest import sqlalchemy_url
 from tests.factories import delete, upsert
 
@@ -326,3 +328,91 @@ def test_the_statistics_refresh_covers_every_looked_up_table(
             )
         ).scalars()
         assert {"users", "profiles", "user_identities", "user_sessions"} <= set(analyzed)
+
+
+# -- the set pass's batch statements -----------------------------------------------------
+
+
+def _set_source(first: int, count: int) -> setbased.Streams:
+    """``count`` new Auth.js users (ids from ``first``), each with a verified email no
+    seeded user holds, an account and a live session: simple creates, whose classification
+    still looks up each verified email."""
+    users, accounts, sessions, digests = [], [], [], []
+    for n in range(count):
+        uid = first + n
+        users.append(
+            f"{uid}\tNew {uid}\tnew{uid}@example.org\t2025-01-01 00:00:00+00\t\\N\t{n + 1}\n"
+        )
+        accounts.append(f"{uid}\tgithub\tgh{uid}\n")
+        sessions.append(f"{uid}\ttok{uid}\t2027-01-01 00:00:00+00\n")
+        digests.append(f"{uid}\td{uid}\t1\n")
+    tz = "timestamp with time zone"
+    return [
+        ("users", (("id", "integer"), ("name", "text"), ("email", "text"),
+                   ("email_verified", tz), ("image", "text"), ("ord", "bigint")),
+         ["".join(users).encode()]),
+        ("accounts", (("uid", "integer"), ("provider", "text"), ("acct", "text")),
+         ["".join(accounts).encode()]),
+        ("sessions", (("uid", "integer"), ("token", "text"), ("expires", tz)),
+         ["".join(sessions).encode()]),
+        ("digests", (("uid", "integer"), ("digest", "text"), ("n", "integer")),
+         ["".join(digests).encode()]),
+    ]  # fmt: skip
+
+
+def _set_batch(conn: Connection, step: int) -> None:
+    """The set pass's batch ``step`` (positions of BATCH users), then its classification
+    probing the stored rows (the path a refused create takes), rolled back."""
+    lo, hi = step * BATCH + 1, (step + 1) * BATCH
+
+    def per_row(changed: object) -> PerRow:
+        raise AssertionError(f"every user is a simple create: {changed}")
+
+    with conn.begin():
+        done = apply_batch(
+            conn, lo, hi, provider=PROVIDER, settings=PlanSettings(), now=T, version=T,
+            source="pull", run_id=None, per_row=per_row,
+        )  # fmt: skip
+        assert done.created == BATCH, done
+    with conn.begin() as trans:
+        setbased.classify(conn, hi + 1, hi + BATCH, provider=PROVIDER, link=True, probe=True)
+        trans.rollback()
+
+
+@pytest.mark.postgres
+def test_set_pass_batches_read_no_more_as_the_tables_grow(fresh_pg: Engine) -> None:
+    """As above, for the set pass's batches (``engine.setbased.apply_batch``): classified
+    and written in SQL against worker tables at SMALL and at LARGE rows. A probe that
+    scanned the users for each verified email (the email key in another collation than
+    the index's) made a 100,000-user load spend 4 s a batch."""
+    url = fresh_pg.url.render_as_string(hide_password=False)
+    seed(fresh_pg, 1, TINY)
+    steps = WARM + 2
+    with explained(url) as (_db, conn, plans):
+        with conn.begin():
+            setbased.stage(
+                conn, _set_source(10**6, (steps + 1) * BATCH), provider=PROVIDER,
+                role="member", observed=T, max_age_seconds=30 * 86400.0,
+            )  # fmt: skip
+        for step in range(WARM):
+            _set_batch(conn, step)
+        seed(fresh_pg, TINY + 1, SMALL)
+        plans.on = True
+        _set_batch(conn, WARM)
+        small = dict(plans.buffers)
+        plans.buffers.clear()
+        seed(fresh_pg, SMALL + 1, LARGE)
+        _set_batch(conn, WARM + 1)
+        large = dict(plans.buffers)
+        with conn.begin():
+            setbased.drop(conn)
+    assert small, "auto_explain reported nothing"
+    grown = {
+        query: (small.get(query, 0), read)
+        for query, read in large.items()
+        if read > GROWTH * small.get(query, 0) + SLACK
+    }
+    assert not grown, "\n\n".join(
+        f"{q}\nbuffers {a} at {SMALL} rows -> {b} at {LARGE}\n{plans.plans[q]}"
+        for q, (a, b) in grown.items()
+    )

@@ -205,6 +205,20 @@ def explained(url: str) -> Iterator[tuple[Engine, Connection, Plans]]:
         db.dispose()
 
 
+def assert_not_grown(plans: Plans, small: dict[str, int], large: dict[str, int]) -> None:
+    """No statement read more than GROWTH times its buffers at SMALL once at LARGE."""
+    assert small, "auto_explain reported nothing"
+    grown = {
+        query: (small.get(query, 0), read)
+        for query, read in large.items()
+        if read > GROWTH * small.get(query, 0) + SLACK
+    }
+    assert not grown, "\n\n".join(
+        f"{q}\nbuffers {a} at {SMALL} rows -> {b} at {LARGE}\n{plans.plans[q]}"
+        for q, (a, b) in grown.items()
+    )
+
+
 @pytest.fixture
 def fresh_pg(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
     """A migrated database of its own: no statistics left by other tests' tables."""
@@ -239,16 +253,7 @@ def test_no_statement_reads_more_as_the_tables_grow(
         seed(fresh_pg, SMALL + 1, LARGE)
         run(db, conn, WARM + 1, path)
         large = dict(plans.buffers)
-    assert small, "auto_explain reported nothing"
-    grown = {
-        query: (small.get(query, 0), read)
-        for query, read in large.items()
-        if read > GROWTH * small.get(query, 0) + SLACK
-    }
-    assert not grown, "\n\n".join(
-        f"{q}\nbuffers {a} at {SMALL} rows -> {b} at {LARGE}\n{plans.plans[q]}"
-        for q, (a, b) in grown.items()
-    )
+    assert_not_grown(plans, small, large)
 
 
 # -- SQLite: no full scan of a worker table ----------------------------------------------
@@ -406,13 +411,4 @@ def test_set_pass_batches_read_no_more_as_the_tables_grow(fresh_pg: Engine) -> N
         large = dict(plans.buffers)
         with conn.begin():
             setbased.drop(conn)
-    assert small, "auto_explain reported nothing"
-    grown = {
-        query: (small.get(query, 0), read)
-        for query, read in large.items()
-        if read > GROWTH * small.get(query, 0) + SLACK
-    }
-    assert not grown, "\n\n".join(
-        f"{q}\nbuffers {a} at {SMALL} rows -> {b} at {LARGE}\n{plans.plans[q]}"
-        for q, (a, b) in grown.items()
-    )
+    assert_not_grown(plans, small, large)

@@ -45,7 +45,6 @@ from sqlalchemy import (
     Connection,
     CursorResult,
     Engine,
-    Interval,
     Select,
     Table,
     Text,
@@ -56,15 +55,14 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    literal,
     select,
-    type_coerce,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
 from providers.authjs_copy import copy_chunks, export_snapshot, join_snapshot
+from providers.authjs_digest import digest_query, id_range, supported
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.authjs_setpass import AuthjsSetPass, position_after
 from providers.base import Compared, Cursor, Page, RecordError, StoredDigests
@@ -105,9 +103,6 @@ PROVIDER = "authjs"
 #: Auth.js's default ``session.maxAge`` (reference §4): a row's ``expires`` minus this is
 #: when Auth.js last wrote it (at sign-in, or when it extended the session).
 DEFAULT_SESSION_MAX_AGE = timedelta(days=30)
-#: Part of every source digest: bump it with any change to what ``to_change`` or
-#: ``session_change`` read or produce, so that stored digests stop matching.
-DIGEST_VERSION = "authjs-1"
 #: A digest pass's page lists at most this many users (seen), however few it carries.
 SEEN_PER_PAGE = 20_000
 #: Source digests are compared with the stored ones this many at a time.
@@ -404,7 +399,7 @@ class AuthjsProvider:
         ``complete``, ``partial_pass``), list every user in ``seen_ids`` (unless the store
         recorded them) and carry the changes and ``digests`` of the changed ones.
         """
-        if self._engine.dialect.name != "postgresql":
+        if not self._digests_supported():
             return None
         after = None if full or cursor is None else self._resume_point(cursor)
         return self._digested(after, known, partial=after is not None)
@@ -414,7 +409,7 @@ class AuthjsProvider:
         opened: PostgreSQL only (None elsewhere). Its relations are the queries
         ``iter_digested`` reads (the users with their position, accounts, live sessions,
         digests), all in the one snapshot it opens."""
-        if self._engine.dialect.name != "postgresql":
+        if not self._digests_supported():
             return None
         after = None if full or cursor is None else self._resume_point(cursor)
         observed = self._now()
@@ -432,7 +427,7 @@ class AuthjsProvider:
         ) -> list[tuple[str, Sequence[str], Select[Any]]]:
             """The users after ``start`` up to ``upto`` (None: to the end), numbered from
             ``offset + 1``, with their accounts, live sessions and digests."""
-            upto_ = _id_range(key, None, upto)
+            upto_ = id_range(key, None, upto)
             users = self._users_after(start).where(*upto_)
             users = users.add_columns(position_after(key, offset).label("ord"))
             return [
@@ -616,9 +611,9 @@ class AuthjsProvider:
         """The digest query's rows as COPY text, in no particular order (the store compares
         by id), read once iterated. With integer ids and enough users, in two halves by id
         range, read at once on two connections in the pass's snapshot: PostgreSQL runs each
-        query on one backend, and this one costs the pass most (sorts, aggregates, md5)."""
+        query on one backend, and this one costs the pass most (a sort by user, hashes, sums)."""
         count, middle = self._middle(conn, after)
-        plain = (self._tables.flavour.integer_ids, True, True)  # id, md5 hex, an integer
+        plain = (self._tables.flavour.integer_ids, True, True)  # id, a decimal digest, an integer
         if middle is None:
             query = self._digest_query(after, observed, ordered=False)
             yield from copy_chunks(conn, query, rows=count, plain=plain)
@@ -882,88 +877,18 @@ class AuthjsProvider:
         upto: int | None = None,
         ordered: bool = True,
     ) -> Select[Any]:
-        """``(id, md5 of a canonical text form, live sessions)`` of every user after ``after``,
-        in id order.
-
-        The form holds everything ``to_change`` and ``session_change`` read, as the same
-        queries select it: the user's columns, its accounts' (provider, providerAccountId),
-        its live sessions' token, expiry and the login time the mapping derives from them
-        (``least(expires - maxAge, observed)``: it moves with ``observed`` for a session
-        that expires further off than maxAge), plus ``DIGEST_VERSION`` and the adapter's
-        own settings. The token never leaves the database: only a digest over it does.
-        ``bytewise`` orders text ids by their bytes (to merge with the worker's order);
-        ``ordered=False`` leaves the order to the plan. ``upto`` (integer ids) ends the range
-        of users at that id. With integer ids the accounts and sessions are read for the
-        users' range only; text ids may compare otherwise under another column's collation.
-        """
-        tables = self._tables
-        user, account, session = tables.user, tables.account, tables.session
-        ranged = tables.flavour.integer_ids and (after is not None or upto is not None)
-        # Rows as PostgreSQL prints a record (it quotes any value holding a delimiter, so no
-        # two rows print alike), aggregated from input sorted once per table: an ORDER BY
-        # inside the aggregate sorted every user's group apart (3x the time). Should the
-        # input order not hold, digests only differ: users are re-read, never skipped.
-        by_account = (account.c.user_id, account.c.provider, account.c.provider_account_id)
-        own_accounts = select(
-            account.c.user_id.label("uid"),
-            _record(account.c.provider, account.c.provider_account_id).label("x"),
-        ).order_by(*by_account)
-        if ranged:
-            own_accounts = own_accounts.where(*_id_range(account.c.user_id, after, upto))
-        sorted_accounts = own_accounts.subquery("sorted_accounts")
-        accounts = (
-            select(
-                sorted_accounts.c.uid,
-                func.string_agg(sorted_accounts.c.x, literal(",", Text)).label("doc"),
-            )
-            .group_by(sorted_accounts.c.uid)
-            .subquery("digest_accounts")
+        """``(id, digest, live sessions)`` of every user after ``after`` (up to ``upto``), in
+        id order unless not ``ordered``: ``providers.authjs_digest`` defines the digest."""
+        return digest_query(
+            self._tables,
+            observed=observed,
+            max_age=self._max_age,
+            expired_too=self._expired_too,
+            after=after,
+            upto=upto,
+            bytewise=bytewise,
+            ordered=ordered,
         )
-        at = literal(observed, type_=session.c.expires.type)
-        expires = type_coerce(session.c.expires, session.c.expires.type)
-        written = func.least(expires - literal(self._max_age, Interval), at)
-        parts: list[ColumnElement[Any]] = [session.c.session_token, session.c.expires, written]
-        if tables.has("session", "created_at"):
-            parts.append(session.c.created_at)
-        live = select(session.c.user_id.label("uid"), _record(*parts).label("x")).order_by(
-            session.c.user_id, session.c.expires, session.c.session_token
-        )
-        if not self._expired_too:
-            live = live.where(session.c.expires >= at)
-        if ranged:
-            live = live.where(*_id_range(session.c.user_id, after, upto))
-        sorted_sessions = live.subquery("sorted_sessions")
-        sessions = (
-            select(
-                sorted_sessions.c.uid,
-                func.string_agg(sorted_sessions.c.x, literal(",", Text)).label("doc"),
-                func.count().label("n"),
-            )
-            .group_by(sorted_sessions.c.uid)
-            .subquery("digest_sessions")
-        )
-        salt = f"{DIGEST_VERSION}|{self._max_age.total_seconds()}|{int(self._expired_too)}"
-        fields: list[ColumnElement[Any]] = [
-            literal(salt, Text),
-            user.c.id,
-            user.c.name,
-            user.c.email,
-            user.c.email_verified,
-            user.c.image,
-        ]
-        if tables.has("user", "created_at"):
-            fields.append(user.c.created_at)
-        doc = _record(*fields, accounts.c.doc, sessions.c.doc)
-        query = select(user.c.id, func.md5(doc), func.coalesce(sessions.c.n, 0)).select_from(
-            user.outerjoin(accounts, accounts.c.uid == user.c.id).outerjoin(
-                sessions, sessions.c.uid == user.c.id
-            )
-        )
-        if ordered:
-            # Byte order of text ids, to merge with the worker's; the rows and pages follow
-            # the column's own order, whatever its collation (``after`` too).
-            query = query.order_by(user.c.id.collate("C") if bytewise else user.c.id)
-        return query.where(*_id_range(user.c.id, after, upto))
 
     def _paged(self, after: int | str | None) -> Iterator[_Chunk]:
         """Other databases (SQLite): a short read per page, so that no read stays open
@@ -1115,6 +1040,21 @@ class AuthjsProvider:
         with _db_errors(), self._engine.begin() as conn:
             return int(conn.execute(statement).rowcount)
 
+    def _digests_supported(self) -> bool:
+        """Whether the source computes digests (``authjs_digest.supported``): PostgreSQL 14
+        or later, which the dialect knows once it has connected."""
+        dialect = self._engine.dialect
+        if dialect.name != "postgresql":
+            return False
+        if dialect.server_version_info is None:
+            with _db_errors(), self._engine.connect():
+                pass  # the pool keeps the connection for the pass
+        if supported(dialect):
+            return True
+        version = dialect.server_version_info
+        log.info("authjs_digests_unsupported", provider=PROVIDER, server=version)
+        return False
+
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
         """A connection whose reads see one snapshot (PostgreSQL), so a page is consistent."""
@@ -1149,16 +1089,6 @@ class AuthjsProvider:
 def _record(*values: ColumnElement[Any]) -> ColumnElement[str]:
     """``ROW(values...)::text``: PostgreSQL's own unambiguous print of a record."""
     return cast(func.row(*values), Text)
-
-
-def _id_range(column: ColumnElement[Any], after: object, upto: object) -> list[ColumnElement[bool]]:
-    """``after < column <= upto``, either end open where None."""
-    bounds: list[ColumnElement[bool]] = []
-    if after is not None:
-        bounds.append(column > after)
-    if upto is not None:
-        bounds.append(column <= upto)
-    return bounds
 
 
 def _cursor_after(last: object) -> dict[str, str]:

@@ -475,6 +475,50 @@ def test_a_second_unchanged_pass_maps_nobody_and_writes_nothing(twins: Twins) ->
     assert stored_digests(twins.digest, "authjs") == stored
 
 
+def test_a_new_digest_definition_rereads_everyone_once_and_writes_only_digests(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade that changes the digest's definition (``DIGEST_VERSION``, as authjs-1's
+    md5 to authjs-2's hashes did): no stored digest matches, so the first pass re-reads
+    every user, and the engine, finding each unchanged, writes no audit row and moves no
+    write stamp. Only the digests are replaced; the pass after skips everyone again."""
+    monkeypatch.setattr("providers.authjs_digest.DIGEST_VERSION", "authjs-previous")
+    twins.run()  # digests of the "previous" definition
+    before = normalized(twins.digest)
+    previous = stored_digests(twins.digest, "authjs")
+    monkeypatch.undo()
+    twins.run()
+    assert twins.mapped[True] == 30  # every user re-read ...
+    assert normalized(twins.digest) == before  # ... and nothing but digests written
+    assert twins.reports[True].counts == {"unchanged": 30}
+    current = stored_digests(twins.digest, "authjs")
+    assert current.keys() == previous.keys()
+    assert not set(current.items()) & set(previous.items())
+    twins.run()
+    assert twins.mapped[True] == 0
+    twins.assert_same()
+
+
+def test_the_digest_counts_each_row_however_often_it_repeats(twins: Twins) -> None:
+    """A user's digest sums its rows' hashes: rows repeated (a schema without unique keys)
+    count each time, where an XOR would cancel pairs: two rows alike, then two other rows
+    alike in their place (as many rows, the same XOR) must still differ."""
+    a = ids(twins)[0]
+
+    def digest() -> str:
+        with closing(twins.provider()) as provider, provider._reading() as conn:
+            query = provider._digest_query(None, twins.now)
+            return {str(r[0]): str(r[1]) for r in conn.execute(query)}[str(a)]
+
+    found = []
+    for pair in ("first", "second"):
+        twins.loader.execute("DELETE FROM accounts WHERE provider = %s", ["dup"])
+        for _ in range(2):
+            twins.loader.link_account(a, FakeAccount(provider="dup", provider_account_id=pair))
+        found.append(digest())
+    assert found[0] != found[1]
+
+
 def test_an_unchanged_pass_still_reconciles_a_user_removed_upstream(twins: Twins) -> None:
     twins.run()
     a = ids(twins)[0]
@@ -710,3 +754,21 @@ def test_more_changes_than_held_read_every_user_in_step(
     twins.run()
     twins.assert_same()
     assert twins.mapped[True] == 1  # the poison user alone
+
+
+def test_a_source_before_postgresql_14_gets_the_per_row_pass(twins: Twins) -> None:
+    """``hash_record_extended`` came with PostgreSQL 14: an older source offers neither the
+    digest pass nor the set pass, and the runner reads every user per row instead."""
+    with closing(twins.provider()) as provider:
+        with provider._engine.connect():
+            pass  # the dialect learns the server's version
+        provider._engine.dialect.server_version_info = (13, 16)
+        assert (
+            provider.iter_digested(None, full=True, known=_Stored(twins.digest, "authjs", None))
+            is None
+        )
+        assert provider.set_pass(None, full=True) is None
+        before = normalized(twins.digest)
+        report = PullRunner(twins.digest, twins.engine(), provider).run(full=True)
+    assert report.counts == {"unchanged": 30}
+    assert normalized(twins.digest) == before

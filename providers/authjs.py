@@ -713,8 +713,11 @@ class AuthjsProvider:
         """The pages ``_digest_pages`` would make, for a pass the worker compared: cut at
         ``batch_size`` changed users or ``SEEN_PER_PAGE`` users, each with its cursor; only
         the changed users' rows are read, and no page lists ids (the worker recorded them).
-        Where a page ends at an unchanged user, its id (for the cursor) is asked of the
-        source, by a short index scan from the previous page's end."""
+        A page of unchanged users only, but the last, is left out (its counts go with the
+        next page): it would write a cursor alone, and a pass resumed from the one before
+        compares those users again for free. Where a page ends at an unchanged user, its
+        id (for the cursor) is asked of the source, by a short index scan from the
+        previous page's end."""
         positions = self._positions(conn, list(changed), after)
         entries = self._entries_of(
             opened, [k for _, k in positions], after=after, observed=observed
@@ -723,6 +726,7 @@ class AuthjsProvider:
         lo, taken = 1, 0
         before: object = after
         sessions = compared.skipped_sessions  # counted on the first page, as the merge does
+        start, unchanged = lo, 0  # the yielded page's first position; users left out since
         while True:
             end = min(total, lo + SEEN_PER_PAGE - 1)
             if taken + size <= len(positions):
@@ -735,19 +739,24 @@ class AuthjsProvider:
                 held.append(entry)
                 taken += 1
             last = end >= total
+            unchanged += max(0, end - lo + 1) - len(held)
+            if not held and not last:
+                lo = end + 1
+                continue
             if last or (held and positions[taken - 1][0] == end):
                 at_end: object = held[-1][0]["id"] if held else before
             else:
-                at_end = self._id_at(conn, before, end - lo)
+                at_end = self._id_at(conn, before, end - start)
             digests = {str(e[0]["id"]): changed[e[0]["id"]] for e in held}
             with collector_paused():
                 page = self._digest_page(
                     held, [], digests, observed, after=at_end, last=last, partial=partial
                 )
-            yield replace(page, skipped=(max(0, end - lo + 1) - len(held), sessions))
+            yield replace(page, skipped=(unchanged, sessions))
             if last:
                 return
-            lo, before, sessions = end + 1, at_end, 0
+            lo = start = end + 1
+            before, sessions, unchanged = at_end, 0, 0
 
     def _positions(
         self, conn: Connection, keys: Sequence[Any], after: int | str | None

@@ -43,14 +43,17 @@ from db.tables import sync_source_digests, user_identities
 __all__ = [
     "STAGED",
     "Comparison",
+    "Signature",
     "changed_staged",
     "compare_staged",
+    "create_staged",
     "digests_in_order",
     "digests_of",
     "holds_digests",
     "stage_digests",
     "store_digests",
     "stored_digests",
+    "stored_signature",
 ]
 
 #: The temporary table a pass's source digests are copied into (``stage_digests``).
@@ -174,13 +177,17 @@ class Comparison:
 
 
 @translated
-def stage_digests(conn: Connection, rows: Iterable[bytes]) -> None:
-    """COPY a pass's source digests, text rows ``(external id, digest, live sessions)``,
-    into ``STAGED``, a temporary table dropped when the caller's transaction ends. PostgreSQL
-    only; the bytes are written as they come, never decoded."""
+def create_staged(conn: Connection) -> None:
+    """``STAGED``, for a pass's source digests: a temporary table dropped when the caller's
+    transaction ends (PostgreSQL only)."""
     conn.execute(
         text(f"CREATE TEMP TABLE {STAGED} (ext text, digest text, n bigint) ON COMMIT DROP")
     )
+
+
+def stage_digests(conn: Connection, rows: Iterable[bytes]) -> None:
+    """COPY a pass's source digests, text rows ``(external id, digest, live sessions)``,
+    into ``STAGED`` (``create_staged``); the bytes are written as they come, never decoded."""
     raw = conn.connection.driver_connection
     assert raw is not None
     with raw.cursor() as cur, cur.copy(f"COPY {STAGED} FROM STDIN") as copy:
@@ -188,10 +195,55 @@ def stage_digests(conn: Connection, rows: Iterable[bytes]) -> None:
             copy.write(block)
 
 
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A set of ``(external id, digest)`` pairs in three numbers: how many, and the sums of
+    the halves of each pair's 64-bit hash (a multiset hash: order does not matter)."""
+
+    count: int
+    high: int
+    low: int
+
+
+# Each pair hashed as "id digest" (a digest has no space, so the pair reads back one way),
+# byte for byte; the hash's halves summed as integers (a bigint's sum is a numeric).
+_PAIR_HASH = "hashtextextended((({id})::text || ' ' || ({digest})::text) COLLATE \"C\", 0)"
+_SUMS = "count(*), coalesce(sum((h >> 32)::int4), 0), coalesce(sum((h & 2147483647)::int4), 0)"
+
+
 @translated
-def compare_staged(conn: Connection, provider: str) -> Comparison:
+def stored_signature(conn: Connection, provider: str) -> Signature:
+    """The ``Signature`` of every digest stored for the provider: one scan."""
+    pair = _PAIR_HASH.format(id="external_id", digest="digest")
+    row = conn.execute(
+        text(
+            f"SELECT {_SUMS} FROM (SELECT {pair} AS h FROM sync_source_digests"  # noqa: S608
+            " WHERE provider = :p) AS pairs"
+        ),
+        {"p": provider},
+    ).one()
+    return Signature(*map(int, row))
+
+
+@translated
+def compare_staged(
+    conn: Connection, provider: str, *, stored: Signature | None = None
+) -> Comparison:
     """How many staged users there are, and how many of them (with their live sessions)
-    hold the stored digest: one join, nothing sent back per user."""
+    hold the stored digest: nothing sent back per user. Where the staged pairs have the
+    ``stored`` signature (every stored digest staged alike and nothing else: a whole pass
+    that found no change), one scan of the staged rows; else one join."""
+    if stored is not None:
+        pair = _PAIR_HASH.format(id="ext", digest="digest")
+        *sums, sessions = conn.execute(
+            text(
+                f"SELECT {_SUMS}, coalesce(sum(n), 0) FROM (SELECT {pair} AS h, n"  # noqa: S608
+                f" FROM {STAGED}) AS pairs"
+            )
+        ).one()
+        if Signature(*map(int, sums)) == stored:
+            users = int(sums[0])
+            return Comparison(users=users, unchanged=users, skipped_sessions=int(sessions))
     users, unchanged, sessions = conn.execute(
         text(
             "SELECT count(*), count(s.digest), coalesce(sum(d.n) FILTER"  # noqa: S608

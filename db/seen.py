@@ -106,7 +106,12 @@ def count_live(conn: Connection, provider: str, among_ids: Sequence[str] | None 
 
 @translated
 def count_unseen_compared(
-    conn: Connection, provider: str, *, unchanged: int, changed: Sequence[str]
+    conn: Connection,
+    provider: str,
+    *,
+    unchanged: int,
+    changed: Sequence[str],
+    live: int | None = None,
 ) -> tuple[int, int] | None:
     """``count_unseen`` for a pass whose every seen id was just compared with the stored
     source digests, in the comparing transaction, without unnesting the seen ids: of the
@@ -120,7 +125,8 @@ def count_unseen_compared(
     and one short lookup of the changed ids (none on a pass that changed nobody). None
     where the digests contradict that (more seen than live: digests that outlived their
     identities, say after a TRUNCATE, which fires no trigger): count over the seen ids."""
-    live = count_live(conn, provider)
+    if live is None:
+        live = count_live(conn, provider)
     seen = unchanged + count_live(conn, provider, changed)
     return (live, live - seen) if seen <= live else None
 

@@ -31,11 +31,13 @@ from db.digests import (
     STAGED,
     changed_staged,
     compare_staged,
+    create_staged,
     digests_in_order,
     digests_of,
     holds_digests,
     stage_digests,
     store_digests,
+    stored_signature,
 )
 from db.errors import translating
 from db.runs import RunStatus, finish_run, start_run
@@ -57,7 +59,7 @@ from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
 from sync_worker.errors import GuardRefused
 from sync_worker.progress import NoProgress, Progress
-from sync_worker.readahead import read_ahead
+from sync_worker.readahead import read_ahead, reading_ahead
 from sync_worker.runtime import collect_young, collector_paused
 
 log = structlog.get_logger(__name__)
@@ -549,9 +551,16 @@ class _Stored:
         stay in memory (``_MemorySeen``), nor on SQLite."""
         if self.run_id is None or self.db.dialect.name != "postgresql":
             return None
+        live: int | None = None
         with transaction(self.db) as conn:
-            stage_digests(conn, digests)
-            found = compare_staged(conn, self.provider)
+            create_staged(conn)
+            with reading_ahead(digests, depth=4) as blocks:
+                # The source computes its digests meanwhile: take what needs only ours.
+                stored = stored_signature(conn, self.provider)
+                if self.seen is not None:
+                    live = count_live(conn, self.provider)
+                stage_digests(conn, blocks)
+            found = compare_staged(conn, self.provider, stored=stored)
             changes = found.users - found.unchanged
             if changes > limit:
                 return Compared(users=found.users, changed=None, skipped_sessions=0)
@@ -561,7 +570,7 @@ class _Stored:
                 # Reconcile's counts, here where the seen ids were compared: counting them
                 # later means unnesting them all again from sync_seen.
                 counted = count_unseen_compared(
-                    conn, self.provider, unchanged=found.unchanged, changed=list(changed)
+                    conn, self.provider, unchanged=found.unchanged, changed=list(changed), live=live
                 )
                 if counted is not None:
                     self.seen.compared(*counted, applying=bool(changed))

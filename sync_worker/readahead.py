@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 import structlog
@@ -83,18 +84,39 @@ def read_ahead(source: Iterable[T], depth: int = 1) -> Generator[T, None, None]:
     reader: _Reader[T] = _Reader(source, depth)
     reader.start()
     try:
-        while True:
-            item = _take(reader)
-            if isinstance(item, _Done):
-                if item.error is not None:
-                    raise item.error
-                return
-            yield item
+        yield from _drained(reader)
     finally:
-        reader.stop.set()
-        reader.join(timeout=_JOIN_SECONDS)
-        if reader.is_alive():  # still inside a read; it stops when that returns
-            log.warning("read_ahead_still_reading", seconds=_JOIN_SECONDS)
+        _stopped(reader)
+
+
+@contextmanager
+def reading_ahead(source: Iterable[T], depth: int = 1) -> Iterator[Iterator[T]]:
+    """``read_ahead`` whose reader starts now rather than at the first item, so the
+    caller works meanwhile (the worker counts while the source's server computes).
+    Leaving the block stops the reader, whether or not its items were all taken."""
+    reader: _Reader[T] = _Reader(source, max(depth, 1))
+    reader.start()
+    try:
+        yield _drained(reader)
+    finally:
+        _stopped(reader)
+
+
+def _drained(reader: _Reader[T]) -> Iterator[T]:
+    while True:
+        item = _take(reader)
+        if isinstance(item, _Done):
+            if item.error is not None:
+                raise item.error
+            return
+        yield item
+
+
+def _stopped(reader: _Reader[T]) -> None:
+    reader.stop.set()
+    reader.join(timeout=_JOIN_SECONDS)
+    if reader.is_alive():  # still inside a read; it stops when that returns
+        log.warning("read_ahead_still_reading", seconds=_JOIN_SECONDS)
 
 
 def _take(reader: _Reader[T]) -> T | _Done:
@@ -130,11 +152,9 @@ def read_merged(sources: Sequence[Iterable[T]], depth: int = 4) -> Generator[T, 
             yield item
     finally:
         for reader in readers:
-            reader.stop.set()
+            reader.stop.set()  # all of them first: each then ends as its read returns
         for reader in readers:
-            reader.join(timeout=_JOIN_SECONDS)
-            if reader.is_alive():
-                log.warning("read_ahead_still_reading", seconds=_JOIN_SECONDS)
+            _stopped(reader)
 
 
 def _take_any(items: queue.Queue[T | _Done], readers: Sequence[_Reader[T]]) -> T | _Done:

@@ -566,9 +566,35 @@ def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(twins: Twins) 
     # Nobody missing: the seen ids are neither recorded nor unnested.
     assert not [s for s in statements if "INSERT INTO sync_seen" in s]
     assert not [s for s in statements if "jsonb_array_elements_text" in s]
+    # Nothing changed: the staged digests matched the stored ones by signature, no join.
+    assert not [s for s in statements if "JOIN sync_source_digests" in s]
     reconciled = twins.reports[True].reconcile
     assert reconciled == ReconcileReport(live=30, missing=0, deleted=0, refused=False)
     twins.assert_same()
+
+
+def test_digests_swapped_between_two_users_fail_the_signature(twins: Twins) -> None:
+    """The signature hashes each id with its digest: the same digests on other users (the
+    same multiset of digests) is a difference, found by the join, and those two users are
+    read again (and found unchanged)."""
+    twins.run()
+    a, b = (str(i) for i in ids(twins)[:2])
+    with transaction(twins.digest) as conn:
+        conn.execute(
+            text(
+                "UPDATE sync_source_digests SET digest = CASE external_id"
+                " WHEN :a THEN (SELECT digest FROM sync_source_digests WHERE external_id = :b)"
+                " ELSE (SELECT digest FROM sync_source_digests WHERE external_id = :a) END"
+                " WHERE provider = 'authjs' AND external_id IN (:a, :b)"
+            ),
+            {"a": a, "b": b},
+        )
+    before = normalized(twins.digest)
+    twins.run()
+    assert twins.mapped[True] == 2
+    assert normalized(twins.digest) == before
+    twins.run()
+    assert twins.mapped[True] == 0
 
 
 def test_digests_that_outlived_their_identity_leave_reconcile_to_the_seen_ids(

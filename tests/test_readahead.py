@@ -15,7 +15,7 @@ from db.cursors import load_cursor
 from providers.base import Cursor, Page
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.pull import PullRunner
-from sync_worker.readahead import read_ahead, read_merged
+from sync_worker.readahead import read_ahead, read_merged, reading_ahead
 from tests.factories import upsert
 
 WAIT = 5.0
@@ -104,6 +104,39 @@ def test_leaving_early_stops_the_reader_and_closes_the_source() -> None:
     items.close()
     assert closed.wait(WAIT)
     assert closed_in == ["pull-read-ahead"]
+
+
+def test_reading_ahead_starts_before_the_first_item_is_asked_for() -> None:
+    """The caller works while the first read runs (the worker counts while the source's
+    server computes its digests), then takes the items in order."""
+    started = threading.Event()
+
+    def source() -> Iterator[int]:
+        started.set()
+        yield from range(5)
+
+    with reading_ahead(source(), depth=2) as items:
+        assert started.wait(WAIT)  # nothing taken yet
+        assert list(items) == [0, 1, 2, 3, 4]
+
+
+def test_leaving_reading_ahead_early_stops_the_reader_and_closes_the_source() -> None:
+    closed = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            yield from range(1_000_000)
+        finally:
+            closed.set()
+
+    def copy() -> None:
+        with reading_ahead(source()) as items:
+            assert next(items) == 0
+            raise ValueError("copy failed")
+
+    with pytest.raises(ValueError, match="copy failed"):
+        copy()
+    assert closed.wait(WAIT)
 
 
 def test_an_error_while_handling_stops_the_reader() -> None:

@@ -11,7 +11,8 @@ one live session. For each size (10,000 and 100,000 users; 2,000 and 10,000 with
   database: the initial load, then an unchanged re-pass; the same into SQLite;
 - the floors of the same run: COPY (binary) of the final rows of the initial load into
   empty indexed copies of the worker's tables, and reading the pass's source columns by
-  COPY; both in one process, timed around the COPY statements only;
+  COPY; both in one process, timed around the COPY statements only; and, for context, a
+  worker process that only starts and imports (``sync-worker backfill --help``);
 - dlt (``sql_database`` -> postgres, ``write_disposition="merge"``, the same three tables)
   as a peer, installed on first use into a virtualenv of its own (``.venv-dlt``, bench only;
   ``bench/dlt_child.py`` runs it);
@@ -263,6 +264,18 @@ SOURCE_READS = (
 )
 
 
+def start_floor(worker_url: str, source_url: str) -> float:
+    """A worker process that starts, imports everything a backfill imports, and stops
+    (``sync-worker backfill --help``): the interpreter's and imports' share of every
+    whole-process figure; best of three (seconds)."""
+    env = worker_env(worker_url, source_url)
+    with tempfile.TemporaryDirectory(prefix="sw-scale-start-") as tmp:
+        runs = [
+            run_process([str(SYNC_WORKER), "backfill", "--help"], env, Path(tmp)) for _ in range(3)
+        ]
+    return min(r.seconds for r in runs)
+
+
 def read_floor(source_libpq: str) -> float:
     """Read the columns a pass reads, by COPY, in one snapshot; best of three (seconds)."""
     best = float("inf")
@@ -475,6 +488,7 @@ class SizeRun:
     sqlite: list[tuple[Proc, Proc]] = field(default_factory=list)
     copy_floor: list[float] = field(default_factory=list)
     read_floor: float = 0.0
+    start_floor: float = 0.0
     dlt: tuple[Proc, Proc] | None = None
     naive_seconds: float | None = None
     naive_users: int = 0
@@ -494,6 +508,8 @@ def bench_size(n: int, opts: argparse.Namespace, *, last: bool) -> SizeRun:
         loaded, run.source_load = load_source(source, n)
         run.read_floor = read_floor(source)
         say(f"{n:,}: read floor {run.read_floor:.2f} s")
+        run.start_floor = start_floor(sqlalchemy_url(source), source)
+        say(f"{n:,}: process start {run.start_floor:.2f} s")
         keep_worker: str | None = None
         for attempt in range(opts.repeat):
             with pg_database("sw_scale") as worker:
@@ -571,6 +587,7 @@ def process_table(runs: Sequence[SizeRun]) -> str:
     line("floor: COPY of the final rows into indexed tables",
          [statistics.median(r.copy_floor) for r in runs])  # fmt: skip
     line("floor: reading the source by COPY", [r.read_floor for r in runs])
+    line("process start (`sync-worker backfill --help`)", [r.start_floor for r in runs])
     return table(headers, rows)
 
 
@@ -608,7 +625,7 @@ def target_rows(runs: Sequence[SizeRun]) -> list[list[object]]:
         _ratio_row(f"Initial load, {n} users, PostgreSQL", load.seconds, floor, TARGET_FLOOR,
                    "COPY floor", _pairs(big.pg, 0, big.copy_floor), pair_ratio),
         _ratio_row(f"Unchanged re-pass, {n} users, PostgreSQL", again.seconds, big.read_floor,
-                   TARGET_READ, "reading the source"),
+                   TARGET_READ, "reading the source", _start_note(big, again)),
     ]  # fmt: skip
     if big.dlt:
         rows += [
@@ -653,6 +670,18 @@ def target_rows(runs: Sequence[SizeRun]) -> list[list[object]]:
                  f"{rss_big / rss_small:.2f}x", "flat", "",
                  "the 1M vs 100k target is measured by bench/pull.py --only memory"])  # fmt: skip
     return rows
+
+
+def _start_note(run: SizeRun, again: Proc) -> str:
+    """How much of the re-pass is the process starting (context, not a target)."""
+    if not run.start_floor:
+        return ""
+    rest = again.seconds - run.start_floor
+    return (
+        f"process start alone (`sync-worker backfill --help`, best of 3): "
+        f"{_s(run.start_floor)} = {run.start_floor / run.read_floor:.2f}x the floor; "
+        f"the pass after it: {_s(rest)} = {rest / run.read_floor:.2f}x"
+    )
 
 
 def _pairs(runs: list[tuple[Proc, Proc]], which: int, floors: list[float]) -> str:

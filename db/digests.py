@@ -10,6 +10,8 @@ with the identity. A pass streams them in id order beside the source's digests.
 On PostgreSQL a pass compares in the worker instead (``stage_digests``, ``compare_staged``,
 ``changed_staged``): the source's digests arrive as COPY bytes, passed through undecoded,
 into a temporary table of the comparing transaction, and only the changed users come back.
+Before any row, the signature of the stored pairs (``stored_signature``) is compared with
+the source's: equal, nothing changed, and no row is copied or joined.
 
 A table of its own, not a column of user_identities: that table's writers build its rows
 from its column list (the bulk load positionally), and a narrow table reads faster.
@@ -39,11 +41,11 @@ from db.errors import translated, translating
 from db.lookup import among
 from db.snapshot import lock_writers
 from db.tables import sync_source_digests, user_identities
+from sync_worker.signature import Signature, pair_hash, signature_columns
 
 __all__ = [
     "STAGED",
     "Comparison",
-    "Signature",
     "changed_staged",
     "compare_staged",
     "create_staged",
@@ -195,55 +197,23 @@ def stage_digests(conn: Connection, rows: Iterable[bytes]) -> None:
             copy.write(block)
 
 
-@dataclass(frozen=True, slots=True)
-class Signature:
-    """A set of ``(external id, digest)`` pairs in three numbers: how many, and the sums of
-    the halves of each pair's 64-bit hash (a multiset hash: order does not matter)."""
-
-    count: int
-    high: int
-    low: int
-
-
-# Each pair hashed as "id digest" (a digest has no space, so the pair reads back one way),
-# byte for byte; the hash's halves summed as integers (a bigint's sum is a numeric).
-_PAIR_HASH = "hashtextextended((({id})::text || ' ' || ({digest})::text) COLLATE \"C\", 0)"
-_SUMS = "count(*), coalesce(sum((h >> 32)::int4), 0), coalesce(sum((h & 2147483647)::int4), 0)"
-
-
 @translated
 def stored_signature(conn: Connection, provider: str) -> Signature:
-    """The ``Signature`` of every digest stored for the provider: one scan."""
-    pair = _PAIR_HASH.format(id="external_id", digest="digest")
-    row = conn.execute(
-        text(
-            f"SELECT {_SUMS} FROM (SELECT {pair} AS h FROM sync_source_digests"  # noqa: S608
-            " WHERE provider = :p) AS pairs"
-        ),
-        {"p": provider},
-    ).one()
+    """The ``Signature`` of every ``(external id, digest)`` stored for the provider: one
+    scan, no row sent back. A pass compares it with its source's."""
+    pairs = (
+        select(pair_hash(_sd.c.external_id, _sd.c.digest).label("h"))
+        .where(_sd.c.provider == provider)
+        .subquery("pairs")
+    )
+    row = conn.execute(select(*signature_columns(pairs.c.h))).one()
     return Signature(*map(int, row))
 
 
 @translated
-def compare_staged(
-    conn: Connection, provider: str, *, stored: Signature | None = None
-) -> Comparison:
+def compare_staged(conn: Connection, provider: str) -> Comparison:
     """How many staged users there are, and how many of them (with their live sessions)
-    hold the stored digest: nothing sent back per user. Where the staged pairs have the
-    ``stored`` signature (every stored digest staged alike and nothing else: a whole pass
-    that found no change), one scan of the staged rows; else one join."""
-    if stored is not None:
-        pair = _PAIR_HASH.format(id="ext", digest="digest")
-        *sums, sessions = conn.execute(
-            text(
-                f"SELECT {_SUMS}, coalesce(sum(n), 0) FROM (SELECT {pair} AS h, n"  # noqa: S608
-                f" FROM {STAGED}) AS pairs"
-            )
-        ).one()
-        if Signature(*map(int, sums)) == stored:
-            users = int(sums[0])
-            return Comparison(users=users, unchanged=users, skipped_sessions=int(sessions))
+    hold the stored digest: one join, nothing sent back per user."""
     users, unchanged, sessions = conn.execute(
         text(
             "SELECT count(*), count(s.digest), coalesce(sum(d.n) FILTER"  # noqa: S608

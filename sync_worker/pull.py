@@ -14,6 +14,7 @@ stores its settled users' digests with its batch.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +30,7 @@ from db import setstage
 from db.cursors import load_cursor, save_cursor
 from db.digests import (
     STAGED,
+    Comparison,
     changed_staged,
     compare_staged,
     create_staged,
@@ -53,7 +55,15 @@ from db.seen import (
 )
 from db.snapshot import refresh_statistics
 from db.transaction import transaction
-from providers.base import Compared, Cursor, DigestSource, Page, Provider, RecordError
+from providers.base import (
+    Compared,
+    Cursor,
+    DigestSource,
+    Page,
+    Provider,
+    RecordError,
+    SignedDigests,
+)
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
@@ -544,23 +554,37 @@ class _Stored:
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return digests_of(self.db, self.provider, external_ids)
 
-    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
-        """On PostgreSQL, in one transaction: the digests copied in, compared, reconcile's
-        counts taken (with ``seen``) and every id recorded as seen by the run (unless none
-        is missing), with no per-user work in Python. Not for a dry run, whose seen ids
-        stay in memory (``_MemorySeen``), nor on SQLite."""
+    def compare(self, digests: SignedDigests, *, limit: int) -> Compared | None:
+        """On PostgreSQL, in one transaction: the digests compared, reconcile's counts
+        taken (with ``seen``) and every id recorded as seen by the run (unless none is
+        missing), with no per-user work in Python. Not for a dry run, whose seen ids stay
+        in memory (``_MemorySeen``), nor on SQLite.
+
+        The source is read at once, by a thread; meanwhile the worker takes what needs only
+        its side: the signature of the stored digests and the live count. The source's
+        bytes are held (up to ``HOLD_BYTES``) until their signature is known: equal to the
+        stored one, nothing changed, and no row is copied or joined. Otherwise (or once
+        more are held) they are copied into a temporary table and compared by one join."""
         if self.run_id is None or self.db.dialect.name != "postgresql":
             return None
         live: int | None = None
         with transaction(self.db) as conn:
             create_staged(conn)
             with reading_ahead(digests, depth=4) as blocks:
-                # The source computes its digests meanwhile: take what needs only ours.
                 stored = stored_signature(conn, self.provider)
                 if self.seen is not None:
                     live = count_live(conn, self.provider)
-                stage_digests(conn, blocks)
-            found = compare_staged(conn, self.provider, stored=stored)
+                held = _Held(blocks, HOLD_BYTES)
+                if held.over:
+                    held.stage(conn, rest=blocks)
+            signed = digests.signature()
+            if signed is not None and signed[0] == stored:
+                found = Comparison(
+                    users=stored.count, unchanged=stored.count, skipped_sessions=signed[1]
+                )
+            else:
+                held.stage(conn)
+                found = compare_staged(conn, self.provider)
             changes = found.users - found.unchanged
             if changes > limit:
                 return Compared(users=found.users, changed=None, skipped_sessions=0)
@@ -575,8 +599,35 @@ class _Stored:
                 if counted is not None:
                     self.seen.compared(*counted, applying=bool(changed))
             if counted is None or counted[1] > 0:  # reconcile counts or lists from them
+                held.stage(conn)
                 mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
         return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
+
+
+#: A digest comparison holds at most about this many bytes of the source's digests in
+#: memory (some 300,000 users) before it copies them into the worker.
+HOLD_BYTES = 10 * 1024 * 1024
+
+
+class _Held:
+    """The source's digest bytes, held until they are known to be needed in the worker."""
+
+    def __init__(self, blocks: Iterator[bytes], limit: int) -> None:
+        self.blocks: list[bytes] = []
+        self.over, self.staged = False, False
+        size = 0
+        for block in blocks:
+            self.blocks.append(block)
+            size += len(block)
+            if size > limit:
+                self.over = True  # the caller copies these and the rest
+                return
+
+    def stage(self, conn: Connection, rest: Iterable[bytes] = ()) -> None:
+        """Copy what is held (and ``rest``) into the staged table, once."""
+        if not self.staged:
+            stage_digests(conn, itertools.chain(self.blocks, rest))
+            self.staged, self.blocks = True, []
 
 
 class _Seen(Protocol):

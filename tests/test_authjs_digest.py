@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, select, text
 
+import db.digests
 import providers.authjs_copy
 from db.connect import make_engine
 from db.digests import stored_digests
@@ -549,10 +550,29 @@ def test_an_unchanged_pass_still_reconciles_a_user_removed_upstream(twins: Twins
     twins.assert_same()
 
 
-def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(twins: Twins) -> None:
+def staging_spied(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many bytes each ``stage_digests`` call copied into the worker (it copies on
+    the driver's cursor, which SQLAlchemy's events do not see)."""
+    calls: list[int] = []
+    real = db.digests.stage_digests
+
+    def stage(conn: Any, rows: Iterable[bytes]) -> None:
+        blocks = list(rows)
+        calls.append(sum(map(len, blocks)))
+        real(conn, blocks)
+
+    monkeypatch.setattr("sync_worker.pull.stage_digests", stage)
+    return calls
+
+
+def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Reconcile's counts are taken with the comparison of the digests: the seen ids are
-    not unnested again from sync_seen (and with nobody missing, not even recorded)."""
+    not unnested again from sync_seen (and with nobody missing, not even recorded). The
+    source's signature equals the stored one: no digest is copied in, none joined."""
     twins.run()
+    staged = staging_spied(monkeypatch)
     statements: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -566,10 +586,32 @@ def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(twins: Twins) 
     # Nobody missing: the seen ids are neither recorded nor unnested.
     assert not [s for s in statements if "INSERT INTO sync_seen" in s]
     assert not [s for s in statements if "jsonb_array_elements_text" in s]
-    # Nothing changed: the staged digests matched the stored ones by signature, no join.
+    # Nothing changed: the source's digests matched the stored ones by signature.
     assert not [s for s in statements if "JOIN sync_source_digests" in s]
+    assert staged == []
     reconciled = twins.reports[True].reconcile
     assert reconciled == ReconcileReport(live=30, missing=0, deleted=0, refused=False)
+    twins.assert_same()
+
+
+@pytest.mark.parametrize("change", [False, True], ids=["unchanged", "one_changed"])
+def test_digests_past_what_is_held_are_copied_as_they_come(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch, change: bool
+) -> None:
+    """Beyond ``HOLD_BYTES`` the source's digests are copied into the worker as they
+    come (memory stays flat); their signature still spares the join when nothing
+    changed, and the join still finds what did."""
+    monkeypatch.setattr("sync_worker.pull.HOLD_BYTES", 1)
+    monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
+    monkeypatch.setattr("providers.authjs_copy.CHUNK_ROWS", 4)  # several chunks a half
+    twins.run()
+    if change:
+        twins.loader.update_user(ids(twins)[3], name="Held Back")
+    staged = staging_spied(monkeypatch)
+    twins.run()
+    assert len(staged) == 1
+    assert staged[0] > 0
+    assert twins.mapped[True] == (1 if change else 0)
     twins.assert_same()
 
 

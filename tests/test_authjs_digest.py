@@ -550,6 +550,32 @@ def test_an_unchanged_pass_still_reconciles_a_user_removed_upstream(twins: Twins
     twins.assert_same()
 
 
+def test_a_pass_that_matches_by_signature_still_reconciles_a_user_only_the_worker_has(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user a webhook created that the source does not hold: every source digest matches
+    (the signatures are equal, that identity has no digest), yet one live user was not
+    seen. The held digests are then copied in after all, for reconcile to list it."""
+    twins.run()
+    twins.both(
+        UserChange(
+            provider="authjs",
+            external_id="900001",
+            kind=ChangeKind.UPSERT,
+            version=twins.now,
+            attributes=UserAttributes(name="Webhook Only", stated=frozenset({"name"})),
+            raw={"id": "900001", "name": "Webhook Only"},
+        )
+    )
+    staged = staging_spied(monkeypatch)
+    twins.run()
+    assert twins.mapped[True] == 0
+    assert len(staged) == 1  # copied for the seen ids, not for a join
+    reconciled = twins.reports[True].reconcile
+    assert reconciled == ReconcileReport(live=31, missing=1, deleted=1, refused=False)
+    twins.assert_same()
+
+
 def staging_spied(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many bytes each ``stage_digests`` call copied into the worker (it copies on
     the driver's cursor, which SQLAlchemy's events do not see)."""

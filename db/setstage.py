@@ -56,9 +56,10 @@ _PREFIX = "sw_pass_"
 _LOCK_SPACE = 0x53575053
 #: Positions per range of ``sw_u`` (within a part): the writer waits for the first one.
 RANGE = 10_000
-#: Users in the source's first part, and in each after it. The first batch waits for the
-#: first part's copy and derivations (a tenth of a second), not for the whole source's;
-#: the later parts are staged while the writer writes, and stay ahead of it.
+#: Users in the source's first part, and at most in each after it (they double up to it).
+#: The first batch waits for the first part's copy and derivations (a tenth of a second),
+#: not for the whole source's; the later parts are staged while the writer writes, and
+#: stay ahead of it.
 FIRST_PART = 2_000
 PART = 10_000
 
@@ -249,6 +250,7 @@ class Stager:
                         # range ran 15x slower); refreshing them for every part instead
                         # cost a second of this connection's core per 100,000 users.
                         conn.execute(text("SET enable_nestloop = off"))
+                        conn.execute(text("SET jit = off"))  # see setbased.batch_settings
                     self._stage(conn)
                 finally:
                     if conn.in_transaction():
@@ -257,6 +259,7 @@ class Stager:
                         with conn.begin():
                             conn.execute(text("RESET synchronous_commit"))
                             conn.execute(text("RESET enable_nestloop"))
+                            conn.execute(text("RESET jit"))
                             _search_path(conn, self._search_path)
                     except Exception:
                         conn.invalidate()

@@ -166,9 +166,10 @@ class AuthjsSetPass:
         return relations
 
     def parts(self, first: int, size: int) -> list[Part]:
-        """The opened pass in parts of users in id order: ``first`` users, then ``size``
-        each (one part where ids are text, or where the pass holds no more than
-        ``first``). Every part has the relations ``open`` returned, for its users only."""
+        """The opened pass in parts of users in id order: ``first`` users, then parts
+        doubling up to ``size`` each (one part where ids are text, or where the pass holds
+        no more than ``first``). Every part has the relations ``open`` returned, for its
+        users only."""
         conn = self._conn
         assert conn is not None
         with _source_errors():
@@ -258,8 +259,16 @@ def _source_errors() -> Iterator[None]:
 
 
 def _marks(total: int, first: int, size: int) -> list[int]:
-    """The last position of each part: ``first``, then every ``size`` more, then ``total``."""
-    return [*range(first, total, size), total]
+    """The last position of each part: ``first``, then parts twice as large as the one
+    before up to ``size`` each, then ``total``. Growing, not ``size`` at once: the writer
+    takes a small part quickly, and the next must be staged by then (a second part of
+    ``size`` kept the first batches waiting 0.3-0.4 s)."""
+    marks, part, end = [], first, first
+    while end < total:
+        marks.append(end)
+        part = min(2 * part, size)
+        end += part
+    return [*marks, total]
 
 
 def _compiled(conn: Connection, query: Select[Any]) -> tuple[str, dict[str, Any]]:

@@ -121,7 +121,7 @@ def apply_batch(
     lock_writers(conn)  # as every engine batch: before anything is read
     # The lock switched the transaction to generic plans (for the engine's set lookups);
     # the set statements run once per batch over temporary tables: plan them per run.
-    store.plan_per_run(conn)
+    store.batch_settings(conn)
     link = settings.link_by_verified_email
     summary = store.classify(conn, lo, hi, provider=provider, link=link)
     write = partial(

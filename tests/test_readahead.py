@@ -88,6 +88,14 @@ def test_reads_at_most_depth_items_ahead() -> None:
     assert list(items) == list(range(1, 10))
 
 
+def _endless(closed: threading.Event) -> Iterator[int]:
+    """Items for as long as asked, then ``closed`` set when the generator is closed."""
+    try:
+        yield from range(1_000_000)
+    finally:
+        closed.set()
+
+
 def test_leaving_early_stops_the_reader_and_closes_the_source() -> None:
     closed = threading.Event()
     closed_in: list[str] = []
@@ -123,14 +131,8 @@ def test_reading_ahead_starts_before_the_first_item_is_asked_for() -> None:
 def test_leaving_reading_ahead_early_stops_the_reader_and_closes_the_source() -> None:
     closed = threading.Event()
 
-    def source() -> Iterator[int]:
-        try:
-            yield from range(1_000_000)
-        finally:
-            closed.set()
-
     def copy() -> None:
-        with reading_ahead(source()) as items:
+        with reading_ahead(_endless(closed)) as items:
             assert next(items) == 0
             raise ValueError("copy failed")
 
@@ -142,14 +144,8 @@ def test_leaving_reading_ahead_early_stops_the_reader_and_closes_the_source() ->
 def test_an_error_while_handling_stops_the_reader() -> None:
     closed = threading.Event()
 
-    def source() -> Iterator[int]:
-        try:
-            yield from range(1_000_000)
-        finally:
-            closed.set()
-
     def consume() -> None:
-        for _ in read_ahead(source()):
+        for _ in read_ahead(_endless(closed)):
             raise ValueError("apply failed")
 
     with pytest.raises(ValueError, match="apply failed"):

@@ -79,7 +79,9 @@ def forget_seen(db: Engine, run_id: uuid.UUID) -> None:
 def live_ids(db: Engine, provider: str) -> list[str]:
     """External ids of the provider's live primary identities (for a dry run's reconcile)."""
     with db.connect() as conn:
-        return [str(e) for e in conn.execute(select(_live(provider).c.external_id)).scalars()]
+        return [
+            str(e) for e in conn.execute(select(live_identities(provider).c.external_id)).scalars()
+        ]
 
 
 @translated
@@ -95,7 +97,7 @@ def count_unseen(db: Engine, provider: str, run_id: uuid.UUID) -> tuple[int, int
 @translated
 def count_live(conn: Connection, provider: str, among_ids: Sequence[str] | None = None) -> int:
     """Live primary identities of the provider (of those ``among_ids``, if given)."""
-    live = _live(provider)
+    live = live_identities(provider)
     query = select(func.count()).select_from(live)
     if among_ids is not None:
         if not among_ids:
@@ -143,7 +145,7 @@ def _unseen(dialect: str, provider: str, run_id: uuid.UUID) -> Select[Any] | Com
     # in one pass over each side. On SQLite, EXCEPT (a NOT EXISTS there would unnest the
     # arrays once per live id); PostgreSQL runs NOT EXISTS as a hashed anti-join, half the
     # time of its EXCEPT at 100,000 ids.
-    live = _live(provider)
+    live = live_identities(provider)
     if dialect != "postgresql":
         return select(live.c.external_id).except_(seen_ids(dialect, run_id))
     ids = func.jsonb_array_elements_text(sync_seen.c.external_ids).table_valued("value")
@@ -155,7 +157,7 @@ def _unseen(dialect: str, provider: str, run_id: uuid.UUID) -> Select[Any] | Com
     return select(live.c.external_id).where(~seen.exists())
 
 
-def _live(provider: str) -> Subquery:
+def live_identities(provider: str) -> Subquery:
     """Primary identities of this provider that are not deleted (linked accounts excluded)."""
     return (
         select(user_identities.c.external_id)

@@ -47,10 +47,8 @@ from sqlalchemy import (
     Engine,
     Select,
     Table,
-    Text,
     any_,
     bindparam,
-    cast,
     create_engine,
     delete,
     event,
@@ -1098,11 +1096,6 @@ class AuthjsProvider:
                 return key
         log.warning("authjs_cursor_ignored", provider=PROVIDER, id_type=id_type, expected=want)
         return None
-
-
-def _record(*values: ColumnElement[Any]) -> ColumnElement[str]:
-    """``ROW(values...)::text``: PostgreSQL's own unambiguous print of a record."""
-    return cast(func.row(*values), Text)
 
 
 def _cursor_after(last: object) -> dict[str, str]:

@@ -28,8 +28,11 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Numeric,
     String,
     bindparam,
+    case,
+    cast,
     exists,
     func,
     select,
@@ -39,8 +42,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from db.errors import translated, translating
 from db.lookup import among
+from db.seen import count_live
 from db.snapshot import lock_writers
 from db.tables import sync_source_digests, user_identities
+from sync_worker.digest_sum import MODULUS, DigestSum
 from sync_worker.signature import Signature, pair_hash, signature_columns
 
 __all__ = [
@@ -56,6 +61,8 @@ __all__ = [
     "store_digests",
     "stored_digests",
     "stored_signature",
+    "stored_sum",
+    "stored_totals",
 ]
 
 #: The temporary table a pass's source digests are copied into (``stage_digests``).
@@ -195,6 +202,35 @@ def stage_digests(conn: Connection, rows: Iterable[bytes]) -> None:
     with raw.cursor() as cur, cur.copy(f"COPY {STAGED} FROM STDIN") as copy:
         for block in rows:
             copy.write(block)
+
+
+@translated
+def stored_sum(conn: Connection, provider: str) -> DigestSum:
+    """How many digests are stored for the provider and their sum (``sync_worker.
+    digest_sum``), on PostgreSQL: one scan, no row sent back. A full pass compares it with
+    its source's total. Digests of an older definition that are not decimal integers
+    (authjs-1's 32 hex digits) are counted and not summed: they cannot match anyway."""
+    digest = _sd.c.digest
+    number = case((func.length(digest) <= _DECIMAL_DIGITS, cast(digest, Numeric)))
+    users, total = conn.execute(
+        select(func.count(), func.coalesce(func.sum(number), 0)).where(_sd.c.provider == provider)
+    ).one()
+    return DigestSum(users=int(users), total=int(total) % MODULUS)
+
+
+@translated
+def stored_totals(conn: Connection, provider: str) -> tuple[DigestSum, int]:
+    """``stored_sum`` and the provider's live identities (``db.seen.count_live``), for a
+    pass whose source totals its side meanwhile. Each scan on one backend: a parallel plan
+    started two processes a scan and took twice the CPU, on the cores the source's total
+    is computed on (in the caller's transaction)."""
+    conn.execute(text("SELECT set_config('max_parallel_workers_per_gather', '0', true)"))
+    return stored_sum(conn, provider), count_live(conn, provider)
+
+
+#: At most this many characters in a decimal digest of any definition that had them
+#: (a signed 64-bit integer's); anything longer is not one.
+_DECIMAL_DIGITS = 20
 
 
 @translated

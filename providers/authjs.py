@@ -60,7 +60,7 @@ from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
 from providers.authjs_copy import Signed, export_snapshot, join_snapshot, signed_chunks
-from providers.authjs_digest import digest_query, id_range, supported
+from providers.authjs_digest import digest_query, id_range, sum_query, supported
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.authjs_setpass import AuthjsSetPass, position_after
 from providers.base import Compared, Cursor, Page, RecordError, StoredDigests
@@ -76,6 +76,7 @@ from sync_worker.changes import (
     utcnow,
 )
 from sync_worker.config import PRISMA_URL_PARAMS, AuthjsSettings, authjs_database_url
+from sync_worker.digest_sum import DigestSum
 from sync_worker.errors import (
     ConfigError,
     ProviderAuthError,
@@ -558,11 +559,15 @@ class AuthjsProvider:
             changed: dict[Any, str] | None = None
             skipped_sessions = 0
             if known.held():
-                digests = self._digest_copy(conn, after, observed)
-                try:
-                    compared = known.compare(digests, limit=CHANGED_HELD)
-                finally:  # its readers stop before ``conn`` is closed, whatever happened
-                    digests.close()
+                compared = None
+                if after is None:  # a whole pass: first the source's total alone
+                    compared = known.unchanged(lambda: self._digest_sum(conn, observed))
+                if compared is None:
+                    digests = self._digest_copy(conn, after, observed)
+                    try:
+                        compared = known.compare(digests, limit=CHANGED_HELD)
+                    finally:  # its readers stop before ``conn`` is closed, whatever happened
+                        digests.close()
                 if compared is not None and compared.changed is not None:
                     # Compared, and every id recorded as seen, by the worker.
                     keyed = {self._stored_key(e): d for e, d in compared.changed.items()}
@@ -603,6 +608,16 @@ class AuthjsProvider:
             close = getattr(stored, "close", None)  # a generator: end its read
             if close is not None:
                 close()
+
+    def _digest_sum(self, conn: Connection, observed: datetime) -> DigestSum:
+        """Every user's digest totalled by the source (``authjs_digest.sum_query``): one
+        scan of each table, no grouping by user, one row back."""
+        query = sum_query(
+            self._tables, observed=observed, max_age=self._max_age, expired_too=self._expired_too
+        )
+        with _db_errors():
+            users, total, sessions = conn.execute(query).one()
+        return DigestSum(users=int(users), total=int(total), sessions=int(sessions))
 
     def _digest_copy(self, conn: Connection, after: int | str | None, observed: datetime) -> Signed:
         """The digest query's rows as COPY text, in no particular order (the store compares

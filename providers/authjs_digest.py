@@ -4,25 +4,27 @@ A digest pass (``AuthjsProvider.iter_digested``) and the set pass skip a user wh
 equals the one stored when the worker last applied that user. The digest is computed by the
 source database, so the rows never leave it (nor the session token: only a hash over it).
 
-Definition (``DIGEST_VERSION`` "authjs-2"): each row the mapping reads is hashed by
+Definition (``DIGEST_VERSION`` "authjs-3"): each row the mapping reads is hashed by
 PostgreSQL's ``hash_record_extended`` (64 bits, each column by its type's own extended hash
-function, no text formatting) with a seed per table: the user's columns with the salt, each
-account's (provider, providerAccountId), each live session's token, expiry, the login time
-the mapping derives from them (``least(expires - maxAge, observed)``: it moves with
-``observed`` for a session that expires further off than maxAge) and ``createdAt`` where
-configured. A user's digest is the hash of the *sums* of its rows' hashes (split in 32-bit
-halves, so PostgreSQL sums them as integers, not numerics): a sum is a multiset hash, so
-the rows need no order (one sort by user id, not one per table and column) and duplicate
-rows do not cancel out as they would in an XOR. Text is hashed under the "C" collation, so
-a nondeterministic collation cannot make two spellings equal.
+function, no text formatting) with a seed per table, the user's id among its columns: the
+user's columns with the salt, each account's (provider, providerAccountId), each live
+session's token, expiry, the login time the mapping derives from them (``least(expires -
+maxAge, observed)``: it moves with ``observed`` for a session that expires further off than
+maxAge) and ``createdAt`` where configured. A user's digest is the sum of its rows' hashes
+modulo 2^62 (``sync_worker.digest_sum``): the rows need no order (one sort by user id, not
+one per table and column), duplicate rows do not cancel out as they would in an XOR, and
+the digests add up, so ``sum_query`` totals every user's digest without grouping by user.
+Text is hashed under the "C" collation, so a nondeterministic collation cannot make two
+spellings equal.
 
 "authjs-1" was md5 over each user's rows printed as text, aggregated in sorted order:
-2.5-3x the source's CPU. Stored digests of another version never match, so the first pass
-after an upgrade re-reads every user once and, the engine finding each unchanged, writes
-nothing but the new digests.
+2.5-3x the source's CPU. "authjs-2" hashed each user's sums again, which made digests that
+do not add up. Stored digests of another version never match, so the first pass after an
+upgrade re-reads every user once and, the engine finding each unchanged, writes nothing but
+the new digests.
 
 ``hash_record_extended`` needs PostgreSQL 14 (``supported``); an older source gets the
-per-row pass. A collision (two different row sets with one digest, 2^-64 for a change) would
+per-row pass. A collision (two different row sets with one digest, 2^-62 for a change) would
 skip one changed user until its next change: the hash guards against accident, not against
 an adversary (nor did md5).
 """
@@ -35,10 +37,10 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
-    Integer,
     Interval,
     Select,
     SmallInteger,
+    Subquery,
     Text,
     cast,
     func,
@@ -50,17 +52,17 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 
 from providers.authjs_schema import AuthjsTables
+from sync_worker.digest_sum import folded, halves
 
-__all__ = ["DIGEST_VERSION", "MIN_SERVER", "digest_query", "id_range", "supported"]
+__all__ = ["DIGEST_VERSION", "MIN_SERVER", "digest_query", "id_range", "sum_query", "supported"]
 
 #: Part of every source digest: bump it with any change to what ``to_change`` or
 #: ``session_change`` read or produce, or to the definition, so stored digests stop matching.
-DIGEST_VERSION = "authjs-2"
+DIGEST_VERSION = "authjs-3"
 #: The first PostgreSQL with ``hash_record_extended``.
 MIN_SERVER = (14,)
 
 _USER, _ACCOUNT, _SESSION = 1, 2, 3  # each table's seed, and its rows' kind
-_LOW_31 = 0x7FFFFFFF
 
 
 def supported(dialect: Dialect) -> bool:
@@ -85,6 +87,48 @@ def digest_query(
     by their bytes (to merge with the worker's order). With integer ids the accounts and
     sessions are read for the users' range only; text ids may compare otherwise under
     another column's collation, so theirs are all read and those of other users dropped."""
+    every = _rows(
+        tables, observed=observed, max_age=max_age, expired_too=expired_too, after=after, upto=upto
+    )
+    key: ColumnElement[Any] = every.c.uid
+    if bytewise and not tables.flavour.integer_ids:
+        key = every.c.uid.collate("C")
+    digest = cast(_summed(every), Text)
+    live = func.count().filter(every.c.kind == _SESSION)
+    query = (
+        select(key.label("id"), digest.label("digest"), live.label("n"))
+        .group_by(key)
+        .having(func.min(every.c.kind) == _USER)  # accounts or sessions of no user here
+    )
+    return query.order_by(key) if ordered else query
+
+
+def sum_query(
+    tables: AuthjsTables, *, observed: datetime, max_age: timedelta, expired_too: bool
+) -> Select[int, int, int]:
+    """``(users, the sum of their digests, live sessions)`` over every user, without
+    grouping rows by user: ``sync_worker.digest_sum.DigestSum``. Accounts or sessions of
+    no user count here and in no digest: a source that keeps such rows never totals what
+    the worker stored, and its passes compare user by user."""
+    every = _rows(tables, observed=observed, max_age=max_age, expired_too=expired_too)
+    return select(
+        func.count().filter(every.c.kind == _USER),
+        func.coalesce(_summed(every), 0),
+        func.count().filter(every.c.kind == _SESSION),
+    )
+
+
+def _rows(
+    tables: AuthjsTables,
+    *,
+    observed: datetime,
+    max_age: timedelta,
+    expired_too: bool,
+    after: Any = None,
+    upto: Any = None,
+) -> Subquery:
+    """Every row the digest covers as ``(uid, kind, h)``: its user, its table, its hash
+    (a column of a subquery, so that each row is hashed once however often it is used)."""
     user, account, session = tables.user, tables.account, tables.session
     ranged = tables.flavour.integer_ids and (after is not None or upto is not None)
 
@@ -107,7 +151,12 @@ def digest_query(
         user_values.append(user.c.created_at)
     users = rows(_USER, user.c.id, user_values).where(*id_range(user.c.id, after, upto))
 
-    account_values = [_exact(account.c.provider), _exact(account.c.provider_account_id)]
+    # Each row names its user, so the rows' sum over all users tells them apart.
+    account_values = [
+        _exact(account.c.user_id),
+        _exact(account.c.provider),
+        _exact(account.c.provider_account_id),
+    ]
     accounts = rows(_ACCOUNT, account.c.user_id, account_values)
     if ranged:
         accounts = accounts.where(*id_range(account.c.user_id, after, upto))
@@ -115,7 +164,12 @@ def digest_query(
     at = literal(observed, type_=session.c.expires.type)
     expires = type_coerce(session.c.expires, session.c.expires.type)
     written = func.least(expires - literal(max_age, Interval), at)
-    session_values = [_exact(session.c.session_token), session.c.expires, written]
+    session_values = [
+        _exact(session.c.user_id),
+        _exact(session.c.session_token),
+        session.c.expires,
+        written,
+    ]
     if tables.has("session", "created_at"):
         session_values.append(session.c.created_at)
     sessions = rows(_SESSION, session.c.user_id, session_values)
@@ -124,22 +178,13 @@ def digest_query(
     if ranged:
         sessions = sessions.where(*id_range(session.c.user_id, after, upto))
 
-    every = union_all(users, accounts, sessions).subquery("digest_rows")
-    key: ColumnElement[Any] = every.c.uid
-    if bytewise and not tables.flavour.integer_ids:
-        key = every.c.uid.collate("C")
-    # Sums of 32-bit halves stay bigint (a bigint's sum is a numeric, slower); bit 31 of
-    # each row's hash is left out, which leaves 63.
-    high = func.sum(cast(every.c.h.op(">>")(32), Integer))
-    low = func.sum(cast(every.c.h.op("&")(_LOW_31), Integer))
-    digest = cast(func.hash_record_extended(func.row(high, low), literal(0, BigInteger)), Text)
-    live = func.count().filter(every.c.kind == _SESSION)
-    query = (
-        select(key.label("id"), digest.label("digest"), live.label("n"))
-        .group_by(key)
-        .having(func.min(every.c.kind) == _USER)  # accounts or sessions of no user here
-    )
-    return query.order_by(key) if ordered else query
+    return union_all(users, accounts, sessions).subquery("digest_rows")
+
+
+def _summed(every: Subquery) -> ColumnElement[int]:
+    """The digest of the rows aggregated: their hashes summed (``sync_worker.digest_sum``)."""
+    high, low = halves(every.c.h)
+    return folded(func.sum(high), func.sum(low))
 
 
 def _exact(column: ColumnElement[Any]) -> ColumnElement[Any]:

@@ -12,12 +12,13 @@ translated at the adapter boundary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from sync_worker.changes import UserChange
+from sync_worker.digest_sum import DigestSum
 from sync_worker.signature import Signature
 
 Cursor = Mapping[str, Any]
@@ -121,6 +122,15 @@ class StoredDigests(Protocol):
     def in_order(self, *, numeric: bool) -> Iterator[tuple[str, str]]: ...
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]: ...
+
+    def unchanged(self, summed: Callable[[], DigestSum]) -> Compared | None:
+        """Whether a full pass's source holds exactly the rows the stored digests stand
+        for: ``summed`` (called at once, in a thread, while the worker adds up its side)
+        totals every source user's digest, and equals the stored digests' total, as many
+        users, each live identity holding one. Then the ``Compared`` of a pass that changed
+        nobody, reconcile's counts told (nobody is missing). Otherwise, or where the store
+        does not total (SQLite, a dry run), None: compare user by user."""
+        ...
 
     def compare(self, digests: SignedDigests, *, limit: int) -> Compared | None:
         """Compare the pass's digests, COPY text rows ``(external id, digest, live

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from db.digests import (
     stage_digests,
     store_digests,
     stored_signature,
+    stored_totals,
 )
 from db.errors import translating
 from db.runs import RunStatus, finish_run, start_run
@@ -65,6 +66,7 @@ from providers.base import (
     SignedDigests,
 )
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
+from sync_worker.digest_sum import DigestSum
 from sync_worker.engine import BatchResult, Outcome, Rejected, SyncEngine
 from sync_worker.engine.setbased import PerRow, apply_batch, page_bounds
 from sync_worker.errors import GuardRefused
@@ -554,6 +556,27 @@ class _Stored:
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return digests_of(self.db, self.provider, external_ids)
 
+    def unchanged(self, summed: Callable[[], DigestSum]) -> Compared | None:
+        """On PostgreSQL, outside a dry run: the source's total (``summed``, in a thread)
+        against the stored digests' total and the live count, taken meanwhile."""
+        if self.run_id is None or self.db.dialect.name != "postgresql":
+            return None
+        with reading_ahead(_called(summed)) as result, transaction(self.db) as conn:
+            stored, live = stored_totals(conn, self.provider)
+            source = next(result)
+        if source.users != stored.users or stored.users != live or source.total != stored.total:
+            log.info(
+                "digest_totals_differ",
+                provider=self.provider,
+                source_users=source.users,
+                stored_users=stored.users,
+                live=live,
+            )
+            return None
+        if self.seen is not None:
+            self.seen.compared(live, 0, applying=False)
+        return Compared(users=source.users, changed={}, skipped_sessions=source.sessions)
+
     def compare(self, digests: SignedDigests, *, limit: int) -> Compared | None:
         """On PostgreSQL, in one transaction: the digests compared, reconcile's counts
         taken (with ``seen``) and every id recorded as seen by the run (unless none is
@@ -602,6 +625,10 @@ class _Stored:
                 held.stage(conn)
                 mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
         return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
+
+
+def _called(summed: Callable[[], DigestSum]) -> Iterator[DigestSum]:
+    yield summed()
 
 
 #: A digest comparison holds at most about this many bytes of the source's digests in

@@ -30,6 +30,7 @@ from providers.authjs import AuthjsProvider
 from providers.base import Compared, Cursor, Page, StoredDigests
 from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
+from sync_worker.digest_sum import MODULUS, DigestSum
 from sync_worker.engine import PlanSettings, SyncEngine
 from sync_worker.pull import PullReport, PullRunner, ReconcileRefused, ReconcileReport, _Stored
 from tests.conftest import sqlalchemy_url
@@ -322,6 +323,10 @@ def test_the_digest_pass_writes_what_the_per_row_pass_writes(
     twins.assert_same()
 
 
+#: The scenarios after which the source's total still matches the stored digests'.
+TOTALS_AGREE = (unchanged, user_row_changed_in_worker)
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
 def test_digests_read_in_two_halves(
     twins: Twins, scenario: Callable[[Twins], None], monkeypatch: pytest.MonkeyPatch
@@ -341,7 +346,9 @@ def test_digests_read_in_two_halves(
     scenario(twins)
     twins.run()
     twins.assert_same()
-    assert joined  # the second half was read on its own connection
+    # The second half was read on its own connection, unless the source's total matched
+    # the stored digests' (nothing the source holds changed) and no digest was read.
+    assert bool(joined) == (scenario not in TOTALS_AGREE)
     twins.run(full=False)
     twins.assert_same()
 
@@ -376,6 +383,9 @@ class NoCompare:
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return self.inner.of(external_ids)
+
+    def unchanged(self, summed: Callable[[], DigestSum]) -> Compared | None:
+        return None
 
     def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
         return None
@@ -591,14 +601,84 @@ def staging_spied(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def digest_reads_spied(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The ``after`` of each pass that read every user's digest from the source."""
+    calls: list[object] = []
+    real = AuthjsProvider._digest_copy
+
+    def copy(self: AuthjsProvider, conn: Any, after: Any, observed: datetime) -> Any:
+        calls.append(after)
+        return real(self, conn, after, observed)
+
+    monkeypatch.setattr(AuthjsProvider, "_digest_copy", copy)
+    return calls
+
+
+def test_the_source_total_is_the_sum_of_its_digests(twins: Twins) -> None:
+    """Digests add up: the source's total over every row, grouped by no user, is the sum
+    of the users' digests, with rows repeated, a user with no session and one whose
+    session expired."""
+    a, b = ids(twins)[:2]
+    for _ in range(2):
+        twins.loader.link_account(a, FakeAccount(provider="dup", provider_account_id="same"))
+    twins.loader.create_user(name="No Session", email="no.session@example.com")
+    twins.loader.create_session(
+        b, FakeSession(session_token="expired", expires=twins.now - timedelta(days=1))
+    )
+    with closing(twins.provider()) as provider, provider._reading() as conn:
+        rows = list(conn.execute(provider._digest_query(None, twins.now)))
+        summed = provider._digest_sum(conn, twins.now)
+    assert summed.users == len(rows) == 31
+    assert summed.total == sum(int(r[1]) for r in rows) % MODULUS
+    assert all(0 <= int(r[1]) < MODULUS for r in rows)
+    live = twins.loader.execute("SELECT count(*) FROM sessions WHERE expires >= %s", [twins.now])
+    assert summed.sessions == sum(int(r[2]) for r in rows) == live[0][0]
+
+
+def test_rows_of_no_user_keep_the_totals_apart(
+    twins: Twins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An account of a user the source no longer has (the adapter's schema has no foreign
+    keys) is in the source's total and in no digest: the totals never agree, and each pass
+    compares user by user, finding nothing changed."""
+    twins.run()
+    twins.loader.link_account(999_999, FakeAccount(provider="github", provider_account_id="gone"))
+    read = digest_reads_spied(monkeypatch)
+    twins.run()
+    assert read == [None]  # the digest pass read every user's digest
+    assert twins.mapped[True] == 0
+    twins.assert_same()
+
+
+def test_a_stored_digest_that_is_no_number_totals_without_error(twins: Twins) -> None:
+    """A digest of authjs-1 (32 hex digits) still stored: counted, not summed, so the
+    totals differ and that user is read again; the pass after, the totals agree."""
+    a = str(ids(twins)[3])
+    with transaction(twins.digest) as conn:
+        conn.execute(
+            text(
+                "UPDATE sync_source_digests SET digest = md5(digest)"
+                " WHERE provider = 'authjs' AND external_id = :a"
+            ),
+            {"a": a},
+        )
+    twins.run()
+    assert twins.mapped[True] == 1
+    twins.assert_same()
+    twins.run()
+    assert twins.mapped[True] == 0
+
+
 def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(
     twins: Twins, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Reconcile's counts are taken with the comparison of the digests: the seen ids are
     not unnested again from sync_seen (and with nobody missing, not even recorded). The
-    source's signature equals the stored one: no digest is copied in, none joined."""
+    source's total equals the stored digests': no user's digest is read from the source,
+    none copied in, none joined."""
     twins.run()
     staged = staging_spied(monkeypatch)
+    read = digest_reads_spied(monkeypatch)
     statements: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -612,9 +692,10 @@ def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(
     # Nobody missing: the seen ids are neither recorded nor unnested.
     assert not [s for s in statements if "INSERT INTO sync_seen" in s]
     assert not [s for s in statements if "jsonb_array_elements_text" in s]
-    # Nothing changed: the source's digests matched the stored ones by signature.
+    # Nothing changed: the source's total matched the stored digests'.
     assert not [s for s in statements if "JOIN sync_source_digests" in s]
     assert staged == []
+    assert read == []
     reconciled = twins.reports[True].reconcile
     assert reconciled == ReconcileReport(live=30, missing=0, deleted=0, refused=False)
     twins.assert_same()
@@ -628,6 +709,7 @@ def test_digests_past_what_is_held_are_copied_as_they_come(
     come (memory stays flat); their signature still spares the join when nothing
     changed, and the join still finds what did."""
     monkeypatch.setattr("sync_worker.pull.HOLD_BYTES", 1)
+    monkeypatch.setattr(_Stored, "unchanged", lambda *_: None)  # as if the totals differed
     monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
     monkeypatch.setattr("providers.authjs_copy.CHUNK_ROWS", 4)  # several chunks a half
     twins.run()
@@ -641,10 +723,11 @@ def test_digests_past_what_is_held_are_copied_as_they_come(
     twins.assert_same()
 
 
-def test_digests_swapped_between_two_users_fail_the_signature(twins: Twins) -> None:
-    """The signature hashes each id with its digest: the same digests on other users (the
-    same multiset of digests) is a difference, found by the join, and those two users are
-    read again (and found unchanged)."""
+def test_digests_swapped_between_two_users_still_total_the_same(twins: Twins) -> None:
+    """Each row's hash names its user, so a stored digest under another user's id still
+    stands for its own user's rows: the totals agree, and rightly, since the source holds
+    the rows the worker applied. Once one of the two changes, the users are compared one
+    by one and both are read again (one changed, the other found unchanged)."""
     twins.run()
     a, b = (str(i) for i in ids(twins)[:2])
     with transaction(twins.digest) as conn:
@@ -659,8 +742,12 @@ def test_digests_swapped_between_two_users_fail_the_signature(twins: Twins) -> N
         )
     before = normalized(twins.digest)
     twins.run()
-    assert twins.mapped[True] == 2
+    assert twins.mapped[True] == 0
     assert normalized(twins.digest) == before
+    twins.loader.update_user(int(a), name="Swapped Then Renamed")
+    twins.run()
+    assert twins.mapped[True] == 2
+    twins.assert_same()
     twins.run()
     assert twins.mapped[True] == 0
 
@@ -846,6 +933,9 @@ class Nothing:
 
     def of(self, external_ids: Sequence[str]) -> Mapping[str, str]:
         return {}
+
+    def unchanged(self, summed: Callable[[], DigestSum]) -> Compared | None:
+        return None
 
     def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
         return None

@@ -25,10 +25,10 @@ from typing import Any
 
 from sqlalchemy import (
     ARRAY,
+    BigInteger,
     ColumnElement,
     Connection,
     Engine,
-    Numeric,
     String,
     bindparam,
     case,
@@ -211,7 +211,7 @@ def stored_sum(conn: Connection, provider: str) -> DigestSum:
     its source's total. Digests of an older definition that are not decimal integers
     (authjs-1's 32 hex digits) are counted and not summed: they cannot match anyway."""
     digest = _sd.c.digest
-    number = case((func.length(digest) <= _DECIMAL_DIGITS, cast(digest, Numeric)))
+    number = case((func.length(digest) <= _DECIMAL_DIGITS, cast(digest, BigInteger)))
     users, total = conn.execute(
         select(func.count(), func.coalesce(func.sum(number), 0)).where(_sd.c.provider == provider)
     ).one()
@@ -228,8 +228,8 @@ def stored_totals(conn: Connection, provider: str) -> tuple[DigestSum, int]:
     return stored_sum(conn, provider), count_live(conn, provider)
 
 
-#: At most this many characters in a decimal digest of any definition that had them
-#: (a signed 64-bit integer's); anything longer is not one.
+#: At most this many characters in a decimal digest of any definition that had them (a
+#: signed 64-bit integer's: each fits a bigint); anything longer is not one.
 _DECIMAL_DIGITS = 20
 
 

@@ -6,11 +6,12 @@ source database, so the rows never leave it (nor the session token: only a hash 
 
 Definition (``DIGEST_VERSION`` "authjs-3"): each row the mapping reads is hashed by
 PostgreSQL's ``hash_record_extended`` (64 bits, each column by its type's own extended hash
-function, no text formatting) with a seed per table, the user's id among its columns: the
-user's columns with the salt, each account's (provider, providerAccountId), each live
-session's token, expiry, the login time the mapping derives from them (``least(expires -
-maxAge, observed)``: it moves with ``observed`` for a session that expires further off than
-maxAge) and ``createdAt`` where configured. A user's digest is the sum of its rows' hashes
+function, no text formatting), seeded by the table and a salt (the definition's version,
+maxAge and whether expired sessions are read), the user's id among its columns: the user's
+columns, each account's (provider, providerAccountId), each live session's token and
+expiry, ``observed`` where the login time the mapping derives (``min(expires - maxAge,
+observed)``) moves with it (a session that expires further off than maxAge), and
+``createdAt`` where configured. A user's digest is the sum of its rows' hashes
 modulo 2^62 (``sync_worker.digest_sum``): the rows need no order (one sort by user id, not
 one per table and column), duplicate rows do not cancel out as they would in an XOR, and
 the digests add up, so ``sum_query`` totals every user's digest without grouping by user.
@@ -31,22 +32,22 @@ an adversary (nor did md5).
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
-    Interval,
     Select,
     SmallInteger,
     Subquery,
     Text,
+    case,
     cast,
     func,
     literal,
     select,
-    type_coerce,
     union_all,
 )
 from sqlalchemy.engine import Dialect
@@ -132,15 +133,16 @@ def _rows(
     user, account, session = tables.user, tables.account, tables.session
     ranged = tables.flavour.integer_ids and (after is not None or upto is not None)
 
+    salt = f"{DIGEST_VERSION}|{max_age.total_seconds()}|{int(expired_too)}"
+
     def rows(kind: int, uid: Any, values: list[ColumnElement[Any]]) -> Select[Any]:
-        hashed = func.hash_record_extended(func.row(*values), literal(kind, BigInteger))
+        seed = literal(_seed(salt, kind), BigInteger)
+        hashed = func.hash_record_extended(func.row(*values), seed)
         return select(
             uid.label("uid"), literal(kind, SmallInteger).label("kind"), hashed.label("h")
         )
 
-    salt = f"{DIGEST_VERSION}|{max_age.total_seconds()}|{int(expired_too)}"
     user_values = [
-        literal(salt, Text),
         _exact(user.c.id),
         _exact(user.c.name),
         _exact(user.c.email),
@@ -161,14 +163,17 @@ def _rows(
     if ranged:
         accounts = accounts.where(*id_range(account.c.user_id, after, upto))
 
+    # The mapping's login time, min(expires - maxAge, observed), is ``expires`` less the
+    # salt's maxAge but where a session expires further off than maxAge: there it is
+    # ``observed``, which moves. One comparison with a constant, no date arithmetic a row.
     at = literal(observed, type_=session.c.expires.type)
-    expires = type_coerce(session.c.expires, session.c.expires.type)
-    written = func.least(expires - literal(max_age, Interval), at)
+    later = literal(observed + max_age, type_=session.c.expires.type)
+    moving = case((session.c.expires > later, at))
     session_values = [
         _exact(session.c.user_id),
         _exact(session.c.session_token),
         session.c.expires,
-        written,
+        moving,
     ]
     if tables.has("session", "created_at"):
         session_values.append(session.c.created_at)
@@ -179,6 +184,13 @@ def _rows(
         sessions = sessions.where(*id_range(session.c.user_id, after, upto))
 
     return union_all(users, accounts, sessions).subquery("digest_rows")
+
+
+def _seed(salt: str, kind: int) -> int:
+    """The seed of a table's row hashes: the salt's (so a new definition, maxAge or
+    expired-sessions setting changes every digest) and the table's."""
+    digest = hashlib.blake2b(f"{salt}|{kind}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _summed(every: Subquery) -> ColumnElement[int]:

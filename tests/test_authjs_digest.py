@@ -454,6 +454,19 @@ def test_sessions_that_expire_between_passes(twins: Twins) -> None:
     twins.assert_same()
 
 
+def test_a_session_beyond_max_age_is_read_again_every_pass(twins: Twins) -> None:
+    """A session that expires further off than maxAge takes the pass's own time as its
+    login time (``min(expires - maxAge, observed)``), which the per-row pass writes anew
+    each time: its user's digest moves with every pass, and only its user's."""
+    a = ids(twins)[5]
+    far = FakeSession(session_token="far-off", expires=twins.now + timedelta(days=45))
+    twins.loader.create_session(a, far)
+    for _ in range(2):
+        twins.run()
+        assert twins.mapped[True] == 1
+        twins.assert_same()
+
+
 def test_reconcile_soft_deletes_then_the_user_comes_back(twins: Twins) -> None:
     a = ids(twins)[12]
     saved = twins.loader.execute(

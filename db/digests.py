@@ -10,8 +10,9 @@ with the identity. A pass streams them in id order beside the source's digests.
 On PostgreSQL a pass compares in the worker instead (``stage_digests``, ``compare_staged``,
 ``changed_staged``): the source's digests arrive as COPY bytes, passed through undecoded,
 into a temporary table of the comparing transaction, and only the changed users come back.
-Before any row, the signature of the stored pairs (``stored_signature``) is compared with
-the source's: equal, nothing changed, and no row is copied or joined.
+Before any row, a whole pass compares the stored digests' total (``stored_totals``; the
+digests add up, ``sync_worker.digest_sum``) with the source's: equal, nothing changed, and
+no user's digest is read.
 
 A table of its own, not a column of user_identities: that table's writers build its rows
 from its column list (the bulk load positionally), and a narrow table reads faster.
@@ -46,7 +47,6 @@ from db.seen import count_live
 from db.snapshot import lock_writers
 from db.tables import sync_source_digests, user_identities
 from sync_worker.digest_sum import MODULUS, DigestSum
-from sync_worker.signature import Signature, pair_hash, signature_columns
 
 __all__ = [
     "STAGED",
@@ -60,7 +60,6 @@ __all__ = [
     "stage_digests",
     "store_digests",
     "stored_digests",
-    "stored_signature",
     "stored_sum",
     "stored_totals",
 ]
@@ -231,19 +230,6 @@ def stored_totals(conn: Connection, provider: str) -> tuple[DigestSum, int]:
 #: At most this many characters in a decimal digest of any definition that had them (a
 #: signed 64-bit integer's: each fits a bigint); anything longer is not one.
 _DECIMAL_DIGITS = 20
-
-
-@translated
-def stored_signature(conn: Connection, provider: str) -> Signature:
-    """The ``Signature`` of every ``(external id, digest)`` stored for the provider: one
-    scan, no row sent back. A pass compares it with its source's."""
-    pairs = (
-        select(pair_hash(_sd.c.external_id, _sd.c.digest).label("h"))
-        .where(_sd.c.provider == provider)
-        .subquery("pairs")
-    )
-    row = conn.execute(select(*signature_columns(pairs.c.h))).one()
-    return Signature(*map(int, row))
 
 
 @translated

@@ -59,7 +59,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from db.lookup import among
-from providers.authjs_copy import Signed, export_snapshot, join_snapshot, signed_chunks
+from providers.authjs_copy import copy_chunks, export_snapshot, join_snapshot
 from providers.authjs_digest import digest_query, id_range, sum_query, supported
 from providers.authjs_schema import AuthjsTables, build_tables
 from providers.authjs_setpass import AuthjsSetPass, position_after
@@ -86,7 +86,6 @@ from sync_worker.errors import (
 )
 from sync_worker.readahead import read_merged
 from sync_worker.runtime import collector_paused
-from sync_worker.signature import Signature
 
 __all__ = [
     "DEFAULT_SESSION_MAX_AGE",
@@ -619,34 +618,31 @@ class AuthjsProvider:
             users, total, sessions = conn.execute(query).one()
         return DigestSum(users=int(users), total=int(total), sessions=int(sessions))
 
-    def _digest_copy(self, conn: Connection, after: int | str | None, observed: datetime) -> Signed:
-        """The digest query's rows as COPY text, in no particular order (the store compares
-        by id), read once iterated, with their signature (``Signed``). With integer ids and
-        enough users, in two halves by id range, read at once on two connections in the
-        pass's snapshot: PostgreSQL runs each query on one backend, and this one costs the
-        pass most (a sort by user, hashes, sums)."""
-        return Signed(self._digest_chunks(conn, after, observed))
-
-    def _digest_chunks(
+    def _digest_copy(
         self, conn: Connection, after: int | str | None, observed: datetime
-    ) -> Generator[tuple[bytes, Signature, int], None, None]:
+    ) -> Generator[bytes, None, None]:
+        """The digest query's rows as COPY text, in no particular order (the store compares
+        by id), read once iterated. With integer ids and enough users, in two halves by id
+        range, read at once on two connections in the pass's snapshot: PostgreSQL runs each
+        query on one backend, and this one costs the pass most (a sort by user, hashes,
+        sums)."""
         count, middle = self._middle(conn, after)
         plain = (self._tables.flavour.integer_ids, True, True)  # id, a decimal digest, an integer
         if middle is None:
             query = self._digest_query(after, observed, ordered=False)
-            yield from signed_chunks(conn, query, rows=count, plain=plain)
+            yield from copy_chunks(conn, query, rows=count, plain=plain)
             return
         snapshot = export_snapshot(conn)
         half = count // 2 + 1
 
-        def upper() -> Iterator[tuple[bytes, Signature, int]]:
+        def upper() -> Iterator[bytes]:
             with self._reading() as other:
                 join_snapshot(other, snapshot)
                 query = self._digest_query(middle, observed, ordered=False)
-                yield from signed_chunks(other, query, rows=count - half, plain=plain)
+                yield from copy_chunks(other, query, rows=count - half, plain=plain)
 
         query = self._digest_query(after, observed, upto=middle, ordered=False)
-        lower = signed_chunks(conn, query, rows=half, plain=plain)
+        lower = copy_chunks(conn, query, rows=half, plain=plain)
         yield from read_merged([lower, upper()])
 
     def _middle(self, conn: Connection, after: int | str | None) -> tuple[int, int | None]:

@@ -7,28 +7,19 @@ builds the lines and hands them over in chunks of many rows: read a row at a tim
 them. The digest query is the pass's costliest read and PostgreSQL runs it on one backend,
 so the adapter splits it by id range over two connections; the second joins the first
 one's snapshot (``pg_export_snapshot``), so both halves read the same data as one would.
-Each chunk carries the ``sync_worker.signature`` of its ``(id, digest)`` pairs, summed by
-``Signed``: a worker whose stored pairs have the same signature needs none of the bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
 from sqlalchemy import ColumnElement, Connection, Select, Text, cast, func, literal, select
 
 from sync_worker.errors import UpstreamDataError, UpstreamUnavailable
-from sync_worker.signature import ZERO, Signature, pair_hash, signature_columns
 
-__all__ = [
-    "CHUNK_ROWS",
-    "Signed",
-    "export_snapshot",
-    "join_snapshot",
-    "signed_chunks",
-]
+__all__ = ["CHUNK_ROWS", "copy_chunks", "export_snapshot", "join_snapshot"]
 
 #: At most about this many rows to a chunk (some 4 MB of digests). Up to this many in
 #: all, one aggregate takes the query's rows as they come; beyond, grouping them into
@@ -39,16 +30,14 @@ CHUNK_ROWS = 100_000
 _ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 
 
-def signed_chunks(
+def copy_chunks(
     conn: Connection, query: Select[Any], *, rows: int, plain: Sequence[bool]
-) -> Iterator[tuple[bytes, Signature, int]]:
-    """A digest query's rows ``(id, digest, live sessions)`` as COPY text lines, in chunks
-    of at most about ``CHUNK_ROWS`` rows (for ``rows`` rows in all), read in ``conn``'s
-    transaction one chunk at a time, each with the ``Signature`` of its ``(id, digest)``
-    pairs and its sum of live sessions, which the source computes as it builds the chunk.
-    ``plain`` says, column by column, which never hold a character COPY escapes nor NULL
-    (integers, decimal digests): the others are escaped. Chunks follow no order; rows are
-    grouped by the first column."""
+) -> Iterator[bytes]:
+    """``query``'s rows as COPY text lines, in chunks of at most about ``CHUNK_ROWS`` rows
+    (for ``rows`` rows in all), read in ``conn``'s transaction one chunk at a time. ``plain``
+    says, column by column, which never hold a character COPY escapes nor NULL (integers,
+    decimal digests): the others are escaped. Chunks follow no order; rows are grouped by the
+    first column."""
     compiled = _chunked(query, rows=rows, plain=plain).compile(dialect=conn.dialect)
     processors: Mapping[str, Callable[[Any], Any]] = getattr(compiled, "_bind_processors", {})
     params = {
@@ -61,49 +50,23 @@ def signed_chunks(
         with raw.cursor(name="sw_copy_chunks", binary=True) as cur:
             cur.itersize = 1  # one chunk in memory at a time
             cur.execute(str(compiled), params)
-            for chunk, count, high, low, sessions in cur:
+            for (chunk,) in cur:
                 if chunk is not None:  # the aggregate of no rows
-                    signature = Signature(int(count), int(high), int(low))
-                    yield bytes(chunk), signature, int(sessions)
+                    yield bytes(chunk)
     except psycopg.OperationalError as exc:
         raise UpstreamUnavailable(f"authjs: database unavailable: {_line(exc)}") from exc
     except psycopg.Error as exc:
         raise UpstreamDataError(f"authjs: database error: {_line(exc)}") from exc
 
 
-class Signed:
-    """``signed_chunks`` (one stream or several merged) as the bytes a worker's COPY takes,
-    with their signature summed as they pass: ``providers.base.SignedDigests``."""
-
-    def __init__(self, chunks: Generator[tuple[bytes, Signature, int], None, None]) -> None:
-        self._chunks = chunks
-        self._sum, self._sessions, self._done = ZERO, 0, False
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk, signature, sessions in self._chunks:
-            self._sum += signature
-            self._sessions += sessions
-            yield chunk
-        self._done = True
-
-    def signature(self) -> tuple[Signature, int] | None:
-        return (self._sum, self._sessions) if self._done else None
-
-    def close(self) -> None:
-        self._chunks.close()
-
-
 def _chunked(query: Select[Any], *, rows: int, plain: Sequence[bool]) -> Select[Any]:
-    copied = query.subquery("copied")
-    hashed = pair_hash(*list(copied.c)[:2]).label("sw_pair")  # once a row, in a subquery
-    table = select(*copied.c, hashed).subquery("signed")
-    columns, pairs = list(table.c)[:-1], table.c.sw_pair
-    sums = [*signature_columns(pairs), func.coalesce(func.sum(columns[2]), 0)]
+    table = query.subquery("copied")
+    columns = list(table.c)
     line = _field(columns[0], plain=plain[0])
     for column, is_plain in zip(columns[1:], plain[1:], strict=True):
         line = line + literal("\t", Text) + _field(column, plain=is_plain)
     text = func.string_agg(line, literal("\n", Text)) + literal("\n", Text)
-    chunks = select(func.convert_to(text, literal("UTF8")), *sums)
+    chunks = select(func.convert_to(text, literal("UTF8")))
     buckets = -(-rows // CHUNK_ROWS)
     if buckets <= 1:
         return chunks

@@ -12,14 +12,13 @@ translated at the adapter boundary.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from sync_worker.changes import UserChange
 from sync_worker.digest_sum import DigestSum
-from sync_worker.signature import Signature
 
 Cursor = Mapping[str, Any]
 
@@ -132,24 +131,12 @@ class StoredDigests(Protocol):
         does not total (SQLite, a dry run), None: compare user by user."""
         ...
 
-    def compare(self, digests: SignedDigests, *, limit: int) -> Compared | None:
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
         """Compare the pass's digests, COPY text rows ``(external id, digest, live
         sessions)`` in any order, with the stored ones, in the worker's database, and
         record every id as seen by the pass (unless more than ``limit`` changed). None,
         without reading ``digests``, where the store does not compare (the caller merges
         ``in_order`` instead): the pass then lists its ids in ``Page.seen_ids``."""
-        ...
-
-
-class SignedDigests(Protocol):
-    """A pass's source digests for ``StoredDigests.compare``: COPY text bytes, and, once
-    they are all read, the ``Signature`` of their ``(external id, digest)`` pairs with the
-    sum of their live sessions (computed by the source as it sent them)."""
-
-    def __iter__(self) -> Iterator[bytes]: ...
-
-    def signature(self) -> tuple[Signature, int] | None:
-        """None until every byte was read."""
         ...
 
 

@@ -14,7 +14,6 @@ stores its settled users' digests with its batch.
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,7 +29,6 @@ from db import setstage
 from db.cursors import load_cursor, save_cursor
 from db.digests import (
     STAGED,
-    Comparison,
     changed_staged,
     compare_staged,
     create_staged,
@@ -39,7 +37,6 @@ from db.digests import (
     holds_digests,
     stage_digests,
     store_digests,
-    stored_signature,
     stored_totals,
 )
 from db.errors import translating
@@ -63,7 +60,6 @@ from providers.base import (
     Page,
     Provider,
     RecordError,
-    SignedDigests,
 )
 from sync_worker.changes import Action, ChangeKind, Source, UserChange, utcnow
 from sync_worker.digest_sum import DigestSum
@@ -577,37 +573,24 @@ class _Stored:
             self.seen.compared(live, 0, applying=False)
         return Compared(users=source.users, changed={}, skipped_sessions=source.sessions)
 
-    def compare(self, digests: SignedDigests, *, limit: int) -> Compared | None:
-        """On PostgreSQL, in one transaction: the digests compared, reconcile's counts
-        taken (with ``seen``) and every id recorded as seen by the run (unless none is
-        missing), with no per-user work in Python. Not for a dry run, whose seen ids stay
-        in memory (``_MemorySeen``), nor on SQLite.
+    def compare(self, digests: Iterable[bytes], *, limit: int) -> Compared | None:
+        """On PostgreSQL, in one transaction: the digests copied in, compared, reconcile's
+        counts taken (with ``seen``) and every id recorded as seen by the run (unless none
+        is missing), with no per-user work in Python. Not for a dry run, whose seen ids
+        stay in memory (``_MemorySeen``), nor on SQLite.
 
-        The source is read at once, by a thread; meanwhile the worker takes what needs only
-        its side: the signature of the stored digests and the live count. The source's
-        bytes are held (up to ``HOLD_BYTES``) until their signature is known: equal to the
-        stored one, nothing changed, and no row is copied or joined. Otherwise (or once
-        more are held) they are copied into a temporary table and compared by one join."""
+        The source is read at once, by a thread; while it computes its digests, the worker
+        counts its live identities, then copies the digests in as they come."""
         if self.run_id is None or self.db.dialect.name != "postgresql":
             return None
         live: int | None = None
         with transaction(self.db) as conn:
             create_staged(conn)
             with reading_ahead(digests, depth=4) as blocks:
-                stored = stored_signature(conn, self.provider)
                 if self.seen is not None:
                     live = count_live(conn, self.provider)
-                held = _Held(blocks, HOLD_BYTES)
-                if held.over:
-                    held.stage(conn, rest=blocks)
-            signed = digests.signature()
-            if signed is not None and signed[0] == stored:
-                found = Comparison(
-                    users=stored.count, unchanged=stored.count, skipped_sessions=signed[1]
-                )
-            else:
-                held.stage(conn)
-                found = compare_staged(conn, self.provider)
+                stage_digests(conn, blocks)
+            found = compare_staged(conn, self.provider)
             changes = found.users - found.unchanged
             if changes > limit:
                 return Compared(users=found.users, changed=None, skipped_sessions=0)
@@ -622,39 +605,12 @@ class _Stored:
                 if counted is not None:
                     self.seen.compared(*counted, applying=bool(changed))
             if counted is None or counted[1] > 0:  # reconcile counts or lists from them
-                held.stage(conn)
                 mark_seen_staged(conn, self.run_id, STAGED, "ext", rows=found.users)
         return Compared(users=found.users, changed=changed, skipped_sessions=found.skipped_sessions)
 
 
 def _called(summed: Callable[[], DigestSum]) -> Iterator[DigestSum]:
     yield summed()
-
-
-#: A digest comparison holds at most about this many bytes of the source's digests in
-#: memory (some 300,000 users) before it copies them into the worker.
-HOLD_BYTES = 10 * 1024 * 1024
-
-
-class _Held:
-    """The source's digest bytes, held until they are known to be needed in the worker."""
-
-    def __init__(self, blocks: Iterator[bytes], limit: int) -> None:
-        self.blocks: list[bytes] = []
-        self.over, self.staged = False, False
-        size = 0
-        for block in blocks:
-            self.blocks.append(block)
-            size += len(block)
-            if size > limit:
-                self.over = True  # the caller copies these and the rest
-                return
-
-    def stage(self, conn: Connection, rest: Iterable[bytes] = ()) -> None:
-        """Copy what is held (and ``rest``) into the staged table, once."""
-        if not self.staged:
-            stage_digests(conn, itertools.chain(self.blocks, rest))
-            self.staged, self.blocks = True, []
 
 
 class _Seen(Protocol):

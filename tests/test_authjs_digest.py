@@ -573,12 +573,12 @@ def test_an_unchanged_pass_still_reconciles_a_user_removed_upstream(twins: Twins
     twins.assert_same()
 
 
-def test_a_pass_that_matches_by_signature_still_reconciles_a_user_only_the_worker_has(
+def test_a_pass_whose_every_digest_matches_still_reconciles_a_user_only_the_worker_has(
     twins: Twins, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A user a webhook created that the source does not hold: every source digest matches
-    (the signatures are equal, that identity has no digest), yet one live user was not
-    seen. The held digests are then copied in after all, for reconcile to list it."""
+    """A user a webhook created that the source does not hold: that live identity has no
+    digest, so the totals differ; every source digest then matches its stored one, yet
+    one live user was not seen, and reconcile lists it from the ids copied in."""
     twins.run()
     twins.both(
         UserChange(
@@ -593,7 +593,7 @@ def test_a_pass_that_matches_by_signature_still_reconciles_a_user_only_the_worke
     staged = staging_spied(monkeypatch)
     twins.run()
     assert twins.mapped[True] == 0
-    assert len(staged) == 1  # copied for the seen ids, not for a join
+    assert len(staged) == 1
     reconciled = twins.reports[True].reconcile
     assert reconciled == ReconcileReport(live=31, missing=1, deleted=1, refused=False)
     twins.assert_same()
@@ -682,14 +682,18 @@ def test_a_stored_digest_that_is_no_number_totals_without_error(twins: Twins) ->
     assert twins.mapped[True] == 0
 
 
+@pytest.mark.parametrize("totals", ["agree", "differ"])
 def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(
-    twins: Twins, monkeypatch: pytest.MonkeyPatch
+    twins: Twins, monkeypatch: pytest.MonkeyPatch, totals: str
 ) -> None:
-    """Reconcile's counts are taken with the comparison of the digests: the seen ids are
-    not unnested again from sync_seen (and with nobody missing, not even recorded). The
-    source's total equals the stored digests': no user's digest is read from the source,
-    none copied in, none joined."""
+    """Reconcile's counts are taken where the pass compared: the seen ids are not
+    unnested again from sync_seen (and with nobody missing, not even recorded). Where the
+    source's total equals the stored digests', no user's digest is read from the source,
+    none copied in, none joined; where the totals differ (made so here), the digests are
+    copied in and joined once, and the counts come from that comparison."""
     twins.run()
+    if totals == "differ":
+        monkeypatch.setattr(_Stored, "unchanged", lambda *_: None)
     staged = staging_spied(monkeypatch)
     read = digest_reads_spied(monkeypatch)
     statements: list[str] = []
@@ -705,23 +709,24 @@ def test_an_unchanged_pass_counts_for_reconcile_where_it_compared(
     # Nobody missing: the seen ids are neither recorded nor unnested.
     assert not [s for s in statements if "INSERT INTO sync_seen" in s]
     assert not [s for s in statements if "jsonb_array_elements_text" in s]
-    # Nothing changed: the source's total matched the stored digests'.
-    assert not [s for s in statements if "JOIN sync_source_digests" in s]
-    assert staged == []
-    assert read == []
+    joins = [s for s in statements if "JOIN sync_source_digests" in s]
+    if totals == "agree":
+        assert (joins, staged, read) == ([], [], [])
+    else:
+        assert (len(joins), len(staged), read) == (1, 1, [None])
+    assert twins.mapped[True] == 0
     reconciled = twins.reports[True].reconcile
     assert reconciled == ReconcileReport(live=30, missing=0, deleted=0, refused=False)
     twins.assert_same()
 
 
 @pytest.mark.parametrize("change", [False, True], ids=["unchanged", "one_changed"])
-def test_digests_past_what_is_held_are_copied_as_they_come(
+def test_digests_compared_user_by_user_arrive_in_chunks_from_two_halves(
     twins: Twins, monkeypatch: pytest.MonkeyPatch, change: bool
 ) -> None:
-    """Beyond ``HOLD_BYTES`` the source's digests are copied into the worker as they
-    come (memory stays flat); their signature still spares the join when nothing
-    changed, and the join still finds what did."""
-    monkeypatch.setattr("sync_worker.pull.HOLD_BYTES", 1)
+    """Where the totals differ (made so here), the source's digests come in chunks from
+    two connections and are copied into the worker as they come, in one COPY: the join
+    finds what changed, and nothing where nothing did."""
     monkeypatch.setattr(_Stored, "unchanged", lambda *_: None)  # as if the totals differed
     monkeypatch.setattr("providers.authjs.SPLIT_AT", 2)
     monkeypatch.setattr("providers.authjs_copy.CHUNK_ROWS", 4)  # several chunks a half

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from db import inbox
 from db.transaction import transaction
+from sync_worker.daemon.app import route_path
 from sync_worker.daemon.drainer import DrainSettings
 from tests.daemon_harness import SECRETS, Harness, harness
 from tests.factories import audit, rows
@@ -170,6 +171,28 @@ class TestRejected:
         assert asked <= 2  # 64 KiB read, not 64 MiB
         assert small.inbox() == []
 
+    def test_a_webhook_below_a_root_path_is_answered_by_its_receiver(self, engine: Engine) -> None:
+        """Behind a proxy that mounts the app at ``/sync`` (ASGI ``root_path``), a POST to
+        ``/sync/webhooks/auth0`` is the Auth0 receiver's: without its token, 401."""
+        daemon = harness(engine)
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"[]", "more_body": False}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "method": "POST", "path": "/sync/webhooks/auth0", "raw_path": b"",
+            "query_string": b"", "root_path": "/sync", "scheme": "http", "http_version": "1.1",
+            "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1),
+            "headers": [(b"content-type", b"application/json")],
+        }  # fmt: skip
+        asyncio.run(daemon.client.app(scope, receive, send))  # type: ignore[arg-type]
+        assert sent[0]["status"] == 401
+        assert daemon.inbox() == []
+
     def test_a_declared_oversized_body_is_refused_at_once(self, engine: Engine) -> None:
         small = harness(engine, max_body_bytes=4096)
         response = small.post("auth0", b"[]" + b" " * 5000, _auth0_headers())
@@ -257,3 +280,19 @@ def _event_stream(updated: datetime, *, name: str) -> bytes:
     event["data"]["object"]["name"] = name
     event["data"]["object"]["updated_at"] = updated.isoformat()
     return json.dumps(event).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "root", "expected"),
+    [
+        ("/webhooks/stack", "", "/webhooks/stack"),
+        ("/sync/webhooks/stack", "/sync", "/webhooks/stack"),
+        ("/sync", "/sync", ""),
+        ("/syncer/webhooks/stack", "/sync", "/syncer/webhooks/stack"),  # not below /sync
+        ("/other/webhooks/stack", "/sync", "/other/webhooks/stack"),
+    ],
+)
+def test_the_route_path_is_the_path_below_the_root_path(
+    path: str, root: str, expected: str
+) -> None:
+    assert route_path({"type": "http", "path": path, "root_path": root}) == expected

@@ -22,7 +22,6 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine
-from starlette._utils import get_route_path
 from starlette.types import Receive, Scope, Send
 
 from db import inbox
@@ -92,6 +91,20 @@ async def _healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's mount point: ASGI's ``path`` includes the
+    ``root_path`` a proxy or a mount sets (as Starlette's router reads it; its helper for
+    this is private)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    rest = path[len(root) :]
+    if rest and not rest.startswith("/"):
+        return path  # "/apiv2" is not below "/api"
+    return rest
+
+
 class _App(FastAPI):
     """FastAPI, with ``POST /webhooks/{provider}`` answered in front of it, in plain ASGI.
 
@@ -108,7 +121,7 @@ class _App(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = _WEBHOOK_PATH.match(get_route_path(scope))
+            match = _WEBHOOK_PATH.match(route_path(scope))
             if match is not None:
                 await self.deliveries(match["provider"], scope, receive, send)
                 return

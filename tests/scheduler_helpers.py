@@ -27,8 +27,9 @@ SCHEMA = "identity"
 
 @dataclass
 class Probe:
-    """A job of no provider: sleeps (``sleep``, through ``time.sleep`` unless ``stoppable``),
-    then fails with ``fail`` or returns ``{"ran": 1}``."""
+    """A job of no provider: sleeps (``sleep``, deaf to the scheduler's stop unless
+    ``stoppable``; ``release`` ends it, so a test leaves no run behind), then fails with
+    ``fail`` or returns ``{"ran": 1}``."""
 
     name: str = "probe"
     sleep: float = 0.0
@@ -37,6 +38,7 @@ class Probe:
     records_own_run: bool = False
     lock: str = ""  # the job's name unless given
     runs: list[datetime] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.lock = self.lock or self.name
@@ -49,7 +51,7 @@ class Probe:
         if self.stoppable:
             ctx.stop.wait(self.sleep)
         elif self.sleep:
-            time.sleep(self.sleep)
+            self.release.wait(self.sleep)
         if self.fail is not None:
             raise RuntimeError(self.fail)
         return {"ran": 1}

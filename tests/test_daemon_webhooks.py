@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine
+from starlette.types import Message, Scope
 
 from db import inbox
 from db.transaction import transaction
@@ -149,24 +151,15 @@ class TestRejected:
         """Straight through ASGI: the body comes 64 KiB at a time, 64 MiB offered, and the
         app stops asking for more once past the limit (no Content-Length to go by)."""
         small = harness(engine, max_body_bytes=4096)
-        asked, sent = 0, []
+        asked = 0
 
         async def receive() -> dict[str, object]:
             nonlocal asked
             asked += 1
             return {"type": "http.request", "body": b" " * 65536, "more_body": asked < 1024}
 
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http", "method": "POST", "path": "/webhooks/auth0", "raw_path": b"",
-            "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
-            "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1),
-            "headers": [(b"content-type", b"application/json"),
-                        (b"authorization", SECRETS["auth0"].encode())],
-        }  # fmt: skip
-        asyncio.run(small.client.app(scope, receive, send))  # type: ignore[arg-type]
+        scope = post_scope("/webhooks/auth0", authorization=SECRETS["auth0"])
+        sent = served(small, scope, receive)
         assert sent[0]["status"] == 413
         assert asked <= 2  # 64 KiB read, not 64 MiB
         assert small.inbox() == []
@@ -175,21 +168,11 @@ class TestRejected:
         """Behind a proxy that mounts the app at ``/sync`` (ASGI ``root_path``), a POST to
         ``/sync/webhooks/auth0`` is the Auth0 receiver's: without its token, 401."""
         daemon = harness(engine)
-        sent: list[dict[str, object]] = []
 
         async def receive() -> dict[str, object]:
             return {"type": "http.request", "body": b"[]", "more_body": False}
 
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http", "method": "POST", "path": "/sync/webhooks/auth0", "raw_path": b"",
-            "query_string": b"", "root_path": "/sync", "scheme": "http", "http_version": "1.1",
-            "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1),
-            "headers": [(b"content-type", b"application/json")],
-        }  # fmt: skip
-        asyncio.run(daemon.client.app(scope, receive, send))  # type: ignore[arg-type]
+        sent = served(daemon, post_scope("/sync/webhooks/auth0", root_path="/sync"), receive)
         assert sent[0]["status"] == 401
         assert daemon.inbox() == []
 
@@ -202,6 +185,34 @@ class TestRejected:
         off = harness(engine, receivers={})
         assert off.send("stack", "user.created").status_code == 404
         assert off.client.post("/webhooks/nope", content=b"{}").status_code == 404
+
+
+def post_scope(path: str, *, root_path: str = "", authorization: str = "") -> Scope:
+    """The ASGI scope of a JSON POST to ``path`` (for tests that drive the app directly)."""
+    headers = [(b"content-type", b"application/json")]
+    if authorization:
+        headers.append((b"authorization", authorization.encode()))
+    return {
+        "type": "http", "method": "POST", "path": path, "raw_path": b"", "query_string": b"",
+        "root_path": root_path, "scheme": "http", "http_version": "1.1",
+        "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1), "headers": headers,
+    }  # fmt: skip
+
+
+def served(
+    daemon: Harness, scope: Scope, receive: Callable[[], Awaitable[dict[str, object]]]
+) -> list[Message]:
+    """The messages the app sends for one request, driven straight through ASGI."""
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def request() -> None:
+        await daemon.client.app(scope, receive, send)
+
+    asyncio.run(request())
+    return sent
 
 
 class TestPoison:

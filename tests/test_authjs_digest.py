@@ -32,6 +32,7 @@ from sync_worker.changes import ChangeKind, Source, UserAttributes, UserChange
 from sync_worker.config import AuthjsSettings
 from sync_worker.digest_sum import MODULUS, DigestSum
 from sync_worker.engine import PlanSettings, SyncEngine
+from sync_worker.errors import ConfigError
 from sync_worker.pull import PullReport, PullRunner, ReconcileRefused, ReconcileReport, _Stored
 from tests.conftest import sqlalchemy_url
 from tests.fakes.authjs import FakeAccount, FakeSession, PgAdapterLoader, make_loader
@@ -500,6 +501,28 @@ def test_a_killed_pass_resumes(twins: Twins) -> None:
     assert twins.reports[True].reconcile is None
     twins.assert_same()
     twins.run()
+    twins.assert_same()
+
+
+def test_a_source_failing_while_it_totals_fails_the_pass_and_writes_nothing(
+    twins: Twins,
+) -> None:
+    """The source's totals are read in a thread: its error still ends the pass, as the
+    adapter's error, before anything is written; the next pass runs as ever."""
+    twins.run()
+    before = normalized(twins.digest)
+    twins.loader.update_user(ids(twins)[2], name="Not Yet")
+    twins.loader.execute("ALTER TABLE sessions RENAME TO sessions_away")
+    try:
+        with closing(twins.provider()) as provider:
+            runner = PullRunner(twins.digest, twins.engine(), provider)
+            with pytest.raises(ConfigError, match="sessions"):
+                runner.run(full=True)
+    finally:
+        twins.loader.execute("ALTER TABLE sessions_away RENAME TO sessions")
+    assert normalized(twins.digest) == before
+    twins.run()
+    assert twins.mapped[True] == 1
     twins.assert_same()
 
 
